@@ -1,0 +1,748 @@
+//! The ledger: opening, group-committed appends, proofs and checkpoints.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{Body, Entry, SignedEntry, leaf_from_parts};
+use crate::error::{Error, Result};
+use crate::ids::{PrincipalId, Role, Timestamp};
+use crate::keyfile;
+use crate::merkle::{self, Hash};
+use crate::note::{self, Checkpoint, SignerKey, VerifierKey};
+use crate::replay::{ReplayOptions, TreeMode, replay};
+use crate::state::State;
+use crate::storage::{self, CHECKPOINT_FILE, LOG_FILE, MAX_RECORD, RecordPos, TREE_FILE, TreeFile};
+
+/// Name of the ledger's metadata file.
+const META_FILE: &str = "ledger.json";
+/// Name of the ledger's private key file.
+pub const KEY_FILE: &str = "ledger.key";
+const LOCK_FILE: &str = "LOCK";
+
+/// How the ledger behaves. `Config::default()` suits a broker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How often the committer signs a new checkpoint when the tree has grown. Entries after
+    /// the latest checkpoint are the only ones whose clean removal from the end of the log
+    /// cannot be detected on open, so this bounds that window.
+    pub checkpoint_interval: Duration,
+    /// How far an entry's time may be from the ledger's clock on append.
+    pub max_clock_skew: Duration,
+    /// Most entries made durable by one fsync.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            checkpoint_interval: Duration::from_secs(1),
+            max_clock_skew: Duration::from_secs(300),
+            max_batch: 4096,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    origin: String,
+    verifier_key: String,
+}
+
+/// What opening found and did.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// Entries replayed.
+    pub entries: u64,
+    /// Bytes of a torn tail (a crash mid-append) cut from the log.
+    pub truncated_bytes: u64,
+    /// Node hashes recomputed because a crash left them unwritten.
+    pub nodes_repaired: u64,
+    /// Checkpoints found.
+    pub checkpoints: usize,
+}
+
+/// An acknowledged append: durable on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The entry's index (leaf index).
+    pub index: u64,
+    /// Its RFC 9162 leaf hash.
+    pub leaf_hash: Hash,
+}
+
+struct Pending {
+    entry: Entry,
+    leaf: Vec<u8>,
+    key_since: u64,
+    reply: SyncSender<Result<Appended>>,
+}
+
+enum Request {
+    Append(Box<Pending>),
+    Checkpoint(SyncSender<Result<String>>),
+}
+
+struct Shared {
+    origin: String,
+    signer: SignerKey,
+    verifier: VerifierKey,
+    log_read: File,
+    offsets: RwLock<Vec<RecordPos>>,
+    tree: RwLock<TreeFile>,
+    size: AtomicU64,
+    state: RwLock<State>,
+    checkpoint: RwLock<String>,
+    poisoned: AtomicBool,
+    config: Config,
+}
+
+/// A ledger open for appends and reads. Appends from many threads are batched into one fsync.
+pub struct Ledger {
+    shared: Arc<Shared>,
+    tx: Option<SyncSender<Request>>,
+    committer: Option<JoinHandle<()>>,
+    dir: PathBuf,
+    _lock: File,
+}
+
+fn lock(dir: &Path) -> Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
+        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read()
+        .expect("ledger locks are not poisoned: no code panics while holding them")
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write()
+        .expect("ledger locks are not poisoned: no code panics while holding them")
+}
+
+/// Stored checkpoints (note text and parsed), the intact length and the file length.
+type LoadedCheckpoints = (Vec<(String, Checkpoint)>, u64, u64);
+
+/// Reads and signature-checks the stored checkpoints; returns them sorted by size with the
+/// intact length of the file.
+fn load_checkpoints(dir: &Path, key: &VerifierKey, origin: &str) -> Result<LoadedCheckpoints> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let (notes, end) = storage::scan_checkpoints(&data)?;
+    let mut out = Vec::with_capacity(notes.len());
+    for (i, n) in notes.into_iter().enumerate() {
+        let cp = note::open_checkpoint(key, &n, Some(origin)).map_err(|e| Error::Corrupt {
+            index: i as u64,
+            file: CHECKPOINT_FILE,
+            reason: format!("stored checkpoint {i} does not verify: {e}"),
+        })?;
+        out.push((n, cp));
+    }
+    out.sort_by_key(|(_, cp)| cp.size);
+    Ok((out, end, data.len() as u64))
+}
+
+impl Ledger {
+    /// Creates a ledger in `dir` (which may exist but must hold no ledger): its key, named
+    /// `operator`, and the genesis entry registering that operator. Returns the open ledger.
+    pub fn init(
+        dir: &Path,
+        origin: &str,
+        operator: &PrincipalId,
+        config: Config,
+    ) -> Result<Ledger> {
+        if origin.is_empty()
+            || origin.len() > 256
+            || origin.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::Invalid(
+                "origin must be 1 to 256 characters without spaces".into(),
+            ));
+        }
+        std::fs::create_dir_all(dir)?;
+        let guard = lock(dir)?;
+        if dir.join(META_FILE).exists() || dir.join(LOG_FILE).exists() {
+            return Err(Error::AlreadyInitialized);
+        }
+        let signer = SignerKey::generate(operator.as_str())?;
+        keyfile::write_private_key(&dir.join(KEY_FILE), &signer)?;
+        let meta = Meta {
+            format: 1,
+            origin: origin.to_string(),
+            verifier_key: signer.verifier().to_text(),
+        };
+        let genesis = Entry {
+            author: operator.clone(),
+            time: Timestamp::now(),
+            body: Body::PrincipalRegistered(crate::entry::PrincipalRegistered {
+                id: operator.clone(),
+                role: Role::Operator,
+                key: signer.verifier().to_text(),
+                subject: None,
+                display_name: None,
+            }),
+        };
+        let sig = signer.sign_raw(&genesis.canonical_bytes());
+        let leaf = leaf_from_parts(&genesis.canonical_bytes(), &sig);
+        let mut buf = Vec::new();
+        storage::encode_record(&mut buf, 0, &leaf);
+        let mut log = storage::open_append(&dir.join(LOG_FILE))?;
+        storage::append_durable(&mut log, &buf)?;
+        // The metadata is written last and atomically: a ledger without it is not initialized.
+        let tmp = dir.join("ledger.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+        )?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(META_FILE))?;
+        File::open(dir)?.sync_all()?;
+        drop(guard);
+        let (ledger, _) = Ledger::open(dir, config)?;
+        ledger.checkpoint()?;
+        Ok(ledger)
+    }
+
+    /// Opens the ledger in `dir`: replays the log, checks every stored byte, truncates a torn
+    /// tail, and starts the committer.
+    pub fn open(dir: &Path, config: Config) -> Result<(Ledger, OpenReport)> {
+        let meta_bytes = match std::fs::read(dir.join(META_FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotInitialized);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let guard = lock(dir)?;
+        let meta: Meta = serde_json::from_slice(&meta_bytes).map_err(|e| Error::Corrupt {
+            index: 0,
+            file: META_FILE,
+            reason: e.to_string(),
+        })?;
+        let verifier = VerifierKey::parse(&meta.verifier_key)?;
+        let signer = keyfile::read_private_key(&dir.join(KEY_FILE))?;
+        if signer.verifier() != verifier {
+            return Err(Error::Invalid(
+                "ledger.key does not match the ledger's verifier key".into(),
+            ));
+        }
+        let mut report = OpenReport::default();
+
+        // The log: scan, cut a torn tail.
+        let log = storage::open_append(&dir.join(LOG_FILE))?;
+        let map = storage::map_readonly(&log)?;
+        let data: &[u8] = map.as_deref().unwrap_or(&[]);
+        let scan = storage::scan_log(data)?;
+        if scan.torn_bytes > 0 {
+            tracing::warn!(
+                bytes = scan.torn_bytes,
+                entries = scan.records.len(),
+                "truncating a torn tail left by a crash"
+            );
+            report.truncated_bytes = scan.torn_bytes;
+        }
+
+        // Checkpoints: signature-checked here, compared with the tree during replay.
+        let (cps, cp_end, cp_len) = load_checkpoints(dir, &verifier, &meta.origin)?;
+        let checkpoints: Vec<Checkpoint> = cps.iter().map(|(_, c)| c.clone()).collect();
+        report.checkpoints = cps.len();
+
+        let mut tree = TreeFile::open(&dir.join(TREE_FILE))?;
+        let no_progress = |_: u64, _: u64| {};
+        let opts = ReplayOptions {
+            strict: false,
+            signatures: false,
+            ledger_key: &verifier,
+            checkpoints: &checkpoints,
+            progress: &no_progress,
+        };
+        let (state, stats) = replay(data, &scan.records, TreeMode::Repair(&mut tree), &opts)?;
+        if scan.records.is_empty() {
+            return Err(Error::Corrupt {
+                index: 0,
+                file: LOG_FILE,
+                reason: "the log has no genesis entry".into(),
+            });
+        }
+        report.entries = scan.records.len() as u64;
+        report.nodes_repaired = stats.nodes_repaired;
+        drop(map);
+        if scan.torn_bytes > 0 {
+            log.set_len(scan.end)?;
+            log.sync_all()?;
+        }
+        if cp_end < cp_len {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(CHECKPOINT_FILE))?;
+            f.set_len(cp_end)?;
+            f.sync_all()?;
+        }
+        if stats.nodes_repaired > 0 {
+            tree.flush()?;
+        }
+        let latest = cps.last().map(|(n, _)| n.clone()).unwrap_or_default();
+        let size = scan.records.len() as u64;
+        let shared = Arc::new(Shared {
+            origin: meta.origin,
+            signer,
+            verifier,
+            log_read: File::open(dir.join(LOG_FILE))?,
+            offsets: RwLock::new(scan.records),
+            tree: RwLock::new(tree),
+            size: AtomicU64::new(size),
+            state: RwLock::new(state),
+            checkpoint: RwLock::new(latest),
+            poisoned: AtomicBool::new(false),
+            config,
+        });
+        let (tx, rx) = mpsc::sync_channel(shared.config.max_batch.max(1) * 2);
+        let cp_file = storage::open_append(&dir.join(CHECKPOINT_FILE))?;
+        let worker = Arc::clone(&shared);
+        let committer = std::thread::Builder::new()
+            .name("ledger-commit".into())
+            .spawn(move || commit_loop(&worker, rx, log, cp_file))?;
+        Ok((
+            Ledger {
+                shared,
+                tx: Some(tx),
+                committer: Some(committer),
+                dir: dir.to_path_buf(),
+                _lock: guard,
+            },
+            report,
+        ))
+    }
+
+    /// The directory holding the ledger.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The origin line of checkpoints.
+    pub fn origin(&self) -> &str {
+        &self.shared.origin
+    }
+
+    /// The ledger's verifier key (checkpoints and operator entries).
+    pub fn verifier_key(&self) -> &VerifierKey {
+        &self.shared.verifier
+    }
+
+    /// The operator principal the ledger's key belongs to.
+    pub fn operator(&self) -> PrincipalId {
+        PrincipalId::new(self.shared.signer.name()).expect("the key name was a valid id at init")
+    }
+
+    /// Number of durable entries.
+    pub fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    /// Read access to the derived state.
+    pub fn state(&self) -> RwLockReadGuard<'_, State> {
+        read_lock(&self.shared.state)
+    }
+
+    /// Whether a storage failure stopped appends.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Appends an entry signed by its author. Returns once it is durable. On any refusal
+    /// nothing is written.
+    pub fn append(&self, signed: SignedEntry) -> Result<Appended> {
+        let canonical = signed.entry.canonical_bytes();
+        let leaf = leaf_from_parts(&canonical, &signed.sig);
+        if leaf.len() > MAX_RECORD {
+            return Err(Error::Invalid(format!(
+                "entry is larger than {MAX_RECORD} bytes"
+            )));
+        }
+        let skew = signed.entry.time.unix() - Timestamp::now().unix();
+        let max = self.shared.config.max_clock_skew.as_secs() as i64;
+        if skew.abs() > max {
+            return Err(Error::ClockSkew {
+                skew_secs: skew,
+                max_secs: max,
+            });
+        }
+        let key_since = read_lock(&self.shared.state).verify_signature(&signed, &canonical)?;
+        self.submit(signed.entry, leaf, key_since)
+    }
+
+    /// Signs `body` with the ledger's own (operator) key and appends it.
+    pub fn append_as_operator(&self, body: Body) -> Result<Appended> {
+        let entry = Entry {
+            author: self.operator(),
+            time: Timestamp::now(),
+            body,
+        };
+        let canonical = entry.canonical_bytes();
+        let sig = self.shared.signer.sign_raw(&canonical);
+        self.append(SignedEntry { entry, sig })
+    }
+
+    fn submit(&self, entry: Entry, leaf: Vec<u8>, key_since: u64) -> Result<Appended> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let tx = self.tx.as_ref().ok_or(Error::Poisoned)?;
+        tx.send(Request::Append(Box::new(Pending {
+            entry,
+            leaf,
+            key_since,
+            reply,
+        })))
+        .map_err(|_| Error::Poisoned)?;
+        rx.recv().map_err(|_| Error::Poisoned)?
+    }
+
+    /// A signed checkpoint of the current tree, signing a new one if the tree grew since the
+    /// latest.
+    pub fn checkpoint(&self) -> Result<String> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let tx = self.tx.as_ref().ok_or(Error::Poisoned)?;
+        tx.send(Request::Checkpoint(reply))
+            .map_err(|_| Error::Poisoned)?;
+        rx.recv().map_err(|_| Error::Poisoned)?
+    }
+
+    /// The latest stored checkpoint, without signing a new one.
+    pub fn latest_checkpoint(&self) -> String {
+        read_lock(&self.shared.checkpoint).clone()
+    }
+
+    fn check_size(&self, what: &'static str, value: u64, max: u64) -> Result<()> {
+        if value > max {
+            return Err(Error::OutOfRange {
+                what,
+                value,
+                size: max,
+            });
+        }
+        Ok(())
+    }
+
+    /// The exact leaf bytes of entry `index`.
+    pub fn leaf(&self, index: u64) -> Result<Vec<u8>> {
+        let size = self.size();
+        if index >= size {
+            return Err(Error::OutOfRange {
+                what: "leaf index",
+                value: index,
+                size,
+            });
+        }
+        let pos = read_lock(&self.shared.offsets)[index as usize];
+        storage::read_record(&self.shared.log_read, pos)
+    }
+
+    /// The decoded entry `index`.
+    pub fn entry(&self, index: u64) -> Result<SignedEntry> {
+        Ok(SignedEntry::from_leaf(&self.leaf(index)?, false)?)
+    }
+
+    /// The RFC 9162 root at tree size `size` (at most the current size).
+    pub fn root(&self, size: u64) -> Result<Hash> {
+        self.check_size("tree size", size, self.size())?;
+        Ok(merkle::root(&*read_lock(&self.shared.tree), size))
+    }
+
+    /// The leaf hash of entry `index`.
+    pub fn leaf_hash(&self, index: u64) -> Result<Hash> {
+        let size = self.size();
+        if index >= size {
+            return Err(Error::OutOfRange {
+                what: "leaf index",
+                value: index,
+                size,
+            });
+        }
+        Ok(merkle::NodeSource::node(
+            &*read_lock(&self.shared.tree),
+            0,
+            index,
+        ))
+    }
+
+    /// An inclusion proof of leaf `index` in the tree of size `size` (default: current).
+    pub fn inclusion_proof(&self, index: u64, size: Option<u64>) -> Result<Vec<Hash>> {
+        let size = size.unwrap_or_else(|| self.size());
+        self.check_size("tree size", size, self.size())?;
+        if index >= size {
+            return Err(Error::OutOfRange {
+                what: "leaf index",
+                value: index,
+                size,
+            });
+        }
+        Ok(merkle::inclusion_proof(
+            &*read_lock(&self.shared.tree),
+            index,
+            size,
+        )?)
+    }
+
+    /// A consistency proof from size `old` to size `new` (default: current).
+    pub fn consistency_proof(&self, old: u64, new: Option<u64>) -> Result<Vec<Hash>> {
+        let new = new.unwrap_or_else(|| self.size());
+        self.check_size("tree size", new, self.size())?;
+        self.check_size("old tree size", old, new)?;
+        if old == 0 {
+            return Err(Error::Invalid(
+                "a consistency proof needs an old size of at least 1".into(),
+            ));
+        }
+        Ok(merkle::consistency_proof(
+            &*read_lock(&self.shared.tree),
+            old,
+            new,
+        )?)
+    }
+
+    /// Stops the committer after it finishes queued appends, and signs a last checkpoint.
+    pub fn close(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if self.tx.is_some() && !self.is_poisoned() {
+            self.checkpoint()?;
+        }
+        self.tx = None;
+        if let Some(h) = self.committer.take() {
+            h.join().map_err(|_| Error::Poisoned)?;
+        }
+        read_lock(&self.shared.tree).flush()
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %e, "ledger did not close cleanly");
+        }
+    }
+}
+
+fn commit_loop(shared: &Shared, rx: Receiver<Request>, mut log: File, mut cp_file: File) {
+    let mut last_cp = Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut appends = Vec::new();
+        let mut cp_waiters = Vec::new();
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Append(p) => appends.push(*p),
+                Request::Checkpoint(w) => cp_waiters.push(w),
+            }
+            if appends.len() < shared.config.max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            commit_batch(shared, &mut log, appends);
+        }
+        let due = last_cp.elapsed() >= shared.config.checkpoint_interval;
+        if !cp_waiters.is_empty() || due {
+            let result = issue_checkpoint(shared, &mut cp_file);
+            if result.is_ok() {
+                last_cp = Instant::now();
+            }
+            for w in cp_waiters {
+                let r = match &result {
+                    Ok(s) => Ok(s.clone()),
+                    Err(e) => Err(Error::Invalid(format!("checkpoint failed: {e}"))),
+                };
+                let _ = w.send(r);
+            }
+        }
+    }
+}
+
+fn commit_batch(shared: &Shared, log: &mut File, appends: Vec<Pending>) {
+    if shared.poisoned.load(Ordering::Acquire) {
+        for p in appends {
+            let _ = p.reply.send(Err(Error::Poisoned));
+        }
+        return;
+    }
+    let mut buf = Vec::new();
+    let mut accepted = Vec::with_capacity(appends.len());
+    let base_offset = read_lock(&shared.offsets)
+        .last()
+        .map(|r| r.offset + 20 + r.len as u64)
+        .unwrap_or(0);
+    let mut write_error = None;
+    {
+        let mut state = write_lock(&shared.state);
+        let mut tree = write_lock(&shared.tree);
+        for p in appends {
+            let index = state.size();
+            let tree_ref = &*tree;
+            let root_at = |size: u64| (size <= index).then(|| merkle::root(tree_ref, size));
+            match state.apply(&p.entry, index, p.key_since, &root_at) {
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+                Ok(()) => {
+                    let offset = base_offset + buf.len() as u64;
+                    storage::encode_record(&mut buf, index, &p.leaf);
+                    let leaf_hash = merkle::leaf_hash(&p.leaf);
+                    if let Err(e) = tree.push_leaf(index, &leaf_hash) {
+                        write_error = Some(e);
+                    }
+                    accepted.push((
+                        p.reply,
+                        index,
+                        leaf_hash,
+                        RecordPos {
+                            offset,
+                            len: p.leaf.len() as u32,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return;
+    }
+    let result = match write_error {
+        Some(e) => Err(e),
+        None => storage::append_durable(log, &buf),
+    };
+    if let Err(e) = result {
+        // The state already holds entries that are not durable: stop accepting appends.
+        tracing::error!(error = %e, "ledger write failed; appends stop until the ledger is reopened");
+        shared.poisoned.store(true, Ordering::Release);
+        for (reply, ..) in accepted {
+            let _ = reply.send(Err(Error::Poisoned));
+        }
+        return;
+    }
+    {
+        let mut offsets = write_lock(&shared.offsets);
+        offsets.extend(accepted.iter().map(|a| a.3));
+        shared.size.store(offsets.len() as u64, Ordering::Release);
+    }
+    for (reply, index, leaf_hash, _) in accepted {
+        let _ = reply.send(Ok(Appended { index, leaf_hash }));
+    }
+}
+
+fn issue_checkpoint(shared: &Shared, cp_file: &mut File) -> Result<String> {
+    let size = shared.size.load(Ordering::Acquire);
+    {
+        let latest = read_lock(&shared.checkpoint);
+        if !latest.is_empty()
+            && note::open_checkpoint(&shared.verifier, &latest, None).is_ok_and(|c| c.size == size)
+        {
+            return Ok(latest.clone());
+        }
+    }
+    let root = {
+        let tree = read_lock(&shared.tree);
+        // Node hashes covered by a checkpoint are flushed with it.
+        tree.flush()?;
+        merkle::root(&*tree, size)
+    };
+    let cp = Checkpoint {
+        origin: shared.origin.clone(),
+        size,
+        root,
+        extensions: Vec::new(),
+    };
+    let signed = note::sign_checkpoint(&shared.signer, &cp)?;
+    storage::append_durable(cp_file, &storage::encode_checkpoint(&signed))?;
+    *write_lock(&shared.checkpoint) = signed.clone();
+    Ok(signed)
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Entries checked.
+    pub entries: u64,
+    /// Checkpoints checked.
+    pub checkpoints: usize,
+    /// The tree root at the last entry, base64.
+    pub root: String,
+}
+
+/// Full verification of the ledger in `dir`, without opening it for writes and without
+/// changing any file: every record's framing and checksums, canonical encoding, every author
+/// signature, every stored node hash and every checkpoint. Fails naming the first bad entry.
+pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
+    use base64::Engine as _;
+    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NotInitialized
+        } else {
+            e.into()
+        }
+    })?)
+    .map_err(|e| Error::Corrupt {
+        index: 0,
+        file: META_FILE,
+        reason: e.to_string(),
+    })?;
+    let verifier = VerifierKey::parse(&meta.verifier_key)?;
+    let log = File::open(dir.join(LOG_FILE))?;
+    let map = storage::map_readonly(&log)?;
+    let data: &[u8] = map.as_deref().unwrap_or(&[]);
+    let scan = storage::scan_log(data)?;
+    if scan.torn_bytes > 0 {
+        return Err(Error::Corrupt {
+            index: scan.records.len() as u64,
+            file: LOG_FILE,
+            reason: format!(
+                "{} bytes of a torn tail (opening the ledger truncates them)",
+                scan.torn_bytes
+            ),
+        });
+    }
+    let (cps, _, _) = load_checkpoints(dir, &verifier, &meta.origin)?;
+    let checkpoints: Vec<Checkpoint> = cps.into_iter().map(|(_, c)| c).collect();
+    let tree_path = dir.join(TREE_FILE);
+    if !tree_path.exists() {
+        return Err(Error::Corrupt {
+            index: 0,
+            file: TREE_FILE,
+            reason: "the node hash file is missing".into(),
+        });
+    }
+    let tree = TreeFile::open_readonly(&tree_path)?;
+    let opts = ReplayOptions {
+        strict: true,
+        signatures: true,
+        ledger_key: &verifier,
+        checkpoints: &checkpoints,
+        progress,
+    };
+    let (state, _) = replay(data, &scan.records, TreeMode::Check(&tree), &opts)?;
+    Ok(VerifyReport {
+        entries: state.size(),
+        checkpoints: checkpoints.len(),
+        root: base64::engine::general_purpose::STANDARD.encode(merkle::root(&tree, state.size())),
+    })
+}

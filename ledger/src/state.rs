@@ -1,0 +1,1324 @@
+//! State derived by replaying the log: principals, datasets, consents, studies, budgets and
+//! receipts, with the queries the broker asks on its hot path.
+//!
+//! [`State::apply`] is the single place where the ledger's rules live: who may write what, and
+//! what must already exist. It either applies an entry completely or refuses it and changes
+//! nothing. The same function runs on append and on replay, so a log that was accepted once
+//! replays to the same state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use crate::duo::{self, Modifier, Purpose, StudyUse};
+use crate::entry::{
+    Body, ConsentBasis, ConsentGranted, ConsentRevoked, ConsentScope, DatasetRegistered, Entry,
+    Outcome, QueryReceipt, SignedEntry, StudyApproved, StudyRegistered,
+};
+use crate::error::{Error, Result};
+use crate::ids::{DatasetId, Digest, PrincipalId, Role, StudyId, SubjectId, Timestamp};
+use crate::merkle::Hash;
+use crate::note::{Checkpoint, VerifierKey};
+
+/// A registered principal.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// Its id (its key's name).
+    pub id: PrincipalId,
+    /// Its role.
+    pub role: Role,
+    /// Its current key.
+    pub key: VerifierKey,
+    /// The entry that set the current key.
+    pub key_since: u64,
+    /// For patients: their privacy-unit id.
+    pub subject: Option<SubjectId>,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// The entry that revoked it, if any.
+    pub revoked_at: Option<u64>,
+}
+
+/// A registered dataset version.
+#[derive(Debug, Clone)]
+pub struct DatasetVersion {
+    /// The registration entry's index.
+    pub index: u64,
+    /// The registration.
+    pub reg: Arc<DatasetRegistered>,
+}
+
+/// A dataset and its versions, oldest first.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Its custodian.
+    pub custodian: PrincipalId,
+    /// Opt-in or opt-out (from the latest version).
+    pub consent_basis: ConsentBasis,
+    /// Every version, oldest first.
+    pub versions: Vec<DatasetVersion>,
+}
+
+impl Dataset {
+    /// The latest version.
+    pub fn latest(&self) -> &DatasetVersion {
+        self.versions
+            .last()
+            .expect("a dataset exists only with a version")
+    }
+}
+
+/// Lifecycle of a study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StudyStatus {
+    /// Registered, not yet approved.
+    Registered,
+    /// Approved by an IRB (check the approval period too).
+    Approved,
+    /// Suspended by its IRB.
+    Suspended,
+    /// Closed for good.
+    Closed,
+}
+
+/// A study with its approval.
+#[derive(Debug, Clone)]
+pub struct Study {
+    /// The registration.
+    pub reg: StudyRegistered,
+    /// The registration entry's index.
+    pub index: u64,
+    /// Status.
+    pub status: StudyStatus,
+    /// The IRB that approved it, and the approval in force.
+    pub approval: Option<(PrincipalId, StudyApproved)>,
+}
+
+impl Study {
+    /// Whether queries may run now: approved and within the approval period.
+    pub fn active_at(&self, t: Timestamp) -> bool {
+        self.status == StudyStatus::Approved
+            && self
+                .approval
+                .as_ref()
+                .is_some_and(|(_, a)| a.valid_from <= t && t < a.valid_until)
+    }
+    fn matcher(&self) -> StudyUse<'_> {
+        StudyUse {
+            purpose: &self.reg.purpose,
+            commercial: self.reg.commercial,
+            methods_development: self.reg.methods_development,
+        }
+    }
+}
+
+/// One consent grant as kept in memory.
+#[derive(Debug, Clone)]
+struct Grant {
+    index: u64,
+    subject: u32,
+    consent_id: String,
+    scope: ConsentScope,
+    purposes: Vec<Purpose>,
+    modifiers: Vec<Modifier>,
+    allow: Vec<StudyId>,
+    deny: Vec<StudyId>,
+    valid_from: Timestamp,
+    valid_until: Option<Timestamp>,
+    /// Revoked or replaced: by which entry, from when.
+    ended: Option<(u64, Timestamp)>,
+}
+
+/// An objection (scope-wide revocation) by a subject.
+#[derive(Debug, Clone)]
+struct Objection {
+    index: u64,
+    time: Timestamp,
+    subject: u32,
+    scope: ConsentScope,
+}
+
+/// Who may be included in a query on one dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsentFilter {
+    /// Only these subjects (opt-in datasets). Sorted, no duplicates.
+    Include(Arc<Vec<SubjectId>>),
+    /// Everyone except these subjects (opt-out datasets). Sorted, no duplicates.
+    Exclude(Arc<Vec<SubjectId>>),
+}
+
+impl ConsentFilter {
+    /// The digest a receipt records for this snapshot: SHA-256 over
+    /// `"include\n"` or `"exclude\n"` followed by each subject id and `"\n"`, in sorted order.
+    pub fn digest(&self) -> Digest {
+        use sha2::Digest as _;
+        let (tag, ids) = match self {
+            ConsentFilter::Include(ids) => ("include\n", ids),
+            ConsentFilter::Exclude(ids) => ("exclude\n", ids),
+        };
+        let mut h = sha2::Sha256::new();
+        h.update(tag.as_bytes());
+        for id in ids.iter() {
+            h.update(id.as_str().as_bytes());
+            h.update(b"\n");
+        }
+        Digest::from_bytes(h.finalize().into())
+    }
+    /// Whether `subject` may be included.
+    pub fn admits(&self, subject: &SubjectId) -> bool {
+        match self {
+            ConsentFilter::Include(ids) => ids.binary_search(subject).is_ok(),
+            ConsentFilter::Exclude(ids) => ids.binary_search(subject).is_err(),
+        }
+    }
+}
+
+/// A released query receipt, kept for "who used my data".
+#[derive(Debug, Clone)]
+pub struct ReceiptRef {
+    /// Entry index.
+    pub index: u64,
+    /// When it was written.
+    pub time: Timestamp,
+    /// The study.
+    pub study: StudyId,
+    /// The dataset.
+    pub dataset: DatasetId,
+}
+
+#[derive(Clone)]
+struct CachedFilter {
+    generation: u64,
+    from: Timestamp,
+    until: Timestamp,
+    filter: ConsentFilter,
+}
+
+/// The derived state. Cheap to query; changed only through [`State::apply`].
+#[derive(Default)]
+pub struct State {
+    size: u64,
+    ledger_key: Option<VerifierKey>,
+    principals: HashMap<PrincipalId, Principal>,
+    patient_subjects: HashSet<SubjectId>,
+    datasets: HashMap<DatasetId, Dataset>,
+    subjects: Vec<SubjectId>,
+    subject_ids: HashMap<SubjectId, u32>,
+    grants: Vec<Grant>,
+    grant_by_id: HashMap<String, usize>,
+    grants_by_subject: HashMap<u32, Vec<usize>>,
+    grants_by_dataset: HashMap<DatasetId, Vec<usize>>,
+    grants_by_custodian: HashMap<PrincipalId, Vec<usize>>,
+    objections: Vec<Objection>,
+    objections_by_subject: HashMap<u32, Vec<usize>>,
+    /// Bumped on every consent change touching a dataset; keys the filter cache.
+    generation: HashMap<DatasetId, u64>,
+    studies: HashMap<StudyId, Study>,
+    spent: HashMap<(StudyId, DatasetId), (f64, f64)>,
+    receipts_by_study: HashMap<String, Vec<u64>>,
+    released: Vec<ReceiptRef>,
+    filter_cache: Mutex<HashMap<(DatasetId, StudyId), CachedFilter>>,
+}
+
+/// Roles allowed to write each kind, for error messages.
+fn need(role: Role, allowed: &[Role], author: &PrincipalId, kind: &'static str) -> Result<()> {
+    if allowed.contains(&role) {
+        return Ok(());
+    }
+    let needed = match allowed {
+        [Role::Operator] => "operator",
+        [Role::Custodian] => "custodian",
+        [Role::Irb] => "irb",
+        [Role::Witness] => "witness",
+        [Role::Patient, Role::Custodian] => "the patient or a custodian",
+        [Role::Researcher, Role::Sponsor] => "the principal investigator or the sponsor",
+        _ => "another role",
+    };
+    Err(Error::WrongRole {
+        author: author.to_string(),
+        role,
+        kind,
+        needed,
+    })
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
+fn not_found(what: &'static str, id: impl ToString) -> Error {
+    Error::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
+    if s.trim().is_empty() || s.len() > max || s.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what} must be 1 to {max} bytes of printable text"
+        )));
+    }
+    Ok(())
+}
+
+fn check_budget(x: f64, what: &str, below_one: bool) -> Result<()> {
+    if !x.is_finite() || x < 0.0 || (below_one && x >= 1.0) {
+        let range = if below_one {
+            "in [0, 1)"
+        } else {
+            "finite and >= 0"
+        };
+        return Err(invalid(format!("{what} must be {range}")));
+    }
+    Ok(())
+}
+
+impl State {
+    /// Number of entries applied.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The ledger's own verifier key (the genesis operator's first key).
+    pub fn ledger_key(&self) -> Option<&VerifierKey> {
+        self.ledger_key.as_ref()
+    }
+
+    /// A principal by id.
+    pub fn principal(&self, id: &str) -> Option<&Principal> {
+        self.principals.get(id)
+    }
+
+    /// Every principal.
+    pub fn principals(&self) -> impl Iterator<Item = &Principal> {
+        self.principals.values()
+    }
+
+    /// May this principal act in this role now: registered, not revoked, with that role.
+    pub fn may_act(&self, id: &str, role: Role) -> bool {
+        self.principals
+            .get(id)
+            .is_some_and(|p| p.revoked_at.is_none() && p.role == role)
+    }
+
+    /// A dataset by id.
+    pub fn dataset(&self, id: &str) -> Option<&Dataset> {
+        self.datasets.get(id)
+    }
+
+    /// Every dataset.
+    pub fn datasets(&self) -> impl Iterator<Item = (&DatasetId, &Dataset)> {
+        self.datasets.iter()
+    }
+
+    /// A study by id.
+    pub fn study(&self, id: &str) -> Option<&Study> {
+        self.studies.get(id)
+    }
+
+    /// Every study.
+    pub fn studies(&self) -> impl Iterator<Item = &Study> {
+        self.studies.values()
+    }
+
+    /// Epsilon and delta spent by released queries of `study` on `dataset`.
+    pub fn spent(&self, study: &str, dataset: &str) -> (f64, f64) {
+        let key = (StudyId::new(study), DatasetId::new(dataset));
+        match key {
+            (Ok(s), Ok(d)) => self.spent.get(&(s, d)).copied().unwrap_or((0.0, 0.0)),
+            _ => (0.0, 0.0),
+        }
+    }
+
+    /// Budget left for (`study`, `dataset`): the approval's grant minus what was spent, or
+    /// `None` if the study has no approval covering the dataset.
+    pub fn budget_left(&self, study: &str, dataset: &str) -> Option<(f64, f64)> {
+        let (_, approval) = self.studies.get(study)?.approval.as_ref()?;
+        let grant = approval
+            .grants
+            .iter()
+            .find(|g| g.dataset.as_str() == dataset)?;
+        let (e, d) = self.spent(study, dataset);
+        Some(((grant.epsilon - e).max(0.0), (grant.delta - d).max(0.0)))
+    }
+
+    /// Entry indexes of every receipt (released or denied) naming `study`.
+    pub fn receipts_of_study(&self, study: &str) -> &[u64] {
+        self.receipts_by_study
+            .get(study)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    fn subject_id(&self, s: &SubjectId) -> Option<u32> {
+        self.subject_ids.get(s).copied()
+    }
+
+    fn intern(&mut self, s: &SubjectId) -> u32 {
+        if let Some(&i) = self.subject_ids.get(s) {
+            return i;
+        }
+        let i = u32::try_from(self.subjects.len()).expect("fewer than 4 billion subjects");
+        self.subjects.push(s.clone());
+        self.subject_ids.insert(s.clone(), i);
+        i
+    }
+
+    /// Whether one grant admits `study` at `t` (its scope is checked by the caller), counting
+    /// only entries before `as_of`.
+    fn grant_admits(g: &Grant, study: &Study, t: Timestamp, as_of: u64) -> bool {
+        g.index < as_of
+            && g.valid_from <= t
+            && g.valid_until.is_none_or(|u| t < u)
+            && !g.ended.is_some_and(|(i, at)| i < as_of && at <= t)
+            && (g.allow.is_empty() || g.allow.contains(&study.reg.study))
+            && !g.deny.contains(&study.reg.study)
+            && duo::permits(&g.purposes, &g.modifiers, study.matcher())
+    }
+
+    fn objected(
+        &self,
+        subject: u32,
+        dataset: &DatasetId,
+        custodian: &PrincipalId,
+        t: Timestamp,
+        as_of: u64,
+    ) -> bool {
+        self.objections_by_subject.get(&subject).is_some_and(|os| {
+            os.iter().any(|&o| {
+                let o = &self.objections[o];
+                o.index < as_of && o.time <= t && o.scope.covers(dataset, custodian)
+            })
+        })
+    }
+
+    /// The consent filter for `study` on `dataset` at time `t`: which subjects may be
+    /// included. Fails closed: an unknown study or dataset is an error, never "everyone".
+    pub fn consent_filter(
+        &self,
+        dataset: &str,
+        study: &str,
+        t: Timestamp,
+    ) -> Result<ConsentFilter> {
+        let ds = self
+            .datasets
+            .get(dataset)
+            .ok_or_else(|| not_found("dataset", dataset))?;
+        let st = self
+            .studies
+            .get(study)
+            .ok_or_else(|| not_found("study", study))?;
+        let dataset_id = DatasetId::new(dataset)?;
+        let key = (dataset_id.clone(), st.reg.study.clone());
+        let generation = self.generation.get(&dataset_id).copied().unwrap_or(0);
+        {
+            let cache = self
+                .filter_cache
+                .lock()
+                .expect("filter cache lock is never poisoned by a panic-free section");
+            if let Some(c) = cache.get(&key)
+                && c.generation == generation
+                && c.from <= t
+                && t < c.until
+            {
+                return Ok(c.filter.clone());
+            }
+        }
+        let (filter, until) = self.compute_filter(ds, st, &dataset_id, t);
+        let mut cache = self
+            .filter_cache
+            .lock()
+            .expect("filter cache lock is never poisoned by a panic-free section");
+        cache.insert(
+            key,
+            CachedFilter {
+                generation,
+                from: t,
+                until,
+                filter: filter.clone(),
+            },
+        );
+        Ok(filter)
+    }
+
+    /// Computes a filter and the first instant after `t` at which it may change.
+    fn compute_filter(
+        &self,
+        ds: &Dataset,
+        st: &Study,
+        dataset: &DatasetId,
+        t: Timestamp,
+    ) -> (ConsentFilter, Timestamp) {
+        let as_of = u64::MAX;
+        let mut until = Timestamp::from_unix(253_402_300_799).expect("max timestamp is valid");
+        let mut note = |x: Timestamp| {
+            if x > t && x < until {
+                until = x;
+            }
+        };
+        let mut ids: Vec<u32> = Vec::new();
+        match ds.consent_basis {
+            ConsentBasis::OptIn => {
+                let by_ds = self
+                    .grants_by_dataset
+                    .get(dataset)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                let by_cust = self
+                    .grants_by_custodian
+                    .get(&ds.custodian)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                for &gi in by_ds.iter().chain(by_cust) {
+                    let g = &self.grants[gi];
+                    note(g.valid_from);
+                    if let Some(u) = g.valid_until {
+                        note(u);
+                    }
+                    if let Some((_, at)) = g.ended {
+                        note(at);
+                    }
+                    if self.grant_admits_scoped(g, st, dataset, &ds.custodian, t, as_of)
+                        && !self.objected(g.subject, dataset, &ds.custodian, t, as_of)
+                    {
+                        ids.push(g.subject);
+                    }
+                }
+            }
+            ConsentBasis::OptOut => {
+                for o in &self.objections {
+                    if o.scope.covers(dataset, &ds.custodian) {
+                        note(o.time);
+                        if o.time <= t {
+                            ids.push(o.subject);
+                        }
+                    }
+                }
+            }
+        }
+        let mut subjects: Vec<SubjectId> = ids
+            .iter()
+            .map(|&i| self.subjects[i as usize].clone())
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let subjects = Arc::new(subjects);
+        let filter = match ds.consent_basis {
+            ConsentBasis::OptIn => ConsentFilter::Include(subjects),
+            ConsentBasis::OptOut => ConsentFilter::Exclude(subjects),
+        };
+        (filter, until)
+    }
+
+    fn grant_admits_scoped(
+        &self,
+        g: &Grant,
+        st: &Study,
+        dataset: &DatasetId,
+        custodian: &PrincipalId,
+        t: Timestamp,
+        as_of: u64,
+    ) -> bool {
+        g.scope.covers(dataset, custodian) && Self::grant_admits(g, st, t, as_of)
+    }
+}
+
+/// A consent of one subject, as listed to them.
+#[derive(Debug, Clone)]
+pub struct ConsentView {
+    /// The grant entry's index.
+    pub index: u64,
+    /// The consent id.
+    pub consent_id: String,
+    /// Whether it is in effect at the time asked.
+    pub in_effect: bool,
+    /// The entry that ended it (revocation or replacement), if any.
+    pub ended_by: Option<u64>,
+}
+
+impl State {
+    /// Whether `subject`'s consent admitted `study` on `dataset` at `t`, counting only entries
+    /// before `as_of` (for a receipt: its own index). For opt-out datasets this means "had not
+    /// objected".
+    pub fn subject_admitted(
+        &self,
+        subject: &SubjectId,
+        dataset: &str,
+        study: &str,
+        t: Timestamp,
+        as_of: u64,
+    ) -> bool {
+        let (Some(ds), Some(st)) = (self.datasets.get(dataset), self.studies.get(study)) else {
+            return false;
+        };
+        let Ok(dataset_id) = DatasetId::new(dataset) else {
+            return false;
+        };
+        let Some(sid) = self.subject_id(subject) else {
+            return ds.consent_basis == ConsentBasis::OptOut;
+        };
+        if self.objected(sid, &dataset_id, &ds.custodian, t, as_of) {
+            return false;
+        }
+        match ds.consent_basis {
+            ConsentBasis::OptOut => true,
+            ConsentBasis::OptIn => self.grants_by_subject.get(&sid).is_some_and(|gs| {
+                gs.iter().any(|&gi| {
+                    self.grant_admits_scoped(
+                        &self.grants[gi],
+                        st,
+                        &dataset_id,
+                        &ds.custodian,
+                        t,
+                        as_of,
+                    )
+                })
+            }),
+        }
+    }
+
+    /// Released receipts whose consent snapshot included `subject` ("who used my data").
+    pub fn receipts_including(&self, subject: &SubjectId) -> Vec<ReceiptRef> {
+        self.released
+            .iter()
+            .filter(|r| {
+                self.subject_admitted(
+                    subject,
+                    r.dataset.as_str(),
+                    r.study.as_str(),
+                    r.time,
+                    r.index,
+                )
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// A subject's consents (grants), with whether each is in effect at `t`.
+    pub fn consents_of(&self, subject: &SubjectId, t: Timestamp) -> Vec<ConsentView> {
+        let Some(sid) = self.subject_id(subject) else {
+            return Vec::new();
+        };
+        let gs = self
+            .grants_by_subject
+            .get(&sid)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        gs.iter()
+            .map(|&gi| {
+                let g = &self.grants[gi];
+                let in_effect = g.valid_from <= t
+                    && g.valid_until.is_none_or(|u| t < u)
+                    && g.ended.is_none_or(|(_, at)| at > t);
+                ConsentView {
+                    index: g.index,
+                    consent_id: g.consent_id.clone(),
+                    in_effect,
+                    ended_by: g.ended.map(|(i, _)| i),
+                }
+            })
+            .collect()
+    }
+
+    /// Checks a signature against the author's current key; returns the entry index of that
+    /// key, which [`State::apply`] re-checks so a key rotated in between is caught.
+    pub fn verify_signature(&self, signed: &SignedEntry, canonical: &[u8]) -> Result<u64> {
+        let author = &signed.entry.author;
+        if self.size == 0 {
+            // Genesis: the operator registers itself with the key that signs.
+            return match &signed.entry.body {
+                Body::PrincipalRegistered(p) if p.id == *author && p.role == Role::Operator => {
+                    let key = VerifierKey::parse(&p.key)?;
+                    if key.verify_raw(canonical, &signed.sig) {
+                        Ok(0)
+                    } else {
+                        Err(Error::BadSignature {
+                            author: author.to_string(),
+                        })
+                    }
+                }
+                _ => Err(invalid(
+                    "the first entry must register the operator, signed by its own key",
+                )),
+            };
+        }
+        let p = self
+            .principals
+            .get(author)
+            .ok_or_else(|| Error::UnknownPrincipal(author.to_string()))?;
+        if p.revoked_at.is_some() {
+            return Err(Error::RevokedPrincipal(author.to_string()));
+        }
+        if !p.key.verify_raw(canonical, &signed.sig) {
+            return Err(Error::BadSignature {
+                author: author.to_string(),
+            });
+        }
+        Ok(p.key_since)
+    }
+
+    /// Applies the entry at `index`, or refuses it and changes nothing. `key_since` is what
+    /// [`State::verify_signature`] returned; `root_at` gives the tree root at a size (for
+    /// witness cosignatures).
+    pub fn apply(
+        &mut self,
+        entry: &Entry,
+        index: u64,
+        key_since: u64,
+        root_at: &dyn Fn(u64) -> Option<Hash>,
+    ) -> Result<()> {
+        if index != self.size {
+            return Err(invalid(format!(
+                "entry index {index} applied at size {}",
+                self.size
+            )));
+        }
+        let kind = entry.body.kind();
+        let author = &entry.author;
+        let role = if index == 0 {
+            Role::Operator
+        } else {
+            let p = self
+                .principals
+                .get(author)
+                .ok_or_else(|| Error::UnknownPrincipal(author.to_string()))?;
+            if p.revoked_at.is_some() {
+                return Err(Error::RevokedPrincipal(author.to_string()));
+            }
+            if p.key_since != key_since {
+                return Err(Error::BadSignature {
+                    author: author.to_string(),
+                });
+            }
+            p.role
+        };
+        match &entry.body {
+            Body::PrincipalRegistered(b) => {
+                if index > 0 {
+                    need(role, &[Role::Operator], author, kind)?;
+                }
+                let key = VerifierKey::parse(&b.key)?;
+                if key.name() != b.id.as_str() {
+                    return Err(invalid("a principal's id must equal its key's name"));
+                }
+                if self.principals.contains_key(&b.id) {
+                    return Err(invalid(format!("principal {} already exists", b.id)));
+                }
+                match (&b.subject, b.role) {
+                    (None, Role::Patient) => return Err(invalid("a patient needs a subject")),
+                    (Some(_), r) if r != Role::Patient => {
+                        return Err(invalid("only patients have a subject"));
+                    }
+                    (Some(s), _) if self.patient_subjects.contains(s) => {
+                        return Err(invalid("another patient already holds this subject"));
+                    }
+                    _ => {}
+                }
+                if let Some(name) = &b.display_name {
+                    check_text("display_name", name, 200)?;
+                }
+                if index == 0 {
+                    self.ledger_key = Some(key.clone());
+                }
+                if let Some(s) = &b.subject {
+                    self.patient_subjects.insert(s.clone());
+                }
+                self.principals.insert(
+                    b.id.clone(),
+                    Principal {
+                        id: b.id.clone(),
+                        role: b.role,
+                        key,
+                        key_since: index,
+                        subject: b.subject.clone(),
+                        display_name: b.display_name.clone(),
+                        revoked_at: None,
+                    },
+                );
+            }
+            Body::KeyRotated(b) => {
+                if b.id != *author {
+                    need(role, &[Role::Operator], author, kind)?;
+                }
+                let key = VerifierKey::parse(&b.key)?;
+                if key.name() != b.id.as_str() {
+                    return Err(invalid("the new key must keep the principal's name"));
+                }
+                let p = self
+                    .principals
+                    .get_mut(&b.id)
+                    .ok_or_else(|| not_found("principal", &b.id))?;
+                if p.revoked_at.is_some() {
+                    return Err(Error::RevokedPrincipal(b.id.to_string()));
+                }
+                if p.key == key {
+                    return Err(invalid("the new key equals the current key"));
+                }
+                p.key = key;
+                p.key_since = index;
+            }
+            Body::PrincipalRevoked(b) => {
+                if b.id != *author {
+                    need(role, &[Role::Operator], author, kind)?;
+                }
+                if let Some(r) = &b.reason {
+                    check_text("reason", r, 1000)?;
+                }
+                if Some(
+                    &self
+                        .principals
+                        .get(&b.id)
+                        .ok_or_else(|| not_found("principal", &b.id))?
+                        .key,
+                ) == self.ledger_key.as_ref()
+                {
+                    return Err(invalid("the ledger's own operator key cannot be revoked"));
+                }
+                let p = self.principals.get_mut(&b.id).expect("checked above");
+                if p.revoked_at.is_some() {
+                    return Err(Error::RevokedPrincipal(b.id.to_string()));
+                }
+                p.revoked_at = Some(index);
+            }
+            Body::DatasetRegistered(b) => {
+                need(role, &[Role::Custodian], author, kind)?;
+                self.check_dataset(author, b)?;
+                let version = DatasetVersion {
+                    index,
+                    reg: Arc::new(b.clone()),
+                };
+                match self.datasets.get_mut(&b.dataset) {
+                    Some(ds) => {
+                        ds.consent_basis = b.consent_basis;
+                        ds.versions.push(version);
+                    }
+                    None => {
+                        self.datasets.insert(
+                            b.dataset.clone(),
+                            Dataset {
+                                custodian: b.custodian.clone(),
+                                consent_basis: b.consent_basis,
+                                versions: vec![version],
+                            },
+                        );
+                    }
+                }
+                self.bump(&ConsentScope {
+                    datasets: vec![b.dataset.clone()],
+                    custodian: None,
+                });
+            }
+            Body::ConsentGranted(b) => {
+                need(role, &[Role::Patient, Role::Custodian], author, kind)?;
+                self.check_consent_author(author, role, &b.grantor, &b.subject, &b.scope)?;
+                self.check_grant(b)?;
+                let replaced = match &b.replaces {
+                    Some(old) => Some(self.live_grant_of(old, &b.subject)?),
+                    None => None,
+                };
+                let subject = self.intern(&b.subject);
+                if let Some(gi) = replaced {
+                    self.grants[gi].ended = Some((index, entry.time));
+                    let scope = self.grants[gi].scope.clone();
+                    self.bump(&scope);
+                }
+                let gi = self.grants.len();
+                self.grants.push(Grant {
+                    index,
+                    subject,
+                    consent_id: b.consent_id.clone(),
+                    scope: b.scope.clone(),
+                    purposes: b.purposes.clone(),
+                    modifiers: b.modifiers.clone(),
+                    allow: b.studies_allow.clone(),
+                    deny: b.studies_deny.clone(),
+                    valid_from: b.valid_from,
+                    valid_until: b.valid_until,
+                    ended: None,
+                });
+                self.grant_by_id.insert(b.consent_id.clone(), gi);
+                self.grants_by_subject.entry(subject).or_default().push(gi);
+                for d in &b.scope.datasets {
+                    self.grants_by_dataset
+                        .entry(d.clone())
+                        .or_default()
+                        .push(gi);
+                }
+                if let Some(c) = &b.scope.custodian {
+                    self.grants_by_custodian
+                        .entry(c.clone())
+                        .or_default()
+                        .push(gi);
+                }
+                self.bump(&b.scope);
+            }
+            Body::ConsentRevoked(b) => {
+                need(role, &[Role::Patient, Role::Custodian], author, kind)?;
+                self.check_revocation(author, role, b)?;
+                match (&b.consent_id, &b.scope) {
+                    (Some(id), None) => {
+                        let gi = self.live_grant_of(id, &b.subject)?;
+                        self.grants[gi].ended = Some((index, entry.time));
+                        let scope = self.grants[gi].scope.clone();
+                        self.bump(&scope);
+                    }
+                    (None, Some(scope)) => {
+                        let subject = self.intern(&b.subject);
+                        let oi = self.objections.len();
+                        self.objections.push(Objection {
+                            index,
+                            time: entry.time,
+                            subject,
+                            scope: scope.clone(),
+                        });
+                        self.objections_by_subject
+                            .entry(subject)
+                            .or_default()
+                            .push(oi);
+                        self.bump(scope);
+                    }
+                    _ => unreachable!("checked by check_revocation"),
+                }
+            }
+            Body::StudyRegistered(b) => {
+                need(role, &[Role::Researcher, Role::Sponsor], author, kind)?;
+                self.check_study(author, role, b)?;
+                self.studies.insert(
+                    b.study.clone(),
+                    Study {
+                        reg: b.clone(),
+                        index,
+                        status: StudyStatus::Registered,
+                        approval: None,
+                    },
+                );
+            }
+            Body::StudyApproved(b) => {
+                need(role, &[Role::Irb], author, kind)?;
+                self.check_approval(author, b)?;
+                let st = self
+                    .studies
+                    .get_mut(&b.study)
+                    .expect("checked by check_approval");
+                st.status = StudyStatus::Approved;
+                st.approval = Some((author.clone(), b.clone()));
+            }
+            Body::StudySuspended(b) | Body::StudyClosed(b) => {
+                need(role, &[Role::Irb], author, kind)?;
+                check_text("reason", &b.reason, 1000)?;
+                let st = self
+                    .studies
+                    .get(&b.study)
+                    .ok_or_else(|| not_found("study", &b.study))?;
+                if st.status == StudyStatus::Closed {
+                    return Err(invalid(format!("study {} is closed", b.study)));
+                }
+                if let Some((irb, _)) = &st.approval
+                    && irb != author
+                {
+                    return Err(Error::Forbidden(format!(
+                        "study {} was approved by another IRB",
+                        b.study
+                    )));
+                }
+                let suspend = matches!(entry.body, Body::StudySuspended(_));
+                if suspend && st.status != StudyStatus::Approved {
+                    return Err(invalid(format!("study {} is not approved", b.study)));
+                }
+                let st = self.studies.get_mut(&b.study).expect("checked above");
+                st.status = if suspend {
+                    StudyStatus::Suspended
+                } else {
+                    StudyStatus::Closed
+                };
+            }
+            Body::QueryReceipt(b) => {
+                need(role, &[Role::Operator], author, kind)?;
+                let debit = self.check_receipt(b)?;
+                self.receipts_by_study
+                    .entry(b.study.clone())
+                    .or_default()
+                    .push(index);
+                if let Some((study, dataset, eps, delta)) = debit {
+                    let spent = self
+                        .spent
+                        .entry((study.clone(), dataset.clone()))
+                        .or_insert((0.0, 0.0));
+                    spent.0 += eps;
+                    spent.1 += delta;
+                    self.released.push(ReceiptRef {
+                        index,
+                        time: entry.time,
+                        study,
+                        dataset,
+                    });
+                }
+            }
+            Body::CheckpointCosigned(b) => {
+                need(role, &[Role::Witness], author, kind)?;
+                let ledger_key = self
+                    .ledger_key
+                    .as_ref()
+                    .ok_or_else(|| invalid("no ledger key"))?;
+                let witness = &self
+                    .principals
+                    .get(author)
+                    .expect("author checked above")
+                    .key;
+                let cp = crate::note::open_checkpoint(ledger_key, &b.checkpoint, None)?;
+                witness.verify_note(&b.checkpoint)?;
+                if root_at(cp.size) != Some(cp.root) {
+                    return Err(invalid(
+                        "the cosigned checkpoint does not match this ledger's tree",
+                    ));
+                }
+            }
+        }
+        self.size += 1;
+        Ok(())
+    }
+
+    /// Bumps the consent generation of every dataset the scope covers.
+    fn bump(&mut self, scope: &ConsentScope) {
+        for d in &scope.datasets {
+            *self.generation.entry(d.clone()).or_default() += 1;
+        }
+        if let Some(c) = &scope.custodian {
+            for (id, ds) in &self.datasets {
+                if &ds.custodian == c {
+                    *self.generation.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    fn check_dataset(&self, author: &PrincipalId, b: &DatasetRegistered) -> Result<()> {
+        if b.custodian != *author {
+            return Err(Error::Forbidden(
+                "a custodian registers only its own datasets".into(),
+            ));
+        }
+        if let Some(ds) = self.datasets.get(&b.dataset) {
+            if ds.custodian != b.custodian {
+                return Err(Error::Forbidden(format!(
+                    "dataset {} belongs to another custodian",
+                    b.dataset
+                )));
+            }
+            if b.version <= ds.latest().reg.version {
+                return Err(invalid(format!(
+                    "version {} of dataset {} must be greater than {}",
+                    b.version,
+                    b.dataset,
+                    ds.latest().reg.version
+                )));
+            }
+        }
+        check_text("privacy_unit", &b.privacy_unit, 128)?;
+        if b.tables.is_empty() {
+            return Err(invalid("a dataset version needs at least one table"));
+        }
+        let mut names = HashSet::new();
+        for t in &b.tables {
+            check_text("table name", &t.name, 128)?;
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid(format!("table {} listed twice", t.name)));
+            }
+            if !t.columns.iter().any(|c| c.name == b.privacy_unit) {
+                return Err(invalid(format!(
+                    "table {} has no privacy-unit column {}",
+                    t.name, b.privacy_unit
+                )));
+            }
+            if t.files.iter().map(|f| f.rows).sum::<u64>() != t.rows {
+                return Err(invalid(format!(
+                    "table {}: file row counts do not add up to rows",
+                    t.name
+                )));
+            }
+            for f in &t.files {
+                check_text("file path", &f.path, 1024)?;
+            }
+        }
+        if DatasetRegistered::compute_digest(&b.tables) != b.digest {
+            return Err(invalid("digest does not match the tables' manifests"));
+        }
+        Ok(())
+    }
+
+    fn check_consent_author(
+        &self,
+        author: &PrincipalId,
+        role: Role,
+        grantor: &PrincipalId,
+        subject: &SubjectId,
+        scope: &ConsentScope,
+    ) -> Result<()> {
+        if grantor != author {
+            return Err(invalid("grantor must be the entry's author"));
+        }
+        if scope.datasets.is_empty() && scope.custodian.is_none() {
+            return Err(invalid("a consent scope names datasets or a custodian"));
+        }
+        for d in &scope.datasets {
+            let ds = self
+                .datasets
+                .get(d)
+                .ok_or_else(|| not_found("dataset", d))?;
+            if role == Role::Custodian && ds.custodian != *author {
+                return Err(Error::Forbidden(format!(
+                    "dataset {d} belongs to another custodian"
+                )));
+            }
+        }
+        if let Some(c) = &scope.custodian {
+            if !self.may_act(c.as_str(), Role::Custodian) {
+                return Err(not_found("custodian", c));
+            }
+            if role == Role::Custodian && c != author {
+                return Err(Error::Forbidden(
+                    "a custodian records consents only for its own datasets".into(),
+                ));
+            }
+        }
+        if role == Role::Patient {
+            let p = self.principals.get(author).expect("author exists");
+            if p.subject.as_ref() != Some(subject) {
+                return Err(Error::Forbidden(
+                    "a patient manages only their own consent".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_grant(&self, b: &ConsentGranted) -> Result<()> {
+        check_text("consent_id", &b.consent_id, 128)?;
+        if self.grant_by_id.contains_key(&b.consent_id) {
+            return Err(invalid(format!("consent {} already exists", b.consent_id)));
+        }
+        if b.purposes.is_empty() {
+            return Err(invalid("a consent permits at least one purpose"));
+        }
+        if b.valid_until.is_some_and(|u| u <= b.valid_from) {
+            return Err(invalid("valid_until must be after valid_from"));
+        }
+        if b.modifiers.contains(&Modifier::Ps) && b.studies_allow.is_empty() {
+            return Err(invalid("the PS modifier needs a studies_allow list"));
+        }
+        if let Some(f) = &b.fhir_id {
+            check_text("fhir_id", f, 64)?;
+        }
+        Ok(())
+    }
+
+    /// The live (not ended) grant `consent_id` of `subject`.
+    fn live_grant_of(&self, consent_id: &str, subject: &SubjectId) -> Result<usize> {
+        let gi = *self
+            .grant_by_id
+            .get(consent_id)
+            .ok_or_else(|| not_found("consent", consent_id))?;
+        let g = &self.grants[gi];
+        if self.subjects[g.subject as usize] != *subject {
+            return Err(Error::Forbidden(format!(
+                "consent {consent_id} is another subject's"
+            )));
+        }
+        if g.ended.is_some() {
+            return Err(invalid(format!(
+                "consent {consent_id} was already revoked or replaced"
+            )));
+        }
+        Ok(gi)
+    }
+
+    fn check_revocation(&self, author: &PrincipalId, role: Role, b: &ConsentRevoked) -> Result<()> {
+        if let Some(r) = &b.reason {
+            check_text("reason", r, 1000)?;
+        }
+        match (&b.consent_id, &b.scope) {
+            (Some(id), None) => {
+                let gi = self.live_grant_of(id, &b.subject)?;
+                self.check_consent_author(
+                    author,
+                    role,
+                    &b.grantor,
+                    &b.subject,
+                    &self.grants[gi].scope.clone(),
+                )
+            }
+            (None, Some(scope)) => {
+                self.check_consent_author(author, role, &b.grantor, &b.subject, scope)
+            }
+            _ => Err(invalid("a revocation names either a consent_id or a scope")),
+        }
+    }
+
+    fn check_study(&self, author: &PrincipalId, role: Role, b: &StudyRegistered) -> Result<()> {
+        if self.studies.contains_key(&b.study) {
+            return Err(invalid(format!("study {} already exists", b.study)));
+        }
+        let allowed = match role {
+            Role::Researcher => b.pi == *author,
+            Role::Sponsor => b.sponsor == *author,
+            _ => false,
+        };
+        if !allowed {
+            return Err(Error::Forbidden(
+                "a study is registered by its PI or its sponsor".into(),
+            ));
+        }
+        check_text("title", &b.title, 500)?;
+        if !self.may_act(b.sponsor.as_str(), Role::Sponsor) {
+            return Err(not_found("sponsor", &b.sponsor));
+        }
+        if !b.researchers.contains(&b.pi) {
+            return Err(invalid(
+                "the principal investigator must be among the researchers",
+            ));
+        }
+        for r in &b.researchers {
+            if !self.may_act(r.as_str(), Role::Researcher) {
+                return Err(not_found("researcher", r));
+            }
+        }
+        if b.datasets.is_empty() {
+            return Err(invalid("a study requests at least one dataset"));
+        }
+        for d in &b.datasets {
+            if !self.datasets.contains_key(d) {
+                return Err(not_found("dataset", d));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_approval(&self, author: &PrincipalId, b: &StudyApproved) -> Result<()> {
+        let st = self
+            .studies
+            .get(&b.study)
+            .ok_or_else(|| not_found("study", &b.study))?;
+        if st.status == StudyStatus::Closed {
+            return Err(invalid(format!("study {} is closed", b.study)));
+        }
+        if let Some((irb, _)) = &st.approval
+            && irb != author
+        {
+            return Err(Error::Forbidden(format!(
+                "study {} was approved by another IRB",
+                b.study
+            )));
+        }
+        if b.valid_until <= b.valid_from {
+            return Err(invalid("valid_until must be after valid_from"));
+        }
+        if b.grants.is_empty() {
+            return Err(invalid("an approval grants at least one dataset"));
+        }
+        let mut seen = HashSet::new();
+        for g in &b.grants {
+            if !st.reg.datasets.contains(&g.dataset) {
+                return Err(invalid(format!(
+                    "dataset {} was not requested by the study",
+                    g.dataset
+                )));
+            }
+            if !seen.insert(&g.dataset) {
+                return Err(invalid(format!("dataset {} granted twice", g.dataset)));
+            }
+            check_budget(g.epsilon, "epsilon", false)?;
+            check_budget(g.delta, "delta", true)?;
+            if !g.dp && g.extract_k.is_none() {
+                return Err(invalid("a grant allows DP aggregates, extracts, or both"));
+            }
+            if g.extract_k.is_some_and(|k| k < 2) {
+                return Err(invalid("extract_k must be at least 2"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a receipt; for a released one returns the debit.
+    fn check_receipt(&self, b: &QueryReceipt) -> Result<Option<(StudyId, DatasetId, f64, f64)>> {
+        if !self.principals.contains_key(&b.researcher) {
+            return Err(not_found("principal", &b.researcher));
+        }
+        check_text("study", &b.study, 128)?;
+        check_budget(b.epsilon, "epsilon", false)?;
+        check_budget(b.delta, "delta", true)?;
+        match b.outcome {
+            Outcome::Denied => {
+                if b.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                    return Err(invalid("a denied receipt gives its reason"));
+                }
+                if b.epsilon != 0.0 || b.delta != 0.0 || b.result_digest.is_some() {
+                    return Err(invalid(
+                        "a denied query spends nothing and releases nothing",
+                    ));
+                }
+                Ok(None)
+            }
+            Outcome::Released => {
+                let st = self
+                    .studies
+                    .get(b.study.as_str())
+                    .ok_or_else(|| not_found("study", &b.study))?;
+                let (Some(dataset), Some(version), Some(digest)) =
+                    (&b.dataset, b.version, &b.dataset_digest)
+                else {
+                    return Err(invalid(
+                        "a released receipt names the dataset, version and digest",
+                    ));
+                };
+                if b.consent_digest.is_none() || b.result_digest.is_none() {
+                    return Err(invalid(
+                        "a released receipt carries the consent and result digests",
+                    ));
+                }
+                let ds = self
+                    .datasets
+                    .get(dataset)
+                    .ok_or_else(|| not_found("dataset", dataset))?;
+                let v = ds
+                    .versions
+                    .iter()
+                    .find(|v| v.reg.version == version)
+                    .ok_or_else(|| not_found("dataset version", format!("{dataset}@{version}")))?;
+                if v.reg.digest != *digest {
+                    return Err(invalid(
+                        "dataset_digest does not match the registered version",
+                    ));
+                }
+                let (left_e, left_d) = self
+                    .budget_left(st.reg.study.as_str(), dataset.as_str())
+                    .ok_or_else(|| {
+                        Error::Forbidden(format!(
+                            "study {} has no approval for dataset {dataset}",
+                            b.study
+                        ))
+                    })?;
+                // A tiny tolerance absorbs floating-point rounding of many small spends.
+                if b.epsilon > left_e + 1e-12 || b.delta > left_d + 1e-15 {
+                    return Err(Error::BudgetExhausted {
+                        study: b.study.clone(),
+                        dataset: dataset.to_string(),
+                        epsilon_left: left_e,
+                        delta_left: left_d,
+                    });
+                }
+                Ok(Some((
+                    st.reg.study.clone(),
+                    dataset.clone(),
+                    b.epsilon,
+                    b.delta,
+                )))
+            }
+        }
+    }
+}
+
+/// Parses a checkpoint body; used by callers that need the size and root of a cosigned note.
+pub fn checkpoint_of(note_text: &str) -> Result<Checkpoint> {
+    let (text, _) = crate::note::signatures(note_text)?;
+    Ok(Checkpoint::parse(&text)?)
+}
