@@ -1,0 +1,367 @@
+//! The ledger through its public API: appends, rules, state queries, proofs, reopen.
+
+mod common;
+
+use common::*;
+use ledger::entry::*;
+use ledger::ids::*;
+use ledger::merkle;
+use ledger::note::{self, SignerKey};
+use ledger::state::ConsentFilter;
+use ledger::{Error, Ledger};
+
+#[test]
+fn appends_are_proven_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let size = w.ledger.size();
+    assert_eq!(
+        size, 9,
+        "genesis + 5 principals + dataset + study + approval"
+    );
+    let cp_text = w.ledger.checkpoint().unwrap();
+    let cp = note::open_checkpoint(
+        w.ledger.verifier_key(),
+        &cp_text,
+        Some("test.consentry/ledger"),
+    )
+    .unwrap();
+    assert_eq!(cp.size, size);
+    for i in 0..size {
+        let leaf = w.ledger.leaf(i).unwrap();
+        let proof = w.ledger.inclusion_proof(i, None).unwrap();
+        merkle::verify_inclusion(&merkle::leaf_hash(&leaf), i, size, &proof, &cp.root).unwrap();
+    }
+    let a = w
+        .ledger
+        .append(
+            w.custodian
+                .sign(consent_body(&w.custodian, "c1", "MRN-1", "ehr", &["GRU"])),
+        )
+        .unwrap();
+    assert_eq!(a.index, size);
+    let old_root = cp.root;
+    let proof = w.ledger.consistency_proof(size, None).unwrap();
+    merkle::verify_consistency(
+        size,
+        size + 1,
+        &proof,
+        &old_root,
+        &w.ledger.root(size + 1).unwrap(),
+    )
+    .unwrap();
+
+    let root = w.ledger.root(size + 1).unwrap();
+    let key = w.ledger.verifier_key().clone();
+    let dirp = dir.path().to_path_buf();
+    drop(w);
+    let (reopened, report) = Ledger::open(&dirp, config()).unwrap();
+    assert_eq!(report.entries, size + 1);
+    assert_eq!(report.truncated_bytes, 0);
+    assert_eq!(reopened.root(size + 1).unwrap(), root);
+    assert_eq!(reopened.verifier_key(), &key);
+    let e = reopened.entry(size).unwrap();
+    assert_eq!(e.entry.body.kind(), "consent_granted");
+    let state = reopened.state();
+    assert!(state.may_act("st-mary", Role::Custodian));
+    assert!(!state.may_act("st-mary", Role::Irb));
+    let report = ledger::verify(&dirp, &|_, _| {}).unwrap();
+    assert_eq!(report.entries, size + 1);
+}
+
+#[test]
+fn refusals_are_typed_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let before = w.ledger.size();
+    let root = w.ledger.root(before).unwrap();
+    let stranger = Actor::new("stranger");
+
+    // Unknown author.
+    let e = w
+        .ledger
+        .append(stranger.sign(consent_body(&stranger, "c", "MRN-1", "ehr", &["GRU"])));
+    assert!(matches!(e, Err(Error::UnknownPrincipal(_))), "{e:?}");
+    // Bad signature: signed by another key under the custodian's name.
+    let impostor = Actor {
+        id: w.custodian.id.clone(),
+        key: SignerKey::generate("st-mary").unwrap(),
+    };
+    let e =
+        w.ledger
+            .append(impostor.sign(consent_body(&w.custodian, "c", "MRN-1", "ehr", &["GRU"])));
+    assert!(matches!(e, Err(Error::BadSignature { .. })), "{e:?}");
+    // Tampered after signing.
+    let mut signed = w
+        .custodian
+        .sign(consent_body(&w.custodian, "c", "MRN-1", "ehr", &["GRU"]));
+    signed.entry.time = signed.entry.time.plus_secs(1);
+    assert!(matches!(
+        w.ledger.append(signed),
+        Err(Error::BadSignature { .. })
+    ));
+    // Wrong role: a researcher cannot register a dataset.
+    let e = w.ledger.append(w.researcher.sign(dataset_body(
+        &w.researcher,
+        "x",
+        1,
+        ConsentBasis::OptIn,
+    )));
+    assert!(matches!(e, Err(Error::WrongRole { .. })), "{e:?}");
+    // Wrong object: an IRB approving twice is fine, another IRB is not.
+    let other_irb = Actor::new("irb-other");
+    w.ledger
+        .append_as_operator(other_irb.registration(Role::Irb, None))
+        .unwrap();
+    let before = before + 1;
+    let root = if before > 0 {
+        w.ledger.root(before).unwrap()
+    } else {
+        root
+    };
+    let e = w
+        .ledger
+        .append(other_irb.sign(Body::StudySuspended(StudyStatus {
+            study: study_id("t2d"),
+            reason: "x".into(),
+        })));
+    assert!(matches!(e, Err(Error::Forbidden(_))), "{e:?}");
+    // Unknown dataset.
+    let e = w.ledger.append(w.custodian.sign(consent_body(
+        &w.custodian,
+        "c",
+        "MRN-1",
+        "nope",
+        &["GRU"],
+    )));
+    assert!(matches!(e, Err(Error::NotFound { .. })), "{e:?}");
+    // Version must increase.
+    let e = w.ledger.append(w.custodian.sign(dataset_body(
+        &w.custodian,
+        "ehr",
+        1,
+        ConsentBasis::OptIn,
+    )));
+    assert!(matches!(e, Err(Error::Invalid(_))), "{e:?}");
+    // Clock skew.
+    let mut entry = w
+        .custodian
+        .sign(consent_body(&w.custodian, "c", "MRN-1", "ehr", &["GRU"]))
+        .entry;
+    entry.time = entry.time.plus_secs(-3600);
+    let e = w.ledger.append(SignedEntry::sign(&w.custodian.key, entry));
+    assert!(matches!(e, Err(Error::ClockSkew { .. })), "{e:?}");
+    // Revoked principal.
+    w.ledger
+        .append_as_operator(Body::PrincipalRevoked(PrincipalRevoked {
+            id: other_irb.id.clone(),
+            reason: None,
+        }))
+        .unwrap();
+    let e = w
+        .ledger
+        .append(other_irb.sign(Body::StudySuspended(StudyStatus {
+            study: study_id("t2d"),
+            reason: "x".into(),
+        })));
+    assert!(matches!(e, Err(Error::RevokedPrincipal(_))), "{e:?}");
+
+    assert_eq!(
+        w.ledger.size(),
+        before + 1,
+        "only the revocation was written"
+    );
+    assert_eq!(w.ledger.root(before).unwrap(), root);
+    // Out of range reads.
+    assert!(matches!(w.ledger.leaf(999), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        w.ledger.inclusion_proof(0, Some(999)),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        w.ledger.consistency_proof(5, Some(3)),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(w.ledger.consistency_proof(0, None).is_err());
+}
+
+#[test]
+fn budgets_are_never_overspent() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    for _ in 0..4 {
+        w.ledger.append_as_operator(receipt(&w, 0.25)).unwrap();
+    }
+    let e = w.ledger.append_as_operator(receipt(&w, 0.25));
+    assert!(matches!(e, Err(Error::BudgetExhausted { .. })), "{e:?}");
+    let (eps, _) = w.ledger.state().budget_left("t2d", "ehr").unwrap();
+    assert!(eps.abs() < 1e-9);
+    assert_eq!(w.ledger.state().receipts_of_study("t2d").len(), 4);
+}
+
+#[test]
+fn concurrent_receipts_respect_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let ok = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..32 {
+            s.spawn(|| {
+                if w.ledger.append_as_operator(receipt(&w, 0.1)).is_ok() {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(ok.into_inner(), 10);
+    let (spent, _) = w.ledger.state().spent("t2d", "ehr");
+    assert!(spent <= 1.0 + 1e-9);
+}
+
+#[test]
+fn consent_filters_follow_grants_revocations_and_duo() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let l = &w.ledger;
+    let c = &w.custodian;
+    l.append(c.sign(consent_body(c, "c1", "MRN-1", "ehr", &["GRU"])))
+        .unwrap();
+    l.append(c.sign(consent_body(c, "c2", "MRN-2", "ehr", &["HMB"])))
+        .unwrap();
+    l.append(c.sign(consent_body(c, "c3", "MRN-3", "ehr", &["DS:MONDO:0005148"])))
+        .unwrap();
+    // NCU refuses the commercial study.
+    let mut ncu = consent_body(c, "c4", "MRN-4", "ehr", &["GRU"]);
+    if let Body::ConsentGranted(g) = &mut ncu {
+        g.modifiers = vec![ledger::duo::Modifier::Ncu];
+    }
+    l.append(c.sign(ncu)).unwrap();
+    let now = Timestamp::now();
+    let ids = |f: ConsentFilter| match f {
+        ConsentFilter::Include(v) => v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        ConsentFilter::Exclude(_) => panic!("opt-in dataset"),
+    };
+    let f = l.state().consent_filter("ehr", "t2d", now).unwrap();
+    let digest_before = f.digest();
+    assert_eq!(ids(f), vec!["MRN-1", "MRN-2"]);
+    // Revocation takes effect for the next query.
+    l.append(c.sign(Body::ConsentRevoked(ConsentRevoked {
+        subject: SubjectId::new("MRN-2").unwrap(),
+        consent_id: Some("c2".into()),
+        scope: None,
+        grantor: c.id.clone(),
+        reason: None,
+    })))
+    .unwrap();
+    let f = l
+        .state()
+        .consent_filter("ehr", "t2d", Timestamp::now())
+        .unwrap();
+    assert_ne!(f.digest(), digest_before);
+    assert_eq!(ids(f), vec!["MRN-1"]);
+    // Unknown study or dataset fails closed.
+    assert!(l.state().consent_filter("ehr", "nope", now).is_err());
+    assert!(l.state().consent_filter("nope", "t2d", now).is_err());
+    // Who used my data: a receipt after MRN-2's revocation does not include them.
+    l.append_as_operator(receipt(&w, 0.1)).unwrap();
+    let state = l.state();
+    assert_eq!(
+        state
+            .receipts_including(&SubjectId::new("MRN-1").unwrap())
+            .len(),
+        1
+    );
+    assert_eq!(
+        state
+            .receipts_including(&SubjectId::new("MRN-2").unwrap())
+            .len(),
+        0
+    );
+    assert_eq!(
+        state
+            .receipts_including(&SubjectId::new("MRN-4").unwrap())
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn patients_manage_only_their_own_consent() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let alice = Actor::new("alice");
+    w.ledger
+        .append_as_operator(alice.registration(Role::Patient, Some("MRN-9")))
+        .unwrap();
+    w.ledger
+        .append(alice.sign(consent_body(&alice, "a1", "MRN-9", "ehr", &["HMB"])))
+        .unwrap();
+    let e = w
+        .ledger
+        .append(alice.sign(consent_body(&alice, "a2", "MRN-1", "ehr", &["HMB"])));
+    assert!(matches!(e, Err(Error::Forbidden(_))), "{e:?}");
+    // Opt-out objection by the patient.
+    w.ledger
+        .append(w.custodian.sign(dataset_body(
+            &w.custodian,
+            "registry",
+            1,
+            ConsentBasis::OptOut,
+        )))
+        .unwrap();
+    w.ledger
+        .append(alice.sign(Body::ConsentRevoked(ConsentRevoked {
+            subject: SubjectId::new("MRN-9").unwrap(),
+            consent_id: None,
+            scope: Some(ConsentScope {
+                datasets: vec![ds("registry")],
+                custodian: None,
+            }),
+            grantor: alice.id.clone(),
+            reason: Some("I object".into()),
+        })))
+        .unwrap();
+    let state = w.ledger.state();
+    // The study did not request "registry": the filter still answers for the dataset.
+    match state
+        .consent_filter("registry", "t2d", Timestamp::now())
+        .unwrap()
+    {
+        ConsentFilter::Exclude(v) => assert_eq!(v.len(), 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn witnesses_cosign_real_checkpoints_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let cp = w.ledger.checkpoint().unwrap();
+    let (text, _) = note::signatures(&cp).unwrap();
+    let cosig = w.witness.key.sign_note(&text).unwrap();
+    let line = cosig.lines().last().unwrap();
+    let both = format!("{cp}{line}\n");
+    w.ledger
+        .append(w.witness.sign(Body::CheckpointCosigned(CheckpointCosigned {
+            checkpoint: both.clone(),
+        })))
+        .unwrap();
+    // A checkpoint of another tree is refused.
+    let other = note::Checkpoint {
+        origin: "test.consentry/ledger".into(),
+        size: 3,
+        root: [9u8; 32],
+        extensions: vec![],
+    };
+    let forged = note::sign_checkpoint(&SignerKey::generate("operator").unwrap(), &other).unwrap();
+    let e = w
+        .ledger
+        .append(w.witness.sign(Body::CheckpointCosigned(CheckpointCosigned {
+            checkpoint: forged,
+        })));
+    assert!(e.is_err());
+    let dirp = dir.path().to_path_buf();
+    drop(w);
+    ledger::verify(&dirp, &|_, _| {}).unwrap();
+    Ledger::open(&dirp, config()).unwrap();
+}
