@@ -1,5 +1,5 @@
 //! Builders for realistic ledgers, shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
 
