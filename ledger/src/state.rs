@@ -215,6 +215,10 @@ pub struct State {
     studies: HashMap<StudyId, Study>,
     spent: HashMap<(StudyId, DatasetId), (f64, f64)>,
     receipts_by_study: HashMap<String, Vec<u64>>,
+    /// Registration, approvals, suspensions and closure of each study (entry indexes).
+    study_events: HashMap<StudyId, Vec<u64>>,
+    /// Registration, key rotations and revocation of each principal (entry indexes).
+    principal_events: HashMap<PrincipalId, Vec<u64>>,
     released: Vec<ReceiptRef>,
     filter_cache: Mutex<HashMap<(DatasetId, StudyId), CachedFilter>>,
 }
@@ -346,6 +350,22 @@ impl State {
     pub fn receipts_of_study(&self, study: &str) -> &[u64] {
         self.receipts_by_study
             .get(study)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Entry indexes of a study's registration, approvals, suspensions and closure.
+    pub fn study_events(&self, study: &str) -> &[u64] {
+        self.study_events
+            .get(study)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Entry indexes of a principal's registration, key rotations and revocation.
+    pub fn principal_events(&self, id: &str) -> &[u64] {
+        self.principal_events
+            .get(id)
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
@@ -973,6 +993,39 @@ impl State {
                     ));
                 }
             }
+        }
+        match &entry.body {
+            Body::PrincipalRegistered(b) => self
+                .principal_events
+                .entry(b.id.clone())
+                .or_default()
+                .push(index),
+            Body::KeyRotated(b) => self
+                .principal_events
+                .entry(b.id.clone())
+                .or_default()
+                .push(index),
+            Body::PrincipalRevoked(b) => self
+                .principal_events
+                .entry(b.id.clone())
+                .or_default()
+                .push(index),
+            Body::StudyRegistered(b) => self
+                .study_events
+                .entry(b.study.clone())
+                .or_default()
+                .push(index),
+            Body::StudyApproved(b) => self
+                .study_events
+                .entry(b.study.clone())
+                .or_default()
+                .push(index),
+            Body::StudySuspended(b) | Body::StudyClosed(b) => self
+                .study_events
+                .entry(b.study.clone())
+                .or_default()
+                .push(index),
+            _ => {}
         }
         self.size += 1;
         Ok(())
