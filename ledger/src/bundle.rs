@@ -102,25 +102,23 @@ pub fn make_bundle(ledger: &Ledger, study: &str, consistency_from: &[u64]) -> Re
             }
         }
     }
-    // The principal entries of every author, so signatures can be checked offline.
-    let mut entries = BTreeMap::new();
-    for &i in &indexes {
-        entries.insert(i, ledger.entry(i)?);
-    }
-    let authors: BTreeSet<String> = entries
-        .values()
-        .map(|e| e.entry.author.to_string())
-        .collect();
-    {
-        let state = ledger.state();
-        for a in &authors {
-            indexes.extend(
-                state
-                    .principal_events(a)
-                    .iter()
-                    .copied()
-                    .filter(|&i| i < cp.size),
-            );
+    // The principal entries of every author, and of their authors in turn (the operator who
+    // registered them), so every signature can be checked offline.
+    let mut authors = BTreeSet::new();
+    let mut todo: Vec<u64> = indexes.iter().copied().collect();
+    while let Some(i) = todo.pop() {
+        let author = ledger.entry(i)?.entry.author.to_string();
+        if authors.insert(author.clone()) {
+            let state = ledger.state();
+            for &j in state
+                .principal_events(&author)
+                .iter()
+                .filter(|&&j| j < cp.size)
+            {
+                if indexes.insert(j) {
+                    todo.push(j);
+                }
+            }
         }
     }
     let mut out = Vec::with_capacity(indexes.len());
