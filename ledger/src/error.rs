@@ -96,7 +96,9 @@ pub enum Error {
     /// Stored bytes changed: the ledger refuses to open (or `verify` fails).
     #[error("ledger corrupt at entry {index} ({file}): {reason}")]
     Corrupt {
-        /// The first bad entry (for checkpoints: the checkpoint's tree size).
+        /// The first bad entry. For `checkpoints.log`, the bad record's position in that
+        /// file; for a tree root that differs from a checkpoint, the checkpoint's last entry
+        /// (size - 1): the root cannot tell which entry before it changed.
         index: u64,
         /// Which stored file.
         file: &'static str,

@@ -28,6 +28,9 @@ use crate::merkle::{self, Hash, NodeSource};
 /// Largest payload accepted (an entry's leaf bytes).
 pub const MAX_RECORD: usize = 16 << 20;
 const HEADER: usize = 20;
+/// Largest checkpoint note a torn tail may claim (the ledger's notes are under 1 KiB: origin
+/// at most 256 bytes, key name at most 64).
+const MAX_CHECKPOINT: usize = 4096;
 /// Tree file growth step, in nodes (32 MiB).
 const TREE_CHUNK_NODES: u64 = 1 << 20;
 
@@ -300,6 +303,19 @@ pub fn scan_checkpoints(data: &[u8]) -> Result<(Vec<String>, u64)> {
         let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
         let want = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
         if rest.len() < 8 + len {
+            // A torn tail, unless the length field itself was damaged: then the length is
+            // implausible, or the rest holds a whole record of another length (its checksum
+            // covers the length as written). A write cut short holds no whole record.
+            let changed = len > MAX_CHECKPOINT
+                || (0..=rest.len() - 8)
+                    .any(|l| crc(&[&(l as u32).to_le_bytes(), &rest[8..8 + l]]) == want);
+            if changed {
+                return Err(Error::Corrupt {
+                    index: out.len() as u64,
+                    file: CHECKPOINT_FILE,
+                    reason: format!("checkpoint record {} length field changed", out.len()),
+                });
+            }
             break;
         }
         let note = &rest[8..8 + len];
@@ -418,5 +434,18 @@ mod tests {
         let mut bad = data.clone();
         bad[10] ^= 4;
         assert!(matches!(scan_checkpoints(&bad), Err(Error::Corrupt { .. })));
+        // A flipped bit in a length field is corruption, not a torn tail to truncate, even
+        // when the length it claims runs past the end of the file.
+        for byte in [0, 1, 2, 3, 8 + 9, 8 + 9 + 1, 8 + 9 + 3] {
+            for bit in 0..8 {
+                let mut bad = data.clone();
+                bad[byte] ^= 1 << bit;
+                let first = u64::from(byte >= 8 + 9);
+                match scan_checkpoints(&bad) {
+                    Err(Error::Corrupt { index, .. }) => assert_eq!(index, first),
+                    other => panic!("byte {byte} bit {bit}: {other:?}"),
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Builders for realistic ledgers, shared by the integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod files;
+
 use std::path::Path;
 
 use ledger::duo::Purpose;
@@ -203,11 +205,17 @@ pub fn world(dir: &Path) -> World {
 
 /// A released receipt spending `epsilon` on `ehr` version 1.
 pub fn receipt(w: &World, epsilon: f64) -> Body {
-    let state = w.ledger.state();
+    receipt_on(&w.ledger, &w.researcher.id, epsilon)
+}
+
+/// A released receipt of `researcher`'s query on `ehr` for study `t2d` in any ledger built by
+/// [`world`], spending `epsilon`.
+pub fn receipt_on(ledger: &Ledger, researcher: &PrincipalId, epsilon: f64) -> Body {
+    let state = ledger.state();
     let v = state.dataset("ehr").unwrap().latest().reg.clone();
     Body::QueryReceipt(QueryReceipt {
         study: "t2d".into(),
-        researcher: w.researcher.id.clone(),
+        researcher: researcher.clone(),
         dataset: Some(ds("ehr")),
         version: Some(v.version),
         dataset_digest: Some(v.digest.clone()),
@@ -222,4 +230,19 @@ pub fn receipt(w: &World, epsilon: f64) -> Body {
         reason: None,
         rows_suppressed: None,
     })
+}
+
+/// The receipt of a refused query: it spends and releases nothing.
+pub fn denied(receipt: Body) -> Body {
+    match receipt {
+        Body::QueryReceipt(r) => Body::QueryReceipt(QueryReceipt {
+            epsilon: 0.0,
+            delta: 0.0,
+            result_digest: None,
+            outcome: Outcome::Denied,
+            reason: Some("cell below the minimum size".into()),
+            ..r
+        }),
+        other => panic!("not a receipt: {other:?}"),
+    }
 }
