@@ -10,8 +10,8 @@
 //!   real 1M-entry ledger (the cached one built from signed appends), proving against its
 //!   current size.
 //!
-//! Indexes (and old sizes) vary over 4096 pseudo-random values per benchmark. The files are
-//! in the page cache (warm): this measures the proof code, not disk reads.
+//! Indexes (and old sizes) vary over 4096 pseudo-random values per benchmark. The nodes they
+//! read are in the page cache after the warm-up: this measures the proof code, not disk reads.
 #![allow(clippy::unwrap_used)]
 
 mod support;

@@ -16,8 +16,10 @@
 //! - `per_entry/...`: the per-entry costs of a replay (and of an append: encoding, signing),
 //!   to see what dominates.
 //!
-//! Files are in the page cache after the first iteration: these are warm-cache figures.
-//! Set `LEDGER_BENCH_BREAKDOWN=1` to also print a one-shot timing breakdown of a replay.
+//! The ledger's files are normally in the page cache after the first iteration, but a
+//! proactive reclaimer (DAMON on some VMs) may evict them between iterations.
+//! Set `LEDGER_BENCH_BREAKDOWN=1` to also print a one-shot timing breakdown of a replay, with
+//! the CPU time of each stage (wall time alone misleads on a machine shared with other work).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -80,7 +82,23 @@ fn open_and_verify(c: &mut Criterion) {
     g.finish();
 }
 
-/// One-shot timings of the stages of a replay of the big ledger.
+/// CPU seconds used by this process so far (user + system, from `/proc/self/stat`, in
+/// 1/100 s ticks), or NaN where that file is missing.
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// One-shot timings (wall and CPU) of the stages of a replay of the big ledger.
 fn breakdown(dir: &Path) {
     let key = keyfile::read_private_key(&dir.join(ledger::ledger::KEY_FILE))
         .unwrap()
@@ -115,14 +133,24 @@ fn breakdown(dir: &Path) {
             checkpoints: &[],
             progress: &|_, _| {},
         };
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_secs());
         let (state, _) = replay(&map, &scan.records, TreeMode::Check(&tree), &opts).unwrap();
         let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu_secs() - cpu;
         println!(
-            "breakdown: {what}: {secs:.3} s ({:.0} entries/s)",
+            "breakdown: {what}: {secs:.3} s wall, {cpu:.1} s CPU ({:.0} entries/s)",
             state.size() as f64 / secs
         );
     }
+    drop((map, tree));
+    let (t, cpu) = (Instant::now(), cpu_secs());
+    let (l, _) = Ledger::open(dir, Config::default()).unwrap();
+    println!(
+        "breakdown: Ledger::open: {:.3} s wall, {:.1} s CPU",
+        t.elapsed().as_secs_f64(),
+        cpu_secs() - cpu
+    );
+    drop(l);
 }
 
 fn per_entry(c: &mut Criterion) {
