@@ -145,7 +145,15 @@ fn load_checkpoints(dir: &Path, key: &VerifierKey, origin: &str) -> Result<Loade
     let path = dir.join(CHECKPOINT_FILE);
     let data = match std::fs::read(&path) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        // `init` creates the file before the ledger is first opened, so a missing file means
+        // it was deleted, and with it the evidence of how far the log had grown.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Corrupt {
+                index: 0,
+                file: CHECKPOINT_FILE,
+                reason: "the checkpoint file is missing".into(),
+            });
+        }
         Err(e) => return Err(e.into()),
     };
     let (notes, end) = storage::scan_checkpoints(&data)?;
@@ -181,8 +189,20 @@ impl Ledger {
         }
         std::fs::create_dir_all(dir)?;
         let guard = lock(dir)?;
-        if dir.join(META_FILE).exists() || dir.join(LOG_FILE).exists() {
+        if dir.join(META_FILE).exists() {
             return Err(Error::AlreadyInitialized);
+        }
+        if [LOG_FILE, KEY_FILE, CHECKPOINT_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        {
+            // Without ledger.json no ledger was ever initialized here, but the files may be a
+            // ledger whose metadata was lost: never delete them on the user's behalf.
+            return Err(Error::Invalid(
+                "the directory holds ledger files but no ledger.json (an interrupted init?); \
+                 remove them if they hold no ledger you need"
+                    .into(),
+            ));
         }
         let signer = SignerKey::generate(operator.as_str())?;
         keyfile::write_private_key(&dir.join(KEY_FILE), &signer)?;
@@ -208,6 +228,7 @@ impl Ledger {
         storage::encode_record(&mut buf, 0, &leaf);
         let mut log = storage::open_append(&dir.join(LOG_FILE))?;
         storage::append_durable(&mut log, &buf)?;
+        storage::open_append(&dir.join(CHECKPOINT_FILE))?.sync_all()?;
         // The metadata is written last and atomically: a ledger without it is not initialized.
         let tmp = dir.join("ledger.json.tmp");
         std::fs::write(

@@ -221,12 +221,12 @@ fn a_rewritten_entry_with_valid_checksums_and_signature_is_caught() {
         [want, want]
     );
 
-    // The attacker also rebuilds tree.hashes for the new log (opening it without the
+    // The attacker also rebuilds tree.hashes for the new log (opening it with an emptied
     // checkpoint file does that), then puts the checkpoints back. Only the checkpoints can
     // tell now; a root mismatch cannot pinpoint the entry, so the index is only bounded:
     // from the rewritten entry to the end of the first checkpoint that covers it.
     let cps = std::fs::read(tmp.path().join(CHECKPOINTS)).unwrap();
-    std::fs::remove_file(tmp.path().join(CHECKPOINTS)).unwrap();
+    std::fs::write(tmp.path().join(CHECKPOINTS), b"").unwrap();
     std::fs::remove_file(tmp.path().join(TREE)).unwrap();
     drop(Ledger::open(tmp.path(), config()).unwrap());
     std::fs::write(tmp.path().join(CHECKPOINTS), &cps).unwrap();
@@ -351,4 +351,35 @@ fn damaged_metadata_is_an_error_not_a_panic() {
     assert!(Ledger::open(tmp.path(), config()).is_err());
     assert!(ledger::verify(tmp.path(), &|_, _| {}).is_err());
     files::assert_unchanged(tmp.path(), &before, "swapped key");
+}
+
+#[test]
+fn a_deleted_checkpoint_file_is_refused() {
+    // Deleting checkpoints.log together with the last entries would otherwise go unnoticed.
+    let f = fixture();
+    let tmp = f.copy();
+    std::fs::remove_file(tmp.path().join(CHECKPOINTS)).unwrap();
+    let want = (0, CHECKPOINTS);
+    assert_eq!(
+        both_corrupt_untouched(tmp.path(), "deleted checkpoints.log"),
+        [want, want]
+    );
+}
+
+#[test]
+fn an_interrupted_init_is_reported_and_never_overwritten() {
+    let f = fixture();
+    let tmp = f.copy();
+    std::fs::remove_file(tmp.path().join(META)).unwrap();
+    assert!(matches!(
+        Ledger::open(tmp.path(), config()),
+        Err(Error::NotInitialized)
+    ));
+    let before = files::snapshot(tmp.path());
+    let operator = ledger::ids::PrincipalId::new("operator").unwrap();
+    match Ledger::init(tmp.path(), "x.example/log", &operator, config()) {
+        Err(Error::Invalid(msg)) => assert!(msg.contains("no ledger.json"), "{msg}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    files::assert_unchanged(tmp.path(), &before, "init over ledger files");
 }
