@@ -394,12 +394,6 @@ impl Ledger {
     /// nothing is written.
     pub fn append(&self, signed: SignedEntry) -> Result<Appended> {
         let canonical = signed.entry.canonical_bytes();
-        let leaf = leaf_from_parts(&canonical, &signed.sig);
-        if leaf.len() > MAX_RECORD {
-            return Err(Error::Invalid(format!(
-                "entry is larger than {MAX_RECORD} bytes"
-            )));
-        }
         let skew = signed.entry.time.unix() - Timestamp::now().unix();
         let max = self.shared.config.max_clock_skew.as_secs() as i64;
         if skew.abs() > max {
@@ -408,11 +402,23 @@ impl Ledger {
                 max_secs: max,
             });
         }
-        let key_since = read_lock(&self.shared.state).verify_signature(&signed, &canonical)?;
-        self.submit(signed.entry, leaf, key_since)
+        // The key is looked up under the state lock; the signature (the costly part) is
+        // checked outside it, so the committer is never kept waiting.
+        let (key, key_since) = read_lock(&self.shared.state).signing_key(&signed.entry)?;
+        if !key.verify_raw(&canonical, &signed.sig) {
+            return Err(Error::BadSignature {
+                author: signed.entry.author.to_string(),
+            });
+        }
+        self.submit(
+            signed.entry,
+            leaf_from_parts(&canonical, &signed.sig),
+            key_since,
+        )
     }
 
-    /// Signs `body` with the ledger's own (operator) key and appends it.
+    /// Signs `body` with the ledger's own (operator) key and appends it. The ledger's own
+    /// signature is not re-verified here (`verify` checks it like every other).
     pub fn append_as_operator(&self, body: Body) -> Result<Appended> {
         let entry = Entry {
             author: self.operator(),
@@ -421,10 +427,21 @@ impl Ledger {
         };
         let canonical = entry.canonical_bytes();
         let sig = self.shared.signer.sign_raw(&canonical);
-        self.append(SignedEntry { entry, sig })
+        let (key, key_since) = read_lock(&self.shared.state).signing_key(&entry)?;
+        if key != self.shared.verifier {
+            return Err(Error::Invalid(
+                "the operator's registered key is not the ledger key".into(),
+            ));
+        }
+        self.submit(entry, leaf_from_parts(&canonical, &sig), key_since)
     }
 
     fn submit(&self, entry: Entry, leaf: Vec<u8>, key_since: u64) -> Result<Appended> {
+        if leaf.len() > MAX_RECORD {
+            return Err(Error::Invalid(format!(
+                "entry is larger than {MAX_RECORD} bytes"
+            )));
+        }
         let (reply, rx) = mpsc::sync_channel(1);
         let tx = self.tx.as_ref().ok_or(Error::Poisoned)?;
         tx.send(Request::Append(Box::new(Pending {

@@ -126,63 +126,82 @@ pub fn replay(
     };
 
     check_checkpoints_at(0, &range, opts.checkpoints, &mut next_cp)?;
-    for (chunk_no, chunk) in records.chunks(CHUNK).enumerate() {
-        let base = (chunk_no * CHUNK) as u64;
-        let decoded: Vec<Decoded> = chunk
-            .par_iter()
+    // Decoding the next chunk (in parallel) overlaps with applying this one (in order).
+    let chunks: Vec<&[RecordPos]> = records.chunks(CHUNK).collect();
+    let decode_chunk = |c: &[RecordPos]| -> Vec<Decoded> {
+        c.par_iter()
             .map(|r| decode(&data[r.payload()], opts.strict))
-            .collect();
-        let mut to_verify: Vec<(u64, VerifierKey, usize)> = Vec::new();
-        for (k, d) in decoded.iter().enumerate() {
-            let index = base + k as u64;
-            let signed = d.entry.as_ref().map_err(|e| log_err(index, e.clone()))?;
-            range.push(index, d.leaf_hash, |level, i, h| {
-                check_node(&mut tree, level, i, h, index, &mut stats)
-            })?;
-            let key_since = if index == 0 {
-                genesis_key(signed, opts.ledger_key)?;
-                0
-            } else {
-                let p = state
-                    .principal(signed.entry.author.as_str())
-                    .ok_or_else(|| {
-                        log_err(
-                            index,
-                            format!("unknown author {:?}", signed.entry.author.as_str()),
-                        )
+            .collect()
+    };
+    let mut pending = chunks.first().map(|c| decode_chunk(c));
+    for (chunk_no, chunk) in chunks.iter().enumerate() {
+        let chunk: &[RecordPos] = chunk;
+        let base = (chunk_no * CHUNK) as u64;
+        let decoded = pending.take().unwrap_or_default();
+        let next = chunks.get(chunk_no + 1);
+        let (applied, next_decoded) = rayon::join(
+            || -> Result<()> {
+                let mut to_verify: Vec<(u64, VerifierKey, usize)> = Vec::new();
+                for (k, d) in decoded.iter().enumerate() {
+                    let index = base + k as u64;
+                    let signed = d.entry.as_ref().map_err(|e| log_err(index, e.clone()))?;
+                    range.push(index, d.leaf_hash, |level, i, h| {
+                        check_node(&mut tree, level, i, h, index, &mut stats)
                     })?;
-                if opts.signatures {
-                    to_verify.push((index, p.key.clone(), k));
+                    let key_since = if index == 0 {
+                        genesis_key(signed, opts.ledger_key)?;
+                        0
+                    } else {
+                        let p = state
+                            .principal(signed.entry.author.as_str())
+                            .ok_or_else(|| {
+                                log_err(
+                                    index,
+                                    format!("unknown author {:?}", signed.entry.author.as_str()),
+                                )
+                            })?;
+                        if opts.signatures {
+                            to_verify.push((index, p.key.clone(), k));
+                        }
+                        p.key_since
+                    };
+                    if index == 0 && opts.signatures {
+                        to_verify.push((0, opts.ledger_key.clone(), k));
+                    }
+                    // Nodes of leaves before `index` were checked above, so roots of earlier sizes
+                    // can be read from the stored tree (for witness cosignatures).
+                    let file = tree.file();
+                    let root_at = |size: u64| (size <= index).then(|| merkle::root(file, size));
+                    state
+                        .apply(&signed.entry, index, key_since, &root_at)
+                        .map_err(|e| {
+                            log_err(index, format!("entry breaks the ledger's rules: {e}"))
+                        })?;
+                    check_checkpoints_at(index + 1, &range, opts.checkpoints, &mut next_cp)?;
                 }
-                p.key_since
-            };
-            if index == 0 && opts.signatures {
-                to_verify.push((0, opts.ledger_key.clone(), k));
-            }
-            // Nodes of leaves before `index` were checked above, so roots of earlier sizes
-            // can be read from the stored tree (for witness cosignatures).
-            let file = tree.file();
-            let root_at = |size: u64| (size <= index).then(|| merkle::root(file, size));
-            state
-                .apply(&signed.entry, index, key_since, &root_at)
-                .map_err(|e| log_err(index, format!("entry breaks the ledger's rules: {e}")))?;
-            check_checkpoints_at(index + 1, &range, opts.checkpoints, &mut next_cp)?;
-        }
-        if let Some(bad) = to_verify
-            .par_iter()
-            .filter(|(_, key, k)| {
-                let leaf = &data[chunk[*k].payload()];
-                !split_leaf(leaf).is_ok_and(|(msg, sig)| key.verify_raw(msg, &sig))
-            })
-            .map(|(index, _, _)| *index)
-            .min()
-        {
-            return Err(Error::Corrupt {
-                index: bad,
-                file: LOG_FILE,
-                reason: "author signature does not verify".into(),
-            });
-        }
+                if let Some(bad) = to_verify
+                    .par_iter()
+                    .filter(|(_, key, k)| {
+                        let leaf = &data[chunk[*k].payload()];
+                        !split_leaf(leaf).is_ok_and(|(msg, sig)| key.verify_raw(msg, &sig))
+                    })
+                    .map(|(index, _, _)| *index)
+                    .min()
+                {
+                    return Err(Error::Corrupt {
+                        index: bad,
+                        file: LOG_FILE,
+                        reason: "author signature does not verify".into(),
+                    });
+                }
+                // Freeing the decoded entries happens off this thread.
+                rayon::spawn(move || drop(decoded));
+                Ok(())
+            },
+            || next.map(|c| decode_chunk(c)),
+        );
+        applied?;
+        pending = next_decoded;
         (opts.progress)(base + chunk.len() as u64, total);
     }
     if let Some(cp) = opts.checkpoints.get(next_cp) {

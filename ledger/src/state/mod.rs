@@ -8,7 +8,7 @@
 //!
 //! Modules: `consent` (consent filters and a subject's view), `rules` ([`State::apply`]).
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::duo::StudyUse;

@@ -1,6 +1,6 @@
 //! The ledger's rules: who may write which entry, and what must already exist.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::sync::Arc;
 
 use super::consent::{Grant, Objection};
@@ -61,22 +61,17 @@ fn check_budget(x: f64, what: &str, below_one: bool) -> Result<()> {
 }
 
 impl State {
-    /// Checks a signature against the author's current key; returns the entry index of that
-    /// key, which [`State::apply`] re-checks so a key rotated in between is caught.
-    pub fn verify_signature(&self, signed: &SignedEntry, canonical: &[u8]) -> Result<u64> {
-        let author = &signed.entry.author;
+    /// The key that must have signed `entry` (its author's current key; for the genesis
+    /// entry, the key it registers) and the index of the entry that set that key, which
+    /// [`State::apply`] re-checks so a key rotated in between is caught. The signature itself
+    /// is checked by the caller, outside any lock.
+    pub fn signing_key(&self, entry: &Entry) -> Result<(VerifierKey, u64)> {
+        let author = &entry.author;
         if self.size == 0 {
             // Genesis: the operator registers itself with the key that signs.
-            return match &signed.entry.body {
+            return match &entry.body {
                 Body::PrincipalRegistered(p) if p.id == *author && p.role == Role::Operator => {
-                    let key = VerifierKey::parse(&p.key)?;
-                    if key.verify_raw(canonical, &signed.sig) {
-                        Ok(0)
-                    } else {
-                        Err(Error::BadSignature {
-                            author: author.to_string(),
-                        })
-                    }
+                    Ok((VerifierKey::parse(&p.key)?, 0))
                 }
                 _ => Err(invalid(
                     "the first entry must register the operator, signed by its own key",
@@ -90,16 +85,23 @@ impl State {
         if p.revoked_at.is_some() {
             return Err(Error::RevokedPrincipal(author.to_string()));
         }
-        if !p.key.verify_raw(canonical, &signed.sig) {
+        Ok((p.key.clone(), p.key_since))
+    }
+
+    /// Checks a signature against the author's current key; returns the entry index of that
+    /// key (see [`State::signing_key`]).
+    pub fn verify_signature(&self, signed: &SignedEntry, canonical: &[u8]) -> Result<u64> {
+        let (key, since) = self.signing_key(&signed.entry)?;
+        if !key.verify_raw(canonical, &signed.sig) {
             return Err(Error::BadSignature {
-                author: author.to_string(),
+                author: signed.entry.author.to_string(),
             });
         }
-        Ok(p.key_since)
+        Ok(since)
     }
 
     /// Applies the entry at `index`, or refuses it and changes nothing. `key_since` is what
-    /// [`State::verify_signature`] returned; `root_at` gives the tree root at a size (for
+    /// [`State::signing_key`] returned; `root_at` gives the tree root at a size (for
     /// witness cosignatures).
     pub fn apply(
         &mut self,
@@ -492,7 +494,7 @@ impl State {
         if b.tables.is_empty() {
             return Err(invalid("a dataset version needs at least one table"));
         }
-        let mut names = HashSet::new();
+        let mut names = HashSet::default();
         for t in &b.tables {
             check_text("table name", &t.name, 128)?;
             if !names.insert(t.name.as_str()) {
@@ -689,7 +691,7 @@ impl State {
         if b.grants.is_empty() {
             return Err(invalid("an approval grants at least one dataset"));
         }
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         for g in &b.grants {
             if !st.reg.datasets.contains(&g.dataset) {
                 return Err(invalid(format!(
