@@ -1,5 +1,33 @@
 //! Consentry's anonymizer: column policies, de-identification and differential privacy over
 //! DataFusion and Arrow.
 //!
-//! It knows nothing of gRPC or the ledger: the broker hands it a consent filter and a budget.
-//! The engine arrives with its own issue; until then the crate is empty.
+//! It knows nothing of gRPC or the ledger: the broker hands it a consent filter and a budget,
+//! and records what it returns (privacy loss, digests) on the ledger.
+//!
+//! Modules:
+//! - [`policy`]: column policies (TOML): privacy unit, contribution bounds, column classes.
+//! - [`dataset`]: loading a dataset version: unit numbering and contribution bounding, once.
+//! - [`consent`]: the consent filter as a bitmap semi-join on the privacy unit.
+//! - [`plan`]: checking a query's logical plan against the policy.
+//! - [`mechanisms`]: noise from OpenDP, with privacy loss read from OpenDP's privacy maps.
+//! - [`release`]: keys, noise and accuracy for each statistic.
+//! - [`engine`]: [`Engine::run`], the query path.
+//! - [`error`]: the error type.
+
+pub mod consent;
+pub mod dataset;
+pub mod engine;
+pub mod error;
+pub mod mechanisms;
+pub mod plan;
+pub mod policy;
+pub mod release;
+
+#[cfg(test)]
+mod tests;
+
+pub use consent::ConsentFilter;
+pub use dataset::Dataset;
+pub use engine::{Engine, Release, Request};
+pub use error::{Error, Result};
+pub use policy::Policy;

@@ -1,0 +1,406 @@
+//! The engine: runs a query over a loaded dataset and releases differentially private results.
+//!
+//! The query path: normalize the SQL; return the cached release of an identical repeat (same
+//! scope, SQL, budget and consent snapshot) without spending; refuse what the budget left
+//! cannot pay for; plan with DataFusion and check the plan against the policy
+//! ([`crate::plan`]); run the aggregate over consented, bounded rows with values clamped to
+//! their bounds; add OpenDP noise to the per-group statistics and choose the released keys
+//! ([`crate::release`]); run the operators above the aggregate (HAVING, ORDER BY, LIMIT,
+//! projections) over the noisy values only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::common::Column;
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, cast, lit, when,
+};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::DFParser;
+use sha2::Digest as _;
+
+use crate::consent::{ConsentFilter, UnitSet};
+use crate::dataset::{Dataset, UNIT_COLUMN};
+use crate::error::{Error, Result};
+use crate::plan::{self, Checked, Statistic};
+use crate::release::{self, Noised};
+
+/// One query.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// What repeats are recognized within: e.g. study id and dataset version digest.
+    pub scope: &'a str,
+    /// The SQL (DataFusion dialect).
+    pub sql: &'a str,
+    /// Epsilon to spend.
+    pub epsilon: f64,
+    /// Delta to spend (needed only for keys chosen by partition selection).
+    pub delta: f64,
+    /// Who may be included.
+    pub filter: &'a ConsentFilter,
+    /// Epsilon and delta left in the budget of (study, dataset).
+    pub budget_left: (f64, f64),
+}
+
+/// A released result and what its receipt records.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// Output schema: the query's columns, then `<column>_ci95` (95% interval half-width)
+    /// for each noisy column released as is.
+    pub schema: SchemaRef,
+    /// The noisy rows.
+    pub batches: Vec<RecordBatch>,
+    /// Epsilon spent, from OpenDP's privacy maps (0 for a repeat).
+    pub epsilon: f64,
+    /// Delta spent.
+    pub delta: f64,
+    /// The normalized SQL.
+    pub sql: String,
+    /// SHA-256 of the consent snapshot (see [`consent_digest`]).
+    pub consent_digest: [u8; 32],
+    /// SHA-256 of the released result (its Arrow IPC stream).
+    pub result_digest: [u8; 32],
+    /// Mechanism parameters for the receipt.
+    pub mechanism: serde_json::Value,
+    /// Whether this is an identical repeat served from the cache.
+    pub repeated: bool,
+}
+
+/// The engine over one loaded dataset version.
+pub struct Engine {
+    dataset: Arc<Dataset>,
+    ctx: SessionContext,
+    cache: Mutex<HashMap<[u8; 32], Release>>,
+}
+
+/// Normalizes SQL: parsed and printed back, so whitespace, keyword case and comments do not
+/// make two identical queries look different.
+pub fn normalize_sql(sql: &str) -> Result<String> {
+    let stmts = DFParser::parse_sql(sql).map_err(|e| Error::InvalidQuery(e.to_string()))?;
+    match stmts.len() {
+        1 => Ok(stmts[0].to_string()),
+        0 => Err(Error::InvalidQuery("empty query".into())),
+        _ => Err(Error::Refused {
+            construct: "several statements".into(),
+            advice: "send one query at a time".into(),
+        }),
+    }
+}
+
+/// The digest of a consent snapshot, the same formula as the ledger's: SHA-256 over
+/// `"include\n"` or `"exclude\n"` then each id and `"\n"` in sorted order.
+pub fn consent_digest(filter: &ConsentFilter) -> [u8; 32] {
+    let (tag, ids) = match filter {
+        ConsentFilter::Include(ids) => ("include\n", ids),
+        ConsentFilter::Exclude(ids) => ("exclude\n", ids),
+    };
+    let mut sorted: Vec<&String> = ids.iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut h = sha2::Sha256::new();
+    h.update(tag.as_bytes());
+    for id in sorted {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().into()
+}
+
+fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
+    let (q, f) = plan
+        .schema()
+        .qualified_field_with_unqualified_name(UNIT_COLUMN)
+        .map_err(|_| Error::Engine("the unit column is missing".into()))?;
+    Ok(Expr::Column(Column::from((q, f))))
+}
+
+/// `arg` clamped to `[lo, hi]` as Float64 (or Int64 for integer sums).
+fn clamp(arg: &Expr, [lo, hi]: [f64; 2], integer: bool) -> Expr {
+    if integer {
+        let x = cast(arg.clone(), arrow::datatypes::DataType::Int64);
+        let (lo, hi) = (lo as i64, hi as i64);
+        when(x.clone().lt(lit(lo)), lit(lo))
+            .when(x.clone().gt(lit(hi)), lit(hi))
+            .otherwise(x)
+            .expect("a CASE with branches builds")
+    } else {
+        let x = cast(arg.clone(), arrow::datatypes::DataType::Float64);
+        when(x.clone().lt(lit(lo)), lit(lo))
+            .when(x.clone().gt(lit(hi)), lit(hi))
+            .otherwise(x)
+            .expect("a CASE with branches builds")
+    }
+}
+
+/// The aggregate expressions computing each statistic's raw (pre-noise) values.
+pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
+    let mut out = vec![count(lit(1)).alias("__n")];
+    for (i, s) in stats.iter().enumerate() {
+        let name = |part: &str| format!("__s{i}_{part}");
+        match s {
+            Statistic::CountRows => out.push(count(lit(1)).alias(name("n"))),
+            Statistic::CountValues(a) => out.push(count(a.clone()).alias(name("n"))),
+            Statistic::CountUnits => out.push(count_distinct(unit.clone()).alias(name("n"))),
+            Statistic::Sum {
+                arg,
+                bounds,
+                integer,
+            } => out.push(sum(clamp(arg, *bounds, *integer)).alias(name("sum"))),
+            Statistic::Avg { arg, bounds } | Statistic::Var { arg, bounds, .. } => {
+                let mid = (bounds[0] + bounds[1]) / 2.0;
+                let y = clamp(arg, *bounds, false) - lit(mid);
+                out.push(count(arg.clone()).alias(name("n")));
+                out.push(sum(y.clone()).alias(name("sum")));
+                if matches!(s, Statistic::Var { .. }) {
+                    out.push(sum(y.clone() * y).alias(name("sum2")));
+                }
+            }
+            Statistic::Quantile { arg, bounds, .. } => {
+                out.push(array_agg(clamp(arg, *bounds, false)).alias(name("values")))
+            }
+        }
+    }
+    out
+}
+
+/// For a projection expression that releases an aggregate output as is (possibly under
+/// aliases): the aggregate column's name and the output name.
+fn released_column(e: &Expr) -> Option<(String, String)> {
+    let out = match e {
+        Expr::Alias(a) => a.name.clone(),
+        Expr::Column(c) => c.name.clone(),
+        _ => return None,
+    };
+    let mut inner = e;
+    while let Expr::Alias(a) = inner {
+        inner = &a.expr;
+    }
+    match inner {
+        Expr::Column(c) => Some((c.name.clone(), out)),
+        _ => None,
+    }
+}
+
+/// Replaces the aggregate in `plan` with `released`, and passes the accuracy columns up to the
+/// outermost projection, which releases them as `<column>_ci95`.
+fn replace_aggregate(
+    plan: &LogicalPlan,
+    released: &LogicalPlan,
+    acc: &[(String, String)],
+    top: bool,
+) -> Result<LogicalPlan> {
+    match plan {
+        LogicalPlan::Aggregate(_) => Ok(released.clone()),
+        LogicalPlan::Projection(p) => {
+            let child = replace_aggregate(&p.input, released, acc, false)?;
+            let mut exprs = p.expr.clone();
+            for (agg_name, acc_name) in acc {
+                if top {
+                    for e in &p.expr {
+                        let target = released_column(e)
+                            .filter(|(c, _)| c == agg_name)
+                            .map(|(_, out)| out);
+                        if let Some(out) = target {
+                            exprs.push(
+                                Expr::Column(Column::from_name(acc_name))
+                                    .alias(format!("{out}_ci95")),
+                            );
+                        }
+                    }
+                } else {
+                    exprs.push(Expr::Column(Column::from_name(acc_name)));
+                }
+            }
+            Ok(LogicalPlan::Projection(Projection::try_new(
+                exprs,
+                Arc::new(child),
+            )?))
+        }
+        other => {
+            let inputs = other.inputs();
+            let [input] = inputs.as_slice() else {
+                return Err(Error::Engine(
+                    "unexpected plan shape above the aggregate".into(),
+                ));
+            };
+            let child = replace_aggregate(input, released, acc, top)?;
+            Ok(other.with_new_exprs(other.expressions(), vec![child])?)
+        }
+    }
+}
+
+impl Engine {
+    /// An engine over `dataset`.
+    pub fn new(dataset: Dataset) -> Result<Engine> {
+        let ctx = SessionContext::new();
+        dataset.register(&ctx)?;
+        Ok(Engine {
+            dataset: Arc::new(dataset),
+            ctx,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The loaded dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        for part in [req.scope.as_bytes(), sql.as_bytes()] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.update(req.epsilon.to_le_bytes());
+        h.update(req.delta.to_le_bytes());
+        h.update(consent);
+        h.finalize().into()
+    }
+
+    /// Runs a query and releases its noisy result.
+    pub async fn run(&self, req: &Request<'_>) -> Result<Release> {
+        let sql = normalize_sql(req.sql)?;
+        let consent = consent_digest(req.filter);
+        let key = Self::cache_key(req, &sql, &consent);
+        if let Some(r) = self
+            .cache
+            .lock()
+            .expect("the cache lock is never held across a panic")
+            .get(&key)
+        {
+            return Ok(Release {
+                epsilon: 0.0,
+                delta: 0.0,
+                repeated: true,
+                ..r.clone()
+            });
+        }
+        if !(req.epsilon.is_finite() && req.epsilon > 0.0 && (0.0..1.0).contains(&req.delta)) {
+            return Err(Error::InvalidQuery(
+                "epsilon must be positive and delta in [0, 1)".into(),
+            ));
+        }
+        if req.epsilon > req.budget_left.0 + 1e-12 {
+            return Err(Error::BudgetExhausted {
+                needed: req.epsilon,
+                left: req.budget_left.0,
+            });
+        }
+        let plan = self.ctx.state().create_logical_plan(&sql).await?;
+        let checked = plan::check(&plan, &self.dataset.policy)?;
+        // Delta is spent only by partition selection.
+        let delta = if checked.keys == plan::Keys::Selected {
+            req.delta
+        } else {
+            0.0
+        };
+        if delta > req.budget_left.1 + 1e-15 {
+            return Err(Error::BudgetExhausted {
+                needed: req.epsilon,
+                left: req.budget_left.0,
+            });
+        }
+        let raw = self.aggregate(&checked, req.filter).await?;
+        let noised = release::noise(&checked, &raw, &self.dataset, req.epsilon, delta)?;
+        let batches = self.finish(&checked, &noised).await?;
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .ok_or_else(|| Error::Engine("no output".into()))?;
+        let release = Release {
+            result_digest: release::digest(&schema, &batches)?,
+            schema,
+            batches,
+            epsilon: noised.epsilon,
+            delta: noised.delta,
+            sql,
+            consent_digest: consent,
+            mechanism: noised.mechanism.clone(),
+            repeated: false,
+        };
+        self.cache
+            .lock()
+            .expect("the cache lock is never held across a panic")
+            .insert(key, release.clone());
+        Ok(release)
+    }
+
+    /// Runs the aggregate over consented, bounded, clamped rows: one row per group with the
+    /// raw statistics.
+    async fn aggregate(&self, checked: &Checked, filter: &ConsentFilter) -> Result<RecordBatch> {
+        let input = checked.aggregate.input.as_ref().clone();
+        let unit = unit_column(&input)?;
+        let mut builder = LogicalPlanBuilder::from(input);
+        if let Some(set) = UnitSet::from_filter(filter, &self.dataset.units) {
+            let udf: ScalarUDF = set.udf();
+            builder = builder.filter(udf.call(vec![unit.clone()]))?;
+        }
+        let plan = builder
+            .aggregate(
+                checked.aggregate.group_expr.clone(),
+                stat_exprs(&checked.stats, &unit),
+            )?
+            .build()?;
+        let batches = self.ctx.execute_logical_plan(plan).await?.collect().await?;
+        let schema = batches.first().map(|b| b.schema());
+        match schema {
+            Some(s) => Ok(arrow::compute::concat_batches(&s, &batches)
+                .map_err(|e| Error::Engine(e.to_string()))?),
+            None => Err(Error::Engine("the aggregate returned no batch".into())),
+        }
+    }
+
+    /// Runs the operators above the aggregate over the noisy values.
+    async fn finish(&self, checked: &Checked, noised: &Noised) -> Result<Vec<RecordBatch>> {
+        let batch = &noised.batch;
+        let mem = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])?;
+        let scan = LogicalPlanBuilder::scan("__released", provider_as_source(Arc::new(mem)), None)?;
+        let agg_schema = checked.aggregate.schema.clone();
+        let mut exprs = Vec::new();
+        for (i, (q, f)) in agg_schema.iter().enumerate() {
+            let src = Expr::Column(Column::new(
+                Some("__released"),
+                batch.schema().field(i).name(),
+            ));
+            exprs.push(src.alias_qualified(q.cloned(), f.name()));
+        }
+        let mut acc = Vec::new();
+        let n_keys = checked.aggregate.group_expr.len();
+        for (j, name) in noised.accuracy_columns.iter().enumerate() {
+            if let Some(acc_name) = name {
+                exprs.push(Expr::Column(Column::new(Some("__released"), acc_name)).alias(acc_name));
+                acc.push((
+                    agg_schema.field(n_keys + j).name().clone(),
+                    acc_name.clone(),
+                ));
+            }
+        }
+        let released = scan.project(exprs)?.build()?;
+        let upper = replace_aggregate(&checked.plan, &released, &acc, true)?;
+        Ok(self
+            .ctx
+            .execute_logical_plan(upper)
+            .await?
+            .collect()
+            .await?)
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// The raw (pre-noise) statistics of a query: for tests of bounding and consent.
+    pub(crate) async fn raw_for_tests(
+        &self,
+        sql: &str,
+        filter: &ConsentFilter,
+    ) -> Result<RecordBatch> {
+        let plan = self.ctx.state().create_logical_plan(sql).await?;
+        let checked = plan::check(&plan, &self.dataset.policy)?;
+        self.aggregate(&checked, filter).await
+    }
+}

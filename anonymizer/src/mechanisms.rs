@@ -1,0 +1,247 @@
+//! Noise, from OpenDP only. Each function builds an OpenDP measurement, reads the privacy
+//! loss from the measurement's own privacy map (never estimated by hand), checks it against
+//! the share of the budget it was given, and invokes it. Randomness comes from OpenSSL
+//! (OpenDP's default features).
+
+use std::collections::HashMap;
+
+use opendp::accuracy::{discrete_laplacian_scale_to_accuracy, laplacian_scale_to_accuracy};
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{make_laplace, make_laplace_threshold, make_private_quantile};
+use opendp::measures::MaxDivergence;
+use opendp::metrics::{
+    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, SymmetricDistance,
+};
+
+use crate::error::{Error, Result};
+
+/// Confidence level of released accuracy intervals: 95%.
+pub const ALPHA: f64 = 0.05;
+
+/// Noisy values with what they cost and how accurate they are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Noisy<T> {
+    /// One value per input value (per group).
+    pub values: Vec<T>,
+    /// The noise scale used.
+    pub scale: f64,
+    /// Half-width of the 95% interval of each value's noise.
+    pub accuracy: f64,
+    /// Epsilon spent, from OpenDP's privacy map.
+    pub epsilon: f64,
+}
+
+fn opendp(e: opendp::error::Error) -> Error {
+    Error::Mechanism(e.to_string())
+}
+
+/// Finds the smallest scale (starting from `sensitivity / epsilon`) whose privacy map stays
+/// within `epsilon`: the map may round up, so the scale is nudged until it holds.
+fn calibrate(
+    sensitivity: f64,
+    epsilon: f64,
+    map: impl Fn(f64) -> Result<f64>,
+) -> Result<(f64, f64)> {
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return Err(Error::Mechanism(
+            "epsilon must be positive and finite".into(),
+        ));
+    }
+    let mut scale = sensitivity / epsilon;
+    for _ in 0..64 {
+        let spent = map(scale)?;
+        if spent <= epsilon {
+            return Ok((scale, spent));
+        }
+        scale *= 1.0 + 1e-9_f64.max((spent - epsilon) / epsilon);
+    }
+    Err(Error::Mechanism(
+        "could not calibrate the noise scale".into(),
+    ))
+}
+
+/// Laplace noise on integer counts (or integer sums): one patient changes the vector by at
+/// most `sensitivity` in L1 norm. Uses OpenDP's discrete Laplace sampler.
+pub fn laplace_i64(values: &[i64], sensitivity: i64, epsilon: f64) -> Result<Noisy<i64>> {
+    let domain = VectorDomain::new(AtomDomain::<i64>::default());
+    let build = |scale: f64| {
+        make_laplace::<_, _, MaxDivergence>(
+            domain.clone(),
+            L1Distance::<i64>::default(),
+            scale,
+            None,
+        )
+        .map_err(opendp)
+    };
+    let (scale, spent) = calibrate(sensitivity as f64, epsilon, |s| {
+        build(s)?.map(&sensitivity).map_err(opendp)
+    })?;
+    let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
+    Ok(Noisy {
+        values: out,
+        scale,
+        accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
+        epsilon: spent,
+    })
+}
+
+/// Laplace noise on float sums: one patient changes the vector by at most `sensitivity` in L1
+/// norm (the caller includes the floating-point rounding slack).
+pub fn laplace_f64(values: &[f64], sensitivity: f64, epsilon: f64) -> Result<Noisy<f64>> {
+    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
+    let build = |scale: f64| {
+        make_laplace::<_, _, MaxDivergence>(
+            domain.clone(),
+            L1Distance::<f64>::default(),
+            scale,
+            None,
+        )
+        .map_err(opendp)
+    };
+    let (scale, spent) = calibrate(sensitivity, epsilon, |s| {
+        build(s)?.map(&sensitivity).map_err(opendp)
+    })?;
+    let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
+    Ok(Noisy {
+        values: out,
+        scale,
+        accuracy: laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
+        epsilon: spent,
+    })
+}
+
+/// Thresholded partition selection on counts keyed by group (OpenDP's
+/// `make_laplace_threshold`): noisy counts, keeping only groups whose noisy count clears a
+/// threshold chosen so that delta stays within `delta`. One patient touches at most
+/// `max_groups` groups, changing each by at most `max_rows`.
+pub fn laplace_threshold(
+    counts: &HashMap<u64, i64>,
+    max_groups: u32,
+    max_rows: i64,
+    epsilon: f64,
+    delta: f64,
+) -> Result<(HashMap<u64, i64>, Noisy<()>, f64)> {
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(Error::Refused {
+            construct: "GROUP BY a column without a public domain".into(),
+            advice: "partition selection needs delta > 0; declare the column's domain in the \
+                     policy, or ask the IRB for a delta"
+                .into(),
+        });
+    }
+    let domain = MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
+    let metric: L01InfDistance<AbsoluteDistance<i64>> = L0PInfDistance(AbsoluteDistance::default());
+    let l1 = max_rows;
+    let d_in = (max_groups, l1, max_rows);
+    let build = |scale: f64, threshold: i64| {
+        make_laplace_threshold::<_, _, opendp::measures::Approximate<MaxDivergence>>(
+            domain.clone(),
+            metric.clone(),
+            scale,
+            threshold,
+            None,
+        )
+        .map_err(opendp)
+    };
+    let (scale, spent) = calibrate(l1 as f64, epsilon, |s| {
+        Ok(build(s, i64::MAX / 4)?.map(&d_in).map_err(opendp)?.0)
+    })?;
+    // The smallest threshold whose delta fits (delta falls as the threshold rises).
+    let (mut lo, mut hi) = (max_rows, i64::MAX / 4);
+    let delta_at = |t: i64| -> Result<f64> { Ok(build(scale, t)?.map(&d_in).map_err(opendp)?.1) };
+    if delta_at(hi)? > delta {
+        return Err(Error::Mechanism(
+            "no threshold reaches the requested delta".into(),
+        ));
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if delta_at(mid)? <= delta {
+            hi = mid
+        } else {
+            lo = mid + 1
+        }
+    }
+    let meas = build(scale, lo)?;
+    let (eps_spent, delta_spent) = meas.map(&d_in).map_err(opendp)?;
+    let kept = meas.invoke(counts).map_err(opendp)?;
+    let info = Noisy {
+        values: Vec::new(),
+        scale,
+        accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
+        epsilon: eps_spent.max(spent),
+    };
+    Ok((kept, info, delta_spent))
+}
+
+/// A private quantile (`alpha` = 0.5 for the median) of one group's values, chosen among
+/// `candidates` by OpenDP's exponential-mechanism quantile. One patient adds or removes at
+/// most `max_rows` values.
+pub fn quantile(
+    values: Vec<f64>,
+    candidates: Vec<f64>,
+    alpha: f64,
+    max_rows: u32,
+    epsilon: f64,
+) -> Result<(f64, f64)> {
+    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
+    let build = |scale: f64| {
+        make_private_quantile(
+            domain.clone(),
+            SymmetricDistance,
+            MaxDivergence,
+            candidates.clone(),
+            alpha,
+            scale,
+        )
+        .map_err(opendp)
+    };
+    // The score's sensitivity is handled inside OpenDP's map; calibrate on it directly.
+    let (scale, spent) = calibrate(max_rows as f64, epsilon, |s| {
+        build(s)?.map(&max_rows).map_err(opendp)
+    })?;
+    let value = build(scale)?.invoke(&values).map_err(opendp)?;
+    Ok((value, spent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privacy_loss_comes_from_the_map_and_stays_within_budget() {
+        let n = laplace_i64(&[100, 200, 300], 10, 0.5).unwrap();
+        assert!(n.epsilon <= 0.5 && n.epsilon > 0.49, "{}", n.epsilon);
+        assert!((n.scale - 20.0).abs() < 0.01);
+        assert_eq!(n.values.len(), 3);
+        let f = laplace_f64(&[1.5, -2.0], 7.5, 1.0).unwrap();
+        assert!(f.epsilon <= 1.0 && f.epsilon > 0.99);
+        // 95% half-width of Laplace(b) is b ln 20.
+        assert!((f.accuracy - f.scale * 20f64.ln()).abs() < 1e-9);
+        assert!(laplace_i64(&[1], 1, 0.0).is_err());
+        assert!(laplace_f64(&[1.0], 1.0, f64::NAN).is_err());
+    }
+
+    #[test]
+    fn thresholding_needs_delta_and_drops_small_groups() {
+        let counts: HashMap<u64, i64> = [(0, 0), (1, 100_000)].into_iter().collect();
+        assert!(matches!(
+            laplace_threshold(&counts, 10, 10, 1.0, 0.0),
+            Err(Error::Refused { .. })
+        ));
+        let (kept, info, delta) = laplace_threshold(&counts, 10, 10, 1.0, 1e-6).unwrap();
+        assert!(kept.contains_key(&1) && !kept.contains_key(&0));
+        assert!(delta <= 1e-6 && delta > 0.0);
+        assert!(info.epsilon <= 1.0 + 1e-12);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_candidates() {
+        let values: Vec<f64> = (0..1000).map(|i| (i % 100) as f64).collect();
+        let candidates: Vec<f64> = (0..=100).map(f64::from).collect();
+        let (m, eps) = quantile(values, candidates.clone(), 0.5, 1, 1.0).unwrap();
+        assert!(candidates.contains(&m));
+        assert!(eps <= 1.0);
+        assert!((30.0..=70.0).contains(&m), "{m}");
+    }
+}

@@ -1,0 +1,480 @@
+//! Engine tests: SQL coverage (accepted shapes and refusals), keys, budget, repeats, consent,
+//! sensitivity (property test) and noise scale (statistical test).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, AsArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema};
+
+use crate::consent::ConsentFilter;
+use crate::dataset::Dataset;
+use crate::engine::{Engine, Request};
+use crate::error::Error;
+use crate::policy::Policy;
+
+const POLICY: &str = r#"
+privacy_unit = "patient_id"
+max_rows_per_unit = 10
+
+[tables.visits.columns]
+patient_id = { class = "privacy_unit" }
+name = { class = "direct_identifier" }
+sex = { class = "public", domain = ["F", "M"] }
+diagnosis = { class = "sensitive", domain = ["E11", "I10", "J45"] }
+zip3 = { class = "quasi_identifier" }
+hba1c = { class = "sensitive", bounds = [4.0, 14.0] }
+systolic_bp = { class = "sensitive", bounds = [90, 200] }
+"#;
+
+/// A small deterministic visits table: `patients` patients with 1..=12 visits each (some
+/// over the bound of 10, so bounding is exercised).
+pub(crate) fn visits(patients: i64) -> RecordBatch {
+    let (mut pid, mut name, mut sex, mut diag, mut zip, mut hba1c, mut sbp) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut x: u64 = 42;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as i64
+    };
+    for p in 0..patients {
+        let n = 1 + next() % 12;
+        for _ in 0..n {
+            pid.push(1000 + p);
+            name.push(format!("Name {p}"));
+            sex.push(if p % 2 == 0 { "F" } else { "M" });
+            diag.push(["E11", "I10", "J45", "Z00"][(next() % 4) as usize]);
+            zip.push(format!("{:03}", 100 + next() % 50));
+            hba1c.push(if next() % 20 == 0 {
+                None
+            } else {
+                Some(4.0 + (next() % 120) as f64 / 10.0)
+            });
+            sbp.push(80 + (next() % 140) as i32);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("sex", DataType::Utf8, false),
+        Field::new("diagnosis", DataType::Utf8, false),
+        Field::new("zip3", DataType::Utf8, false),
+        Field::new("hba1c", DataType::Float64, true),
+        Field::new("systolic_bp", DataType::Int32, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(pid)),
+            Arc::new(StringArray::from(name)),
+            Arc::new(StringArray::from(sex)),
+            Arc::new(StringArray::from(diag)),
+            Arc::new(StringArray::from(zip)),
+            Arc::new(Float64Array::from(hba1c)),
+            Arc::new(Int32Array::from(sbp)),
+        ],
+    )
+    .unwrap()
+}
+
+pub(crate) fn engine(patients: i64) -> Engine {
+    let policy = Policy::from_toml(POLICY).unwrap();
+    let ds =
+        Dataset::from_batches(policy, vec![("visits".into(), vec![visits(patients)])]).unwrap();
+    Engine::new(ds).unwrap()
+}
+
+fn req<'a>(sql: &'a str, scope: &'a str, filter: &'a ConsentFilter) -> Request<'a> {
+    Request {
+        scope,
+        sql,
+        epsilon: 1.0,
+        delta: 1e-6,
+        filter,
+        budget_left: (10.0, 1e-5),
+    }
+}
+
+/// Exact (non-private) answer over the bounded table, through plain DataFusion.
+async fn exact(e: &Engine, sql: &str) -> Vec<RecordBatch> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    e.dataset().register(&ctx).unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+fn column_f64(b: &[RecordBatch], name: &str) -> Vec<f64> {
+    b.iter()
+        .flat_map(|b| {
+            let c =
+                arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Float64).unwrap();
+            c.as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.unwrap_or(f64::NAN))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn column_str(b: &[RecordBatch], name: &str) -> Vec<String> {
+    b.iter()
+        .flat_map(|b| {
+            let c = arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();
+            c.as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// (query, output columns, keys released (None: not checked)) — answers are checked against
+/// the exact answer within 4 times their 95% half-width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_coverage_golden() {
+    let e = engine(2000);
+    let all = ConsentFilter::everyone();
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        Option<&'static [&'static str]>,
+    );
+    let cases: &[Case] = &[
+        ("SELECT COUNT(*) AS n FROM visits", &["n", "n_ci95"], None),
+        (
+            "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex",
+            &["sex", "n", "n_ci95"],
+            Some(&["F", "M"]),
+        ),
+        // Public domains release every key, the empty one (J45 has rows; none are 'X') too,
+        // and never a key outside the domain (Z00).
+        (
+            "SELECT diagnosis, COUNT(*) AS n FROM visits GROUP BY diagnosis ORDER BY diagnosis",
+            &["diagnosis", "n", "n_ci95"],
+            Some(&["E11", "I10", "J45"]),
+        ),
+        (
+            "SELECT sex, AVG(hba1c) AS a FROM visits GROUP BY sex ORDER BY sex",
+            &["sex", "a", "a_ci95"],
+            Some(&["F", "M"]),
+        ),
+        (
+            "SELECT sex, SUM(systolic_bp) AS s FROM visits GROUP BY sex ORDER BY sex",
+            &["sex", "s", "s_ci95"],
+            Some(&["F", "M"]),
+        ),
+        (
+            "SELECT COUNT(DISTINCT patient_id) AS p FROM visits",
+            &["p", "p_ci95"],
+            None,
+        ),
+        (
+            "SELECT COUNT(hba1c) AS n FROM visits WHERE systolic_bp BETWEEN 100 AND 150",
+            &["n", "n_ci95"],
+            None,
+        ),
+        (
+            "SELECT sex, COUNT(*) AS n FROM visits WHERE diagnosis IN ('E11', 'I10') GROUP BY sex HAVING COUNT(*) > 0 ORDER BY n DESC LIMIT 1",
+            &["sex", "n", "n_ci95"],
+            None,
+        ),
+        (
+            "SELECT sex, diagnosis, COUNT(*) AS n FROM visits GROUP BY sex, diagnosis ORDER BY sex, diagnosis",
+            &["sex", "diagnosis", "n", "n_ci95"],
+            None,
+        ),
+    ];
+    for (i, (sql, cols, keys)) in cases.iter().enumerate() {
+        let scope = format!("golden-{i}");
+        let r = e
+            .run(&req(sql, &scope, &all))
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        let names: Vec<&str> = r
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(&names, cols, "{sql}");
+        if let Some(keys) = keys {
+            assert_eq!(
+                column_str(&r.batches, names[0]),
+                keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "{sql}"
+            );
+        }
+        assert!(
+            r.epsilon <= 1.0 + 1e-9 && r.epsilon > 0.9,
+            "{sql}: {}",
+            r.epsilon
+        );
+        // Compare ungrouped or ordered-by-key results with the exact answer.
+        let value_col = cols[cols.len() - 2];
+        // Ungrouped queries, and grouped ones ordered by key, line up with the exact answer.
+        if keys.is_some() || cols.len() == 2 {
+            let noisy = column_f64(&r.batches, value_col);
+            let ci = column_f64(&r.batches, &format!("{value_col}_ci95"));
+            let truth = column_f64(&exact(&e, sql).await, value_col);
+            if truth.len() == noisy.len() {
+                for ((n, t), c) in noisy.iter().zip(&truth).zip(&ci) {
+                    assert!(
+                        (n - t).abs() <= 4.0 * c + 1e-9,
+                        "{sql}: noisy {n} exact {t} ci {c}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn refusals_name_the_construct() {
+    let e = engine(200);
+    let all = ConsentFilter::everyone();
+    let cases = [
+        ("SELECT * FROM visits", "would release rows"),
+        ("SELECT patient_id, hba1c FROM visits", "would release rows"),
+        ("SELECT DISTINCT sex FROM visits", "would release rows"),
+        (
+            "SELECT name, COUNT(*) FROM visits GROUP BY name",
+            "direct identifier",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits WHERE name = 'x'",
+            "direct identifier",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits WHERE patient_id = 1001",
+            "privacy unit",
+        ),
+        ("SELECT SUM(patient_id) FROM visits", "privacy unit"),
+        ("SELECT COUNT(DISTINCT zip3) FROM visits", "COUNT(DISTINCT)"),
+        ("SELECT SUM(hba1c * 2) FROM visits", "expression"),
+        ("SELECT MAX(hba1c) FROM visits", "MAX"),
+        ("SELECT SUM(zip3) FROM visits", "sum"),
+        (
+            "SELECT COUNT(*) FROM visits UNION SELECT COUNT(*) FROM visits",
+            "UNION",
+        ),
+        (
+            "SELECT COUNT(*) FROM (SELECT * FROM visits) v",
+            "subqueries in FROM",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits WHERE hba1c > (SELECT AVG(hba1c) FROM visits)",
+            "subqueries",
+        ),
+        ("SELECT sex, ROW_NUMBER() OVER () FROM visits", "window"),
+        (
+            "SELECT COUNT(*) FILTER (WHERE sex = 'F') FROM visits",
+            "FILTER",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits a JOIN visits b ON a.patient_id = b.patient_id",
+            "joins",
+        ),
+        ("SELECT COUNT(*) FROM nope", "nope"),
+        ("SELECT COUNT(*); SELECT 1", "several statements"),
+    ];
+    for (sql, needle) in cases {
+        match e.run(&req(sql, "refusals", &all)).await {
+            Ok(_) => panic!("{sql} was released"),
+            Err(err) => assert!(err.to_string().contains(needle), "{sql}: {err}"),
+        }
+    }
+    // Keys from the data need delta > 0.
+    let mut r = req(
+        "SELECT zip3, COUNT(*) FROM visits GROUP BY zip3",
+        "zip",
+        &all,
+    );
+    r.delta = 0.0;
+    let err = e.run(&r).await.unwrap_err();
+    assert!(err.to_string().contains("delta > 0"), "{err}");
+}
+
+#[tokio::test]
+async fn keys_from_the_data_go_through_partition_selection() {
+    let e = engine(3000);
+    let all = ConsentFilter::everyone();
+    let r = e
+        .run(&req(
+            "SELECT zip3, COUNT(*) AS n FROM visits GROUP BY zip3",
+            "sel",
+            &all,
+        ))
+        .await
+        .unwrap();
+    assert!(r.delta > 0.0 && r.delta <= 1e-6);
+    assert_eq!(r.mechanism["keys"], "selected");
+    // Every zip3 has ~100 patients here: all 50 clear the threshold.
+    assert!(column_str(&r.batches, "zip3").len() >= 45);
+}
+
+#[tokio::test]
+async fn budget_is_checked_before_running_and_repeats_are_free() {
+    let e = engine(500);
+    let all = ConsentFilter::everyone();
+    let mut r = req("SELECT COUNT(*) FROM visits", "s1", &all);
+    r.budget_left = (0.5, 0.0);
+    assert!(matches!(
+        e.run(&r).await,
+        Err(Error::BudgetExhausted { .. })
+    ));
+    r.budget_left = (1.0, 0.0);
+    let first = e.run(&r).await.unwrap();
+    assert!(!first.repeated && first.epsilon > 0.0);
+    // The same query (formatted differently) returns the same answer and spends nothing,
+    // even with no budget left.
+    let mut again = req("SELECT   COUNT(*)\n  FROM visits -- again", "s1", &all);
+    again.budget_left = (0.0, 0.0);
+    let second = e.run(&again).await.unwrap();
+    assert!(second.repeated);
+    assert_eq!(second.epsilon, 0.0);
+    assert_eq!(second.result_digest, first.result_digest);
+    assert_eq!(second.batches, first.batches);
+    // Another study, or another consent snapshot, is a new query.
+    let other = ConsentFilter::Exclude(Arc::new(vec!["1000".into()]));
+    let third = e
+        .run(&req("SELECT COUNT(*) FROM visits", "s1", &other))
+        .await
+        .unwrap();
+    assert!(!third.repeated);
+    assert_ne!(third.consent_digest, first.consent_digest);
+}
+
+#[tokio::test]
+async fn the_consent_filter_keeps_exactly_the_consented_rows() {
+    let e = engine(400);
+    let batch = visits(400);
+    let pids = batch.column(0).as_primitive::<Int64Type>();
+    // Bounded rows per patient (at most 10), as the engine sees them.
+    let mut rows: HashMap<i64, i64> = HashMap::new();
+    for p in pids.values() {
+        let c = rows.entry(*p).or_default();
+        *c = (*c + 1).min(10);
+    }
+    let include: Vec<String> = (1000..1400)
+        .filter(|p| p % 3 == 0)
+        .map(|p| p.to_string())
+        .collect();
+    let expect_in: i64 = include
+        .iter()
+        .map(|p| rows[&p.parse::<i64>().unwrap()])
+        .sum();
+    let total: i64 = rows.values().sum();
+    for (filter, expected) in [
+        (ConsentFilter::Include(Arc::new(include.clone())), expect_in),
+        (
+            ConsentFilter::Exclude(Arc::new(include.clone())),
+            total - expect_in,
+        ),
+        (ConsentFilter::everyone(), total),
+        (
+            ConsentFilter::Include(Arc::new(vec!["not-a-patient".into()])),
+            0,
+        ),
+    ] {
+        let raw = e
+            .raw_for_tests("SELECT COUNT(*) FROM visits", &filter)
+            .await
+            .unwrap();
+        let n = raw
+            .column_by_name("__s0_n")
+            .unwrap()
+            .as_primitive::<Int64Type>()
+            .value(0);
+        assert_eq!(n, expected, "{filter:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noise_has_the_calibrated_scale() {
+    // COUNT(*) with k = 10 and epsilon 1: discrete Laplace with scale 10, variance ~ 2·10².
+    // 400 samples: the sample variance has a relative standard error of about 11%; the ±40%
+    // tolerance is more than 3.5 standard errors.
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    let truth = column_f64(&exact(&e, "SELECT COUNT(*) AS n FROM visits").await, "n")[0];
+    let mut sq = 0.0;
+    let n = 400;
+    for i in 0..n {
+        let scope = format!("noise-{i}");
+        let r = e
+            .run(&req("SELECT COUNT(*) AS n FROM visits", &scope, &all))
+            .await
+            .unwrap();
+        let v = column_f64(&r.batches, "n")[0];
+        sq += (v - truth).powi(2);
+    }
+    let var = sq / f64::from(n);
+    assert!(
+        (var / 200.0 - 1.0).abs() < 0.4,
+        "empirical variance {var}, expected about 200"
+    );
+}
+
+/// L1 distance between the raw statistic columns of two aggregate outputs, matching groups by
+/// their keys (a group missing on one side counts as zero).
+fn l1(a: &RecordBatch, b: &RecordBatch, n_keys: usize, col: &str) -> f64 {
+    let map = |x: &RecordBatch| -> HashMap<String, f64> {
+        let keys: Vec<_> = x.columns()[..n_keys].to_vec();
+        let v = arrow::compute::cast(x.column_by_name(col).unwrap(), &DataType::Float64).unwrap();
+        let v = v.as_primitive::<Float64Type>();
+        (0..x.num_rows())
+            .map(|r| {
+                let k = keys
+                    .iter()
+                    .map(|c| {
+                        datafusion::scalar::ScalarValue::try_from_array(c, r)
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("|");
+                (k, if v.is_valid(r) { v.value(r) } else { 0.0 })
+            })
+            .collect()
+    };
+    let (ma, mb) = (map(a), map(b));
+    let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+    keys.iter()
+        .map(|k| (ma.get(*k).unwrap_or(&0.0) - mb.get(*k).unwrap_or(&0.0)).abs())
+        .sum()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Adding or removing one patient's rows never moves the pre-noise statistics (L1 over all
+    /// groups) by more than the sensitivity their noise is calibrated to.
+    #[test]
+    fn one_patient_moves_no_statistic_beyond_its_sensitivity(patients in 5i64..60, victim in 0i64..60) {
+        let victim = 1000 + victim % patients;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let e = engine(patients);
+        let all = ConsentFilter::everyone();
+        let without = ConsentFilter::Exclude(Arc::new(vec![victim.to_string()]));
+        let (k, b_sbp, h_hba1c) = (10.0, 200.0, 5.0);
+        type Case<'a> = (&'a str, usize, &'a [(&'a str, f64)]);
+        let cases: &[Case] = &[
+            ("SELECT COUNT(*) FROM visits", 0, &[("__s0_n", k)]),
+            ("SELECT diagnosis, COUNT(*) FROM visits GROUP BY diagnosis", 1, &[("__s0_n", k)]),
+            ("SELECT sex, diagnosis, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex, diagnosis", 2, &[("__s0_n", k)]),
+            ("SELECT diagnosis, SUM(systolic_bp) FROM visits GROUP BY diagnosis", 1, &[("__s0_sum", k * b_sbp)]),
+            ("SELECT diagnosis, AVG(hba1c) FROM visits GROUP BY diagnosis", 1, &[("__s0_n", k), ("__s0_sum", k * h_hba1c)]),
+            ("SELECT zip3, VAR(hba1c) FROM visits GROUP BY zip3", 1, &[("__s0_n", k), ("__s0_sum", k * h_hba1c), ("__s0_sum2", k * h_hba1c * h_hba1c)]),
+        ];
+        for (sql, n_keys, checks) in cases {
+            let a = rt.block_on(e.raw_for_tests(sql, &all)).unwrap();
+            let b = rt.block_on(e.raw_for_tests(sql, &without)).unwrap();
+            for (col, sens) in *checks {
+                let d = l1(&a, &b, *n_keys, col);
+                proptest::prop_assert!(d <= sens + 1e-6, "{} {}: moved {} > {}", sql, col, d, sens);
+            }
+        }
+    }
+}
