@@ -417,38 +417,27 @@ impl State {
                 }
             }
         }
-        match &entry.body {
-            Body::PrincipalRegistered(b) => self
-                .principal_events
-                .entry(b.id.clone())
+        // Index the entry under the principal or study it concerns (for bundles).
+        let principal = match &entry.body {
+            Body::PrincipalRegistered(b) => Some(&b.id),
+            Body::KeyRotated(b) => Some(&b.id),
+            Body::PrincipalRevoked(b) => Some(&b.id),
+            _ => None,
+        };
+        let study = match &entry.body {
+            Body::StudyRegistered(b) => Some(&b.study),
+            Body::StudyApproved(b) => Some(&b.study),
+            Body::StudySuspended(b) | Body::StudyClosed(b) => Some(&b.study),
+            _ => None,
+        };
+        if let Some(id) = principal {
+            self.principal_events
+                .entry(id.clone())
                 .or_default()
-                .push(index),
-            Body::KeyRotated(b) => self
-                .principal_events
-                .entry(b.id.clone())
-                .or_default()
-                .push(index),
-            Body::PrincipalRevoked(b) => self
-                .principal_events
-                .entry(b.id.clone())
-                .or_default()
-                .push(index),
-            Body::StudyRegistered(b) => self
-                .study_events
-                .entry(b.study.clone())
-                .or_default()
-                .push(index),
-            Body::StudyApproved(b) => self
-                .study_events
-                .entry(b.study.clone())
-                .or_default()
-                .push(index),
-            Body::StudySuspended(b) | Body::StudyClosed(b) => self
-                .study_events
-                .entry(b.study.clone())
-                .or_default()
-                .push(index),
-            _ => {}
+                .push(index);
+        }
+        if let Some(id) = study {
+            self.study_events.entry(id.clone()).or_default().push(index);
         }
         self.size += 1;
         Ok(())
