@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::duo::{Modifier, Purpose};
 use crate::ids::{DatasetId, Digest, PrincipalId, Role, StudyId, SubjectId, Timestamp};
+use crate::jcs::{self, NonFinite};
 
 /// The entry format version written in every entry's `v`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -455,22 +456,24 @@ impl Body {
             other => return Err(DecodeError::UnknownKind(other.chars().take(40).collect())),
         })
     }
+}
 
-    fn to_value(&self) -> serde_json::Value {
-        let v = match self {
-            Body::PrincipalRegistered(b) => serde_json::to_value(b),
-            Body::KeyRotated(b) => serde_json::to_value(b),
-            Body::PrincipalRevoked(b) => serde_json::to_value(b),
-            Body::DatasetRegistered(b) => serde_json::to_value(b),
-            Body::ConsentGranted(b) => serde_json::to_value(b),
-            Body::ConsentRevoked(b) => serde_json::to_value(b),
-            Body::StudyRegistered(b) => serde_json::to_value(b),
-            Body::StudyApproved(b) => serde_json::to_value(b),
-            Body::StudySuspended(b) | Body::StudyClosed(b) => serde_json::to_value(b),
-            Body::QueryReceipt(b) => serde_json::to_value(b),
-            Body::CheckpointCosigned(b) => serde_json::to_value(b),
-        };
-        v.expect("entry bodies have string keys and finite numbers")
+/// A body serializes as its kind's fields (the kind is written beside it, in `kind`).
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Body::PrincipalRegistered(b) => b.serialize(s),
+            Body::KeyRotated(b) => b.serialize(s),
+            Body::PrincipalRevoked(b) => b.serialize(s),
+            Body::DatasetRegistered(b) => b.serialize(s),
+            Body::ConsentGranted(b) => b.serialize(s),
+            Body::ConsentRevoked(b) => b.serialize(s),
+            Body::StudyRegistered(b) => b.serialize(s),
+            Body::StudyApproved(b) => b.serialize(s),
+            Body::StudySuspended(b) | Body::StudyClosed(b) => b.serialize(s),
+            Body::QueryReceipt(b) => b.serialize(s),
+            Body::CheckpointCosigned(b) => b.serialize(s),
+        }
     }
 }
 
@@ -500,7 +503,7 @@ struct EntryOut<'a> {
     author: &'a PrincipalId,
     time: Timestamp,
     kind: &'static str,
-    body: serde_json::Value,
+    body: &'a Body,
 }
 
 #[derive(Deserialize)]
@@ -516,7 +519,7 @@ struct EntryIn<'a> {
 
 /// RFC 8785 canonical JSON of any serializable value.
 pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, DecodeError> {
-    serde_jcs::to_vec(value).map_err(|e| DecodeError::Json(e.to_string()))
+    jcs::to_vec(value).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
 impl Entry {
@@ -527,9 +530,11 @@ impl Entry {
             author: &self.author,
             time: self.time,
             kind: self.body.kind(),
-            body: self.body.to_value(),
+            body: &self.body,
         };
-        canonical_json(&out).expect("entries always serialize")
+        // Bodies were once converted to `serde_json::Value` first, which writes a non-finite
+        // float as `null`; the same bytes are kept (such entries are refused by the rules).
+        jcs::to_vec_with(&out, NonFinite::Null).expect("entries always serialize")
     }
 
     /// Parses an entry from JSON (any formatting). Fields are checked; use
@@ -663,6 +668,112 @@ mod tests {
                 r#""kind":"study_approved","time":"2026-11-21T22:00:00Z","v":1}"#
             )
         );
+    }
+
+    /// The encoding before the direct writer: the body converted to a `serde_json::Value`,
+    /// then the whole entry through serde_jcs.
+    fn reference_bytes(e: &Entry) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            v: u32,
+            author: &'a PrincipalId,
+            time: Timestamp,
+            kind: &'static str,
+            body: serde_json::Value,
+        }
+        serde_jcs::to_vec(&Out {
+            v: FORMAT_VERSION,
+            author: &e.author,
+            time: e.time,
+            kind: e.body.kind(),
+            body: serde_json::to_value(&e.body).unwrap(),
+        })
+        .unwrap()
+    }
+
+    fn receipt(sql: String, epsilon: f64, mechanism: BTreeMap<String, serde_json::Value>) -> Entry {
+        Entry {
+            author: PrincipalId::new("operator").unwrap(),
+            time: Timestamp::parse("2026-11-21T22:00:00Z").unwrap(),
+            body: Body::QueryReceipt(QueryReceipt {
+                study: "t2d \u{e9} \"quoted\"".into(),
+                researcher: PrincipalId::new("dr-lee").unwrap(),
+                dataset: Some(DatasetId::new("ehr").unwrap()),
+                version: Some(u32::MAX),
+                dataset_digest: Some(Digest::of(b"x")),
+                sql,
+                mode: QueryMode::Dp,
+                mechanism,
+                epsilon,
+                delta: 1e-300,
+                consent_digest: None,
+                result_digest: Some(Digest::of(b"y")),
+                outcome: Outcome::Released,
+                reason: None,
+                rows_suppressed: Some(u64::MAX),
+            }),
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_match_the_reference_encoder() {
+        let mechanism: BTreeMap<String, serde_json::Value> = [
+            ("noise".to_string(), serde_json::json!("laplace")),
+            (
+                "\u{e9}t\u{e9}".to_string(),
+                serde_json::json!({"z": [1.5, -0.0, 1e21], "a": null}),
+            ),
+            (
+                "\u{1f600}".to_string(),
+                serde_json::json!(9007199254740993u64),
+            ),
+            (
+                "\u{fb33}".to_string(),
+                serde_json::json!("tab\tnul\u{0}\u{2028}"),
+            ),
+        ]
+        .into();
+        let registered = Entry {
+            author: PrincipalId::new("operator").unwrap(),
+            time: Timestamp::parse("2026-01-01T00:00:00Z").unwrap(),
+            body: Body::PrincipalRevoked(PrincipalRevoked {
+                id: PrincipalId::new("dr-lee").unwrap(),
+                reason: Some("left \"the\" lab\r\n\u{1b}[31m \u{7f} 😀".into()),
+            }),
+        };
+        let cases = [
+            sample(),
+            registered,
+            receipt("SELECT 1".into(), 0.001, BTreeMap::new()),
+            receipt("SELECT \"é\" -- \\ \u{0}".into(), 1.0 / 3.0, mechanism),
+            // Non-finite floats were written as null (the rules refuse such entries).
+            receipt("x".into(), f64::NAN, BTreeMap::new()),
+            receipt("x".into(), f64::NEG_INFINITY, BTreeMap::new()),
+        ];
+        for e in &cases {
+            assert_eq!(
+                String::from_utf8(e.canonical_bytes()).unwrap(),
+                String::from_utf8(reference_bytes(e)).unwrap()
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn receipts_encode_as_the_reference_encoder(
+            sql in proptest::prelude::any::<String>(),
+            epsilon in proptest::prelude::any::<f64>(),
+            keys in proptest::collection::vec(proptest::prelude::any::<String>(), 0..4),
+            numbers in proptest::collection::vec(proptest::prelude::any::<f64>(), 0..4),
+        ) {
+            let mechanism = keys
+                .into_iter()
+                .zip(numbers)
+                .map(|(k, n)| (k, serde_json::json!(n)))
+                .collect();
+            let e = receipt(sql, epsilon, mechanism);
+            proptest::prop_assert_eq!(e.canonical_bytes(), reference_bytes(&e));
+        }
     }
 
     #[test]

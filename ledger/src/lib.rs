@@ -15,6 +15,7 @@
 //! - [`ids`]: validated identifiers, timestamps and digests.
 //! - [`duo`]: GA4GH Data Use Ontology terms and the matching rule.
 //! - [`entry`]: entry kinds, canonical bytes, the signed leaf envelope.
+//! - `jcs`: the RFC 8785 canonical JSON writer behind the canonical bytes.
 //! - [`merkle`]: RFC 9162 hashing, proofs and verifiers.
 //! - [`note`]: C2SP signed-note keys, signatures and tlog checkpoints.
 //! - [`storage`]: the files on disk and their framing.
@@ -29,6 +30,7 @@ pub mod duo;
 pub mod entry;
 pub mod error;
 pub mod ids;
+mod jcs;
 pub mod keyfile;
 pub mod ledger;
 pub mod merkle;
