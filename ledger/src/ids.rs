@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why an identifier or value was refused.
@@ -195,6 +195,10 @@ impl Timestamp {
     }
     /// Parses the canonical RFC 3339 form.
     pub fn parse(s: &str) -> Result<Self, InvalidValue> {
+        if let Some(t) = Self::parse_canonical(s.as_bytes()) {
+            return Ok(t);
+        }
+        // Anything else (including every refusal) goes through chrono.
         let dt = DateTime::parse_from_rfc3339(s)
             .map_err(|_| invalid("timestamp", "must be RFC 3339, e.g. 2026-01-31T12:00:00Z"))?;
         let t = Self::from_unix(dt.timestamp())?;
@@ -206,16 +210,95 @@ impl Timestamp {
         }
         Ok(t)
     }
+    /// The fast path of [`Timestamp::parse`]: exactly `YYYY-MM-DDTHH:MM:SSZ` naming a real
+    /// instant from 1970 on, or `None` (the caller then decides with chrono).
+    fn parse_canonical(s: &[u8]) -> Option<Self> {
+        let shape = s.len() == 20
+            && s.iter().enumerate().all(|(i, &c)| match i {
+                4 | 7 => c == b'-',
+                10 => c == b'T',
+                13 | 16 => c == b':',
+                19 => c == b'Z',
+                _ => c.is_ascii_digit(),
+            });
+        if !shape {
+            return None;
+        }
+        let num = |r: std::ops::Range<usize>| {
+            s[r].iter()
+                .fold(0i64, |acc, &c| acc * 10 + i64::from(c - b'0'))
+        };
+        let (year, month, day) = (num(0..4), num(5..7), num(8..10));
+        let (hour, min, sec) = (num(11..13), num(14..16), num(17..19));
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+        let month_days = match month {
+            1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+            4 | 6 | 9 | 11 => 30,
+            2 if leap => 29,
+            2 => 28,
+            _ => return None,
+        };
+        if year < 1970 || !(1..=month_days).contains(&day) || hour > 23 || min > 59 || sec > 59 {
+            return None;
+        }
+        let days = days_from_civil(year, month, day);
+        Self::from_unix(days * 86_400 + hour * 3600 + min * 60 + sec).ok()
+    }
+
+    /// The canonical text, `YYYY-MM-DDTHH:MM:SSZ`, without allocating.
+    fn text(self) -> [u8; 20] {
+        let (days, secs) = (self.0.div_euclid(86_400), self.0.rem_euclid(86_400));
+        let (year, month, day) = civil_from_days(days);
+        let mut out = *b"0000-00-00T00:00:00Z";
+        let mut put = |at: usize, width: usize, mut v: i64| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, secs / 3600);
+        put(14, 2, secs / 60 % 60);
+        put(17, 2, secs % 60);
+        out
+    }
+
     /// This instant plus `secs` seconds (saturating at the valid range).
     pub fn plus_secs(self, secs: i64) -> Self {
         Self(self.0.saturating_add(secs).clamp(0, 253_402_300_799))
     }
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant, "chrono-Compatible
+/// Low-Level Date Algorithms", days_from_civil).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The inverse of [`days_from_civil`] (same source, civil_from_days).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dt = DateTime::<Utc>::from_timestamp(self.0, 0).expect("range checked at construction");
-        f.write_str(&dt.to_rfc3339_opts(SecondsFormat::Secs, true))
+        let text = self.text();
+        f.write_str(std::str::from_utf8(&text).expect("ASCII digits and separators"))
     }
 }
 
@@ -227,7 +310,8 @@ impl fmt::Debug for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        let text = self.text();
+        s.serialize_str(std::str::from_utf8(&text).expect("ASCII digits and separators"))
     }
 }
 
@@ -275,12 +359,21 @@ impl Digest {
     }
 }
 
+impl Digest {
+    fn hex(&self) -> [u8; 64] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = HEX[(b >> 4) as usize];
+            out[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex digits"))
     }
 }
 
@@ -292,7 +385,7 @@ impl fmt::Debug for Digest {
 
 impl Serialize for Digest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(std::str::from_utf8(&self.hex()).expect("hex digits"))
     }
 }
 
@@ -306,6 +399,7 @@ impl<'de> Deserialize<'de> for Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::SecondsFormat;
 
     fn check_name_case(input: &str, ok: bool) {
         assert_eq!(PrincipalId::new(input).is_ok(), ok, "{input:?}");
@@ -356,6 +450,61 @@ mod tests {
             serde_json::to_string(&t).unwrap(),
             "\"2026-11-21T22:00:00Z\""
         );
+    }
+
+    /// The forms chrono gives and accepts: what `Timestamp` used before its fast paths.
+    fn chrono_text(secs: i64) -> String {
+        DateTime::<Utc>::from_timestamp(secs, 0)
+            .unwrap()
+            .to_rfc3339_opts(SecondsFormat::Secs, true)
+    }
+
+    fn chrono_parse(s: &str) -> Option<i64> {
+        let dt = DateTime::parse_from_rfc3339(s).ok()?;
+        let t = Timestamp::from_unix(dt.timestamp()).ok()?;
+        (chrono_text(t.unix()) == s).then_some(t.unix())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn timestamps_agree_with_chrono(secs in 0i64..=253_402_300_799, edit in 0usize..20, c in 0u8..128) {
+            let text = chrono_text(secs);
+            let t = Timestamp::from_unix(secs).unwrap();
+            proptest::prop_assert_eq!(t.to_string(), text.clone());
+            proptest::prop_assert_eq!(Timestamp::parse(&text).map(Timestamp::unix).ok(), Some(secs));
+            // One character changed: both accept or both refuse, with the same instant.
+            let mut bytes = text.into_bytes();
+            bytes[edit] = c;
+            let edited = String::from_utf8(bytes).unwrap();
+            proptest::prop_assert_eq!(
+                Timestamp::parse(&edited).map(Timestamp::unix).ok(),
+                chrono_parse(&edited),
+                "{}", edited
+            );
+        }
+    }
+
+    #[test]
+    fn timestamp_edges_agree_with_chrono() {
+        for s in [
+            "2024-02-29T12:00:00Z",
+            "2023-02-29T12:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2000-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-12-31T23:59:60Z",
+            "2026-12-31T24:00:00Z",
+            "2026-00-10T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "1969-12-31T23:59:59Z",
+            "0000-01-01T00:00:00Z",
+        ] {
+            assert_eq!(
+                Timestamp::parse(s).map(Timestamp::unix).ok(),
+                chrono_parse(s),
+                "{s}"
+            );
+        }
     }
 
     #[test]
