@@ -259,7 +259,7 @@ fn filter_on_state(c: &mut Criterion) {
     let apply = |state: &mut State, i: u64| {
         let e: Entry = cast.custodian.entry(consent_body(&cast, i));
         let index = state.size();
-        state.apply(&e, index, key_since, &|_| None).unwrap();
+        state.apply(e, index, key_since, &|_| None).unwrap();
     };
     for i in 0..CONSENTS {
         apply(&mut state, i);

@@ -638,7 +638,7 @@ fn commit_batch(shared: &Shared, log: &mut File, appends: Vec<Pending>) {
             let index = state.size();
             let tree_ref = &*tree;
             let root_at = |size: u64| (size <= index).then(|| merkle::root(tree_ref, size));
-            match state.apply(&p.entry, index, p.key_since, &root_at) {
+            match state.apply(p.entry, index, p.key_since, &root_at) {
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
                 }

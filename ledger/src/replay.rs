@@ -142,14 +142,14 @@ pub fn replay(
         let (applied, next_decoded) = rayon::join(
             || -> Result<()> {
                 let mut to_verify: Vec<(u64, VerifierKey, usize)> = Vec::new();
-                for (k, d) in decoded.iter().enumerate() {
+                for (k, d) in decoded.into_iter().enumerate() {
                     let index = base + k as u64;
-                    let signed = d.entry.as_ref().map_err(|e| log_err(index, e.clone()))?;
+                    let signed = d.entry.map_err(|e| log_err(index, e))?;
                     range.push(index, d.leaf_hash, |level, i, h| {
                         check_node(&mut tree, level, i, h, index, &mut stats)
                     })?;
                     let key_since = if index == 0 {
-                        genesis_key(signed, opts.ledger_key)?;
+                        genesis_key(&signed, opts.ledger_key)?;
                         0
                     } else {
                         let p = state
@@ -173,7 +173,7 @@ pub fn replay(
                     let file = tree.file();
                     let root_at = |size: u64| (size <= index).then(|| merkle::root(file, size));
                     state
-                        .apply(&signed.entry, index, key_since, &root_at)
+                        .apply(signed.entry, index, key_since, &root_at)
                         .map_err(|e| {
                             log_err(index, format!("entry breaks the ledger's rules: {e}"))
                         })?;
@@ -194,8 +194,6 @@ pub fn replay(
                         reason: "author signature does not verify".into(),
                     });
                 }
-                // Freeing the decoded entries happens off this thread.
-                rayon::spawn(move || drop(decoded));
                 Ok(())
             },
             || next.map(|c| decode_chunk(c)),

@@ -217,7 +217,7 @@ impl Cast {
         for (author, body) in self.setup_entries() {
             entries.push(author.unwrap_or(&operator).entry(body));
         }
-        for (i, e) in entries.iter().enumerate() {
+        for (i, e) in entries.into_iter().enumerate() {
             let key_since = state
                 .principal(e.author.as_str())
                 .map_or(0, |p| p.key_since);

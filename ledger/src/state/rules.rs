@@ -13,7 +13,7 @@ use crate::entry::{
     QueryReceipt, SignedEntry, StudyApproved, StudyRegistered,
 };
 use crate::error::{Error, Result};
-use crate::ids::{DatasetId, PrincipalId, Role, StudyId, SubjectId};
+use crate::ids::{DatasetId, PrincipalId, Role, StudyId, SubjectId, Timestamp};
 use crate::merkle::Hash;
 use crate::note::{Checkpoint, VerifierKey};
 
@@ -105,7 +105,7 @@ impl State {
     /// witness cosignatures).
     pub fn apply(
         &mut self,
-        entry: &Entry,
+        entry: Entry,
         index: u64,
         key_since: u64,
         root_at: &dyn Fn(u64) -> Option<Hash>,
@@ -116,8 +116,9 @@ impl State {
                 self.size
             )));
         }
-        let kind = entry.body.kind();
-        let author = &entry.author;
+        let Entry { author, time, body } = entry;
+        let kind = body.kind();
+        let author = &author;
         let role = if index == 0 {
             Role::Operator
         } else {
@@ -135,7 +136,105 @@ impl State {
             }
             p.role
         };
-        match &entry.body {
+        // Index the entry under the principal or study it concerns (for bundles).
+        let principal = match &body {
+            Body::PrincipalRegistered(b) => Some(b.id.clone()),
+            Body::KeyRotated(b) => Some(b.id.clone()),
+            Body::PrincipalRevoked(b) => Some(b.id.clone()),
+            _ => None,
+        };
+        let study = match &body {
+            Body::StudyRegistered(b) => Some(b.study.clone()),
+            Body::StudyApproved(b) => Some(b.study.clone()),
+            Body::StudySuspended(b) | Body::StudyClosed(b) => Some(b.study.clone()),
+            _ => None,
+        };
+        // A consent, by far the most frequent entry, is moved into the state; the rest is
+        // cloned from the entry.
+        match body {
+            Body::ConsentGranted(b) => {
+                need(role, &[Role::Patient, Role::Custodian], author, kind)?;
+                self.grant(b, author, role, index, time)?;
+            }
+            ref body => self.apply_other(body, author, role, index, time, root_at)?,
+        }
+        if let Some(id) = principal {
+            self.principal_events.entry(id).or_default().push(index);
+        }
+        if let Some(id) = study {
+            self.study_events.entry(id).or_default().push(index);
+        }
+        self.size += 1;
+        Ok(())
+    }
+
+    /// Applies a consent (checked, then moved into the state).
+    fn grant(
+        &mut self,
+        b: ConsentGranted,
+        author: &PrincipalId,
+        role: Role,
+        index: u64,
+        time: Timestamp,
+    ) -> Result<()> {
+        self.check_consent_author(author, role, &b.grantor, &b.subject, &b.scope)?;
+        self.check_grant(&b)?;
+        let replaced = match &b.replaces {
+            Some(old) => Some(self.live_grant_of(old, &b.subject)?),
+            None => None,
+        };
+        let subject = self.intern(&b.subject);
+        if let Some(gi) = replaced {
+            self.grants[gi].ended = Some((index, time));
+            let scope = self.grants[gi].scope.clone();
+            self.bump(&scope);
+        }
+        let gi = self.grants.len();
+        self.grant_by_id.insert(b.consent_id.clone(), gi);
+        self.grants_by_subject.entry(subject).or_default().push(gi);
+        for d in &b.scope.datasets {
+            match self.grants_by_dataset.get_mut(d) {
+                Some(v) => v.push(gi),
+                None => {
+                    self.grants_by_dataset.insert(d.clone(), vec![gi]);
+                }
+            }
+        }
+        if let Some(c) = &b.scope.custodian {
+            self.grants_by_custodian
+                .entry(c.clone())
+                .or_default()
+                .push(gi);
+        }
+        self.bump(&b.scope);
+        self.grants.push(Grant {
+            index,
+            subject,
+            consent_id: b.consent_id,
+            scope: b.scope,
+            purposes: b.purposes,
+            modifiers: b.modifiers,
+            allow: b.studies_allow,
+            deny: b.studies_deny,
+            valid_from: b.valid_from,
+            valid_until: b.valid_until,
+            ended: None,
+        });
+        Ok(())
+    }
+
+    /// Applies every kind but a consent (see [`State::grant`]).
+    fn apply_other(
+        &mut self,
+        body: &Body,
+        author: &PrincipalId,
+        role: Role,
+        index: u64,
+        time: Timestamp,
+        root_at: &dyn Fn(u64) -> Option<Hash>,
+    ) -> Result<()> {
+        let kind = body.kind();
+        match body {
             Body::PrincipalRegistered(b) => {
                 if index > 0 {
                     need(role, &[Role::Operator], author, kind)?;
@@ -251,57 +350,14 @@ impl State {
                     custodian: None,
                 });
             }
-            Body::ConsentGranted(b) => {
-                need(role, &[Role::Patient, Role::Custodian], author, kind)?;
-                self.check_consent_author(author, role, &b.grantor, &b.subject, &b.scope)?;
-                self.check_grant(b)?;
-                let replaced = match &b.replaces {
-                    Some(old) => Some(self.live_grant_of(old, &b.subject)?),
-                    None => None,
-                };
-                let subject = self.intern(&b.subject);
-                if let Some(gi) = replaced {
-                    self.grants[gi].ended = Some((index, entry.time));
-                    let scope = self.grants[gi].scope.clone();
-                    self.bump(&scope);
-                }
-                let gi = self.grants.len();
-                self.grants.push(Grant {
-                    index,
-                    subject,
-                    consent_id: b.consent_id.clone(),
-                    scope: b.scope.clone(),
-                    purposes: b.purposes.clone(),
-                    modifiers: b.modifiers.clone(),
-                    allow: b.studies_allow.clone(),
-                    deny: b.studies_deny.clone(),
-                    valid_from: b.valid_from,
-                    valid_until: b.valid_until,
-                    ended: None,
-                });
-                self.grant_by_id.insert(b.consent_id.clone(), gi);
-                self.grants_by_subject.entry(subject).or_default().push(gi);
-                for d in &b.scope.datasets {
-                    self.grants_by_dataset
-                        .entry(d.clone())
-                        .or_default()
-                        .push(gi);
-                }
-                if let Some(c) = &b.scope.custodian {
-                    self.grants_by_custodian
-                        .entry(c.clone())
-                        .or_default()
-                        .push(gi);
-                }
-                self.bump(&b.scope);
-            }
+            Body::ConsentGranted(_) => unreachable!("applied by State::grant"),
             Body::ConsentRevoked(b) => {
                 need(role, &[Role::Patient, Role::Custodian], author, kind)?;
                 self.check_revocation(author, role, b)?;
                 match (&b.consent_id, &b.scope) {
                     (Some(id), None) => {
                         let gi = self.live_grant_of(id, &b.subject)?;
-                        self.grants[gi].ended = Some((index, entry.time));
+                        self.grants[gi].ended = Some((index, time));
                         let scope = self.grants[gi].scope.clone();
                         self.bump(&scope);
                     }
@@ -310,7 +366,7 @@ impl State {
                         let oi = self.objections.len();
                         self.objections.push(Objection {
                             index,
-                            time: entry.time,
+                            time,
                             subject,
                             scope: scope.clone(),
                         });
@@ -364,7 +420,7 @@ impl State {
                         b.study
                     )));
                 }
-                let suspend = matches!(entry.body, Body::StudySuspended(_));
+                let suspend = matches!(body, Body::StudySuspended(_));
                 if suspend && st.status != StudyStatus::Approved {
                     return Err(invalid(format!("study {} is not approved", b.study)));
                 }
@@ -378,20 +434,28 @@ impl State {
             Body::QueryReceipt(b) => {
                 need(role, &[Role::Operator], author, kind)?;
                 let debit = self.check_receipt(b)?;
-                self.receipts_by_study
-                    .entry(b.study.clone())
-                    .or_default()
-                    .push(index);
+                match self.receipts_by_study.get_mut(&b.study) {
+                    Some(v) => v.push(index),
+                    None => {
+                        self.receipts_by_study.insert(b.study.clone(), vec![index]);
+                    }
+                }
                 if let Some((study, dataset, eps, delta)) = debit {
-                    let spent = self
-                        .spent
-                        .entry((study.clone(), dataset.clone()))
-                        .or_insert((0.0, 0.0));
-                    spent.0 += eps;
-                    spent.1 += delta;
+                    let key = (study, dataset);
+                    match self.spent.get_mut(&key) {
+                        Some(spent) => {
+                            spent.0 += eps;
+                            spent.1 += delta;
+                        }
+                        None => {
+                            // As if added to (0, 0): a spend of -0.0 is stored as 0.0.
+                            self.spent.insert(key.clone(), (0.0 + eps, 0.0 + delta));
+                        }
+                    }
+                    let (study, dataset) = key;
                     self.released.push(ReceiptRef {
                         index,
-                        time: entry.time,
+                        time,
                         study,
                         dataset,
                     });
@@ -417,36 +481,18 @@ impl State {
                 }
             }
         }
-        // Index the entry under the principal or study it concerns (for bundles).
-        let principal = match &entry.body {
-            Body::PrincipalRegistered(b) => Some(&b.id),
-            Body::KeyRotated(b) => Some(&b.id),
-            Body::PrincipalRevoked(b) => Some(&b.id),
-            _ => None,
-        };
-        let study = match &entry.body {
-            Body::StudyRegistered(b) => Some(&b.study),
-            Body::StudyApproved(b) => Some(&b.study),
-            Body::StudySuspended(b) | Body::StudyClosed(b) => Some(&b.study),
-            _ => None,
-        };
-        if let Some(id) = principal {
-            self.principal_events
-                .entry(id.clone())
-                .or_default()
-                .push(index);
-        }
-        if let Some(id) = study {
-            self.study_events.entry(id.clone()).or_default().push(index);
-        }
-        self.size += 1;
         Ok(())
     }
 
     /// Bumps the consent generation of every dataset the scope covers.
     fn bump(&mut self, scope: &ConsentScope) {
         for d in &scope.datasets {
-            *self.generation.entry(d.clone()).or_default() += 1;
+            match self.generation.get_mut(d) {
+                Some(g) => *g += 1,
+                None => {
+                    self.generation.insert(d.clone(), 1);
+                }
+            }
         }
         if let Some(c) = &scope.custodian {
             for (id, ds) in &self.datasets {
