@@ -15,7 +15,8 @@
 //! - [`ids`]: validated identifiers, timestamps and digests.
 //! - [`duo`]: GA4GH Data Use Ontology terms and the matching rule.
 //! - [`entry`]: entry kinds, canonical bytes, the signed leaf envelope.
-//! - `jcs`: the RFC 8785 canonical JSON writer behind the canonical bytes.
+//! - `jcs`: the RFC 8785 canonical JSON writer behind the canonical bytes; `decode`: the
+//!   one-pass decoder of stored entries.
 //! - [`merkle`]: RFC 9162 hashing, proofs and verifiers.
 //! - [`note`]: C2SP signed-note keys, signatures and tlog checkpoints.
 //! - [`storage`]: the files on disk and their framing.
@@ -26,6 +27,7 @@
 //! - [`keyfile`]: private key files (mode 0600).
 
 pub mod bundle;
+mod decode;
 pub mod duo;
 pub mod entry;
 pub mod error;
