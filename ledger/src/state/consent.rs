@@ -277,7 +277,7 @@ impl State {
         }
         match ds.consent_basis {
             ConsentBasis::OptOut => true,
-            ConsentBasis::OptIn => self.grants_by_subject.get(&sid).is_some_and(|gs| {
+            ConsentBasis::OptIn => self.grants_by_subject.get(sid as usize).is_some_and(|gs| {
                 gs.iter().any(|&gi| {
                     self.grant_admits_scoped(
                         &self.grants[gi],
@@ -316,7 +316,7 @@ impl State {
         };
         let gs = self
             .grants_by_subject
-            .get(&sid)
+            .get(sid as usize)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         gs.iter()

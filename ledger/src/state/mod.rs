@@ -141,7 +141,8 @@ pub struct State {
     subject_ids: HashMap<SubjectId, u32>,
     grants: Vec<Grant>,
     grant_by_id: HashMap<String, usize>,
-    grants_by_subject: HashMap<u32, Vec<usize>>,
+    /// Indexed by interned subject number (dense, so a vector rather than a map).
+    grants_by_subject: Vec<Vec<usize>>,
     grants_by_dataset: HashMap<DatasetId, Vec<usize>>,
     grants_by_custodian: HashMap<PrincipalId, Vec<usize>>,
     objections: Vec<Objection>,
@@ -267,13 +268,13 @@ impl State {
         self.subject_ids.get(s).copied()
     }
 
-    fn intern(&mut self, s: &SubjectId) -> u32 {
-        if let Some(&i) = self.subject_ids.get(s) {
+    fn intern(&mut self, s: SubjectId) -> u32 {
+        if let Some(&i) = self.subject_ids.get(&s) {
             return i;
         }
         let i = u32::try_from(self.subjects.len()).expect("fewer than 4 billion subjects");
         self.subjects.push(s.clone());
-        self.subject_ids.insert(s.clone(), i);
+        self.subject_ids.insert(s, i);
         i
     }
 }

@@ -183,7 +183,7 @@ impl State {
             Some(old) => Some(self.live_grant_of(old, &b.subject)?),
             None => None,
         };
-        let subject = self.intern(&b.subject);
+        let subject = self.intern(b.subject);
         if let Some(gi) = replaced {
             self.grants[gi].ended = Some((index, time));
             let scope = self.grants[gi].scope.clone();
@@ -191,7 +191,11 @@ impl State {
         }
         let gi = self.grants.len();
         self.grant_by_id.insert(b.consent_id.clone(), gi);
-        self.grants_by_subject.entry(subject).or_default().push(gi);
+        let slot = subject as usize;
+        if self.grants_by_subject.len() <= slot {
+            self.grants_by_subject.resize_with(slot + 1, Vec::new);
+        }
+        self.grants_by_subject[slot].push(gi);
         for d in &b.scope.datasets {
             match self.grants_by_dataset.get_mut(d) {
                 Some(v) => v.push(gi),
@@ -362,7 +366,7 @@ impl State {
                         self.bump(&scope);
                     }
                     (None, Some(scope)) => {
-                        let subject = self.intern(&b.subject);
+                        let subject = self.intern(b.subject.clone());
                         let oi = self.objections.len();
                         self.objections.push(Objection {
                             index,
