@@ -119,10 +119,20 @@ fn lock(dir: &Path) -> Result<File> {
         .truncate(false)
         .write(true)
         .open(dir.join(LOCK_FILE))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
-        Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+    // A process that just closed the ledger (or a child process forked while it held the
+    // lock, until that child's exec) may hold it for a moment: retry briefly before refusing.
+    let mut wait = std::time::Duration::from_millis(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
     }
 }
 

@@ -232,6 +232,21 @@ impl SignerKey {
         self.key_id
     }
 
+    /// The private key as an RFC 8410 PKCS#8 v1 DER document, for libraries that take keys in
+    /// that form (JWT signing). The caller must protect the result.
+    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
+        const PREFIX: [u8; 16] = [
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        let seed = Zeroizing::new(self.key.to_bytes());
+        let mut der = Zeroizing::new(Vec::with_capacity(48));
+        der.extend_from_slice(&PREFIX);
+        der.extend_from_slice(&seed[..]);
+        der
+    }
+
     /// Plain Ed25519 signature over arbitrary bytes (no note framing).
     pub fn sign_raw(&self, msg: &[u8]) -> [u8; 64] {
         self.key.sign(msg).to_bytes()

@@ -443,3 +443,26 @@ fn sponsor_bundles_verify_offline_and_catch_tampering() {
         Err(Error::NotFound { .. })
     ));
 }
+
+#[test]
+fn integers_beyond_two_to_the_53_are_refused_and_the_ledger_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let size = w.ledger.size();
+    let mut r = match receipt(&w, 0.1) {
+        Body::QueryReceipt(r) => r,
+        _ => unreachable!(),
+    };
+    r.rows_suppressed = Some(u64::MAX);
+    let e = w
+        .ledger
+        .append_as_operator(Body::QueryReceipt(r.clone()))
+        .unwrap_err();
+    assert!(e.to_string().contains("2^53"), "{e}");
+    assert_eq!(w.ledger.size(), size);
+    r.rows_suppressed = Some(1 << 53);
+    w.ledger.append_as_operator(Body::QueryReceipt(r)).unwrap();
+    let dirp = dir.path().to_path_buf();
+    drop(w);
+    Ledger::open(&dirp, config()).unwrap();
+}

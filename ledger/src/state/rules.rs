@@ -48,6 +48,15 @@ fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// Canonical JSON numbers are IEEE doubles: integers beyond 2^53 would not read back the
+/// same, so they are refused when written.
+fn check_count(n: u64, what: &str) -> Result<()> {
+    if n > (1 << 53) {
+        return Err(invalid(format!("{what} must be at most 2^53")));
+    }
+    Ok(())
+}
+
 fn check_budget(x: f64, what: &str, below_one: bool) -> Result<()> {
     if !x.is_finite() || x < 0.0 || (below_one && x >= 1.0) {
         let range = if below_one {
@@ -508,6 +517,13 @@ impl State {
     }
 
     fn check_dataset(&self, author: &PrincipalId, b: &DatasetRegistered) -> Result<()> {
+        for t in &b.tables {
+            check_count(t.rows, "rows")?;
+            for f in &t.files {
+                check_count(f.rows, "rows")?;
+                check_count(f.bytes, "bytes")?;
+            }
+        }
         if b.custodian != *author {
             return Err(Error::Forbidden(
                 "a custodian registers only its own datasets".into(),
@@ -759,6 +775,9 @@ impl State {
             return Err(not_found("principal", &b.researcher));
         }
         check_text("study", &b.study, 128)?;
+        if let Some(n) = b.rows_suppressed {
+            check_count(n, "rows_suppressed")?;
+        }
         check_budget(b.epsilon, "epsilon", false)?;
         check_budget(b.delta, "delta", true)?;
         match b.outcome {
