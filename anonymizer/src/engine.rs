@@ -262,8 +262,31 @@ impl Engine {
         h.finalize().into()
     }
 
-    /// Runs a query and releases its noisy result.
+    /// Runs a query and releases its noisy result, remembering it for identical repeats.
     pub async fn run(&self, req: &Request<'_>) -> Result<Release> {
+        let release = self.run_pending(req).await?;
+        self.remember(req, &release);
+        Ok(release)
+    }
+
+    /// Remembers a release for identical repeats. A caller that records releases elsewhere
+    /// (the broker's receipts) calls this only once the release is recorded, so an answer
+    /// that was never released is never served as a free repeat.
+    pub fn remember(&self, req: &Request<'_>, release: &Release) {
+        if release.repeated {
+            return;
+        }
+        let key = Self::cache_key(req, &release.sql, &release.consent_digest);
+        self.cache
+            .lock()
+            .expect("the cache lock is never held across a panic")
+            .insert(key, release.clone());
+    }
+
+    /// Runs a query and computes its noisy result without remembering it (see
+    /// [`Engine::remember`]). An identical repeat of a remembered release returns it again,
+    /// spending nothing.
+    pub async fn run_pending(&self, req: &Request<'_>) -> Result<Release> {
         let sql = normalize_sql(req.sql)?;
         let consent = consent_digest(req.filter);
         let key = Self::cache_key(req, &sql, &consent);
@@ -323,10 +346,6 @@ impl Engine {
             mechanism: noised.mechanism.clone(),
             repeated: false,
         };
-        self.cache
-            .lock()
-            .expect("the cache lock is never held across a panic")
-            .insert(key, release.clone());
         Ok(release)
     }
 

@@ -7,5 +7,15 @@
 //!
 //! Modules:
 //! - [`cli`]: the `broker` command line (clap), one module per command group.
+//! - [`auth`]: bearer JWTs (EdDSA) minted with a principal's key and checked on the ledger.
+//! - [`server`]: the gRPC services and `serve`.
+//! - [`store`]: datasets on disk and their query engines.
+//! - [`manifest`]: dataset manifests (file digests, rows, schemas).
+//! - [`client`]: signing, tokens and uploads on the client side (CLI, tests).
 
+pub mod auth;
 pub mod cli;
+pub mod client;
+pub mod manifest;
+pub mod server;
+pub mod store;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod ledger;
+pub mod serve;
 
 /// Consentry: a privacy-preserving research data broker for health data.
 #[derive(Debug, Parser)]
@@ -27,11 +28,18 @@ pub enum Command {
     /// The tamper-evident ledger: create it, append signed entries, read proofs and
     /// checkpoints, verify it, and make or check a sponsor's evidence bundle.
     Ledger(ledger::LedgerArgs),
+    /// Serve the gRPC services (registry, consent, query, audit, ledger, health, reflection)
+    /// over the data directory, creating its ledger on first run.
+    Serve(serve::ServeArgs),
+    /// Mint a bearer token (EdDSA JWT, at most 15 minutes) with a principal's key.
+    Token(serve::TokenArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ledger(args) => ledger::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Token(args) => serve::token(args),
     }
 }

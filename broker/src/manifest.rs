@@ -1,0 +1,140 @@
+//! Dataset manifests: what a custodian signs when registering a dataset version (every file's
+//! SHA-256, size and rows, each table's schema, one digest for the version).
+
+use std::io::Read;
+use std::path::{Component, Path};
+
+use anyhow::Context as _;
+use arrow::datatypes::Schema;
+use ledger::entry::{ColumnManifest, FileManifest, TableManifest};
+use ledger::ids::Digest;
+use sha2::Digest as _;
+
+/// SHA-256 and size of a file, read in 1 MiB blocks.
+pub fn hash_file(path: &Path) -> anyhow::Result<(Digest, u64)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((Digest::from_bytes(h.finalize().into()), n))
+}
+
+/// Rows and schema of a Parquet (`.parquet`) or Arrow IPC file, from its metadata.
+pub fn file_shape(path: &Path) -> anyhow::Result<(u64, Schema)> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "parquet") {
+        let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
+        let rows = b.metadata().file_metadata().num_rows();
+        Ok((u64::try_from(rows)?, b.schema().as_ref().clone()))
+    } else {
+        let r = arrow::ipc::reader::FileReader::try_new(f, None)
+            .with_context(|| format!("{} is not a readable Arrow IPC file", path.display()))?;
+        let schema = r.schema().as_ref().clone();
+        let mut rows = 0u64;
+        for b in r {
+            rows += b?.num_rows() as u64;
+        }
+        Ok((rows, schema))
+    }
+}
+
+/// Checks a manifest path: relative, plain components only, no `..`, printable.
+pub fn check_path(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 512
+        && !p.contains('\\')
+        && !p.chars().any(char::is_control)
+        && Path::new(p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        && p != "policy.toml";
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "file path {p:?} must be relative, without `..`, and not policy.toml"
+        ))
+    }
+}
+
+/// The manifest of one table from its files: `(path as registered, file on disk)`.
+pub fn table_manifest(name: &str, files: &[(String, &Path)]) -> anyhow::Result<TableManifest> {
+    anyhow::ensure!(!files.is_empty(), "table {name} has no files");
+    let mut out = Vec::new();
+    let mut schema: Option<Schema> = None;
+    let mut total = 0;
+    for (rel, path) in files {
+        check_path(rel).map_err(anyhow::Error::msg)?;
+        let (sha256, bytes) = hash_file(path)?;
+        let (rows, s) = file_shape(path)?;
+        if let Some(first) = &schema {
+            anyhow::ensure!(
+                first.fields() == s.fields(),
+                "{} has a different schema from the table's first file",
+                path.display()
+            );
+        } else {
+            schema = Some(s);
+        }
+        total += rows;
+        out.push(FileManifest {
+            path: rel.clone(),
+            bytes,
+            sha256,
+            rows,
+        });
+    }
+    let schema = schema.context("no schema")?;
+    Ok(TableManifest {
+        name: name.to_owned(),
+        rows: total,
+        columns: columns_of(&schema),
+        files: out,
+    })
+}
+
+/// A schema's columns as the manifest records them.
+pub fn columns_of(schema: &Schema) -> Vec<ColumnManifest> {
+    schema
+        .fields()
+        .iter()
+        .map(|f| ColumnManifest {
+            name: f.name().clone(),
+            data_type: f.data_type().to_string(),
+            nullable: f.is_nullable(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_confined_to_the_dataset() {
+        for ok in ["a.parquet", "visits/part-0.parquet"] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x.parquet",
+            "/etc/passwd",
+            "a/../../b",
+            "./a",
+            "policy.toml",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad:?}");
+        }
+    }
+}

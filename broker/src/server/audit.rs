@@ -1,0 +1,288 @@
+//! The Audit service: the usage log for IRBs (every receipt of the studies they approved,
+//! denied attempts included), budget use over time, and exports as Parquet or CSV.
+//!
+//! Who may review a study: the IRB that approved it, its sponsor, and the operator. Receipts
+//! of refused queries that named no known study are the operator's to review.
+
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use ledger::entry::{Body, Outcome, QueryMode};
+use ledger::ids::{Role, Timestamp};
+use proto::v1::{self, audit_server::Audit};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Broker, caller};
+use crate::auth::Caller;
+
+/// The Audit service.
+pub struct AuditService(pub Arc<Broker>);
+
+/// Whether `caller` may review study `s`'s usage log.
+fn may_review(caller: &Caller, s: &ledger::state::Study) -> bool {
+    caller.role == Role::Operator
+        || s.reg.sponsor.as_str() == caller.id
+        || s.approval
+            .as_ref()
+            .is_some_and(|(irb, _)| irb.as_str() == caller.id)
+}
+
+fn parse_time(s: &str, what: &str) -> Result<Option<Timestamp>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Timestamp::parse(s)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+}
+
+/// The receipts matching a filter that the caller may review, oldest first.
+fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1::Receipt>, Status> {
+    let from = parse_time(&f.from, "from")?;
+    let until = parse_time(&f.until, "until")?;
+    let outcome = match f.outcome.as_str() {
+        "" => None,
+        "released" => Some(Outcome::Released),
+        "denied" => Some(Outcome::Denied),
+        o => {
+            return Err(Status::invalid_argument(format!(
+                "outcome {o:?}: use released, denied or nothing"
+            )));
+        }
+    };
+    let indexes: Vec<u64> = {
+        let st = b.ledger.state();
+        let mut studies: Vec<String> = Vec::new();
+        if f.study.is_empty() {
+            studies.extend(
+                st.studies()
+                    .filter(|s| may_review(caller, s))
+                    .map(|s| s.reg.study.to_string()),
+            );
+            if caller.role == Role::Operator {
+                studies.push("-".into());
+            }
+        } else {
+            match st.study(&f.study) {
+                Some(s) if may_review(caller, s) => studies.push(f.study.clone()),
+                Some(_) => {
+                    return Err(Status::permission_denied(format!(
+                        "only study {}'s IRB, its sponsor and the operator review its usage",
+                        f.study
+                    )));
+                }
+                None if caller.role == Role::Operator => studies.push(f.study.clone()),
+                None => return Err(Status::not_found(format!("unknown study {:?}", f.study))),
+            }
+        }
+        let mut ix: Vec<u64> = studies
+            .iter()
+            .flat_map(|s| st.receipts_of_study(s).iter().copied())
+            .collect();
+        ix.sort_unstable();
+        ix
+    };
+    let mut out = Vec::new();
+    for i in indexes {
+        let e = b.ledger.entry(i).map_err(super::ledger_status)?;
+        let Body::QueryReceipt(r) = e.entry.body else {
+            continue;
+        };
+        if (!f.researcher.is_empty() && r.researcher.as_str() != f.researcher)
+            || from.is_some_and(|t| e.entry.time < t)
+            || until.is_some_and(|t| e.entry.time >= t)
+            || outcome.is_some_and(|o| o != r.outcome)
+        {
+            continue;
+        }
+        out.push(v1::Receipt {
+            index: i,
+            time: e.entry.time.to_string(),
+            study: r.study,
+            researcher: r.researcher.to_string(),
+            dataset: r.dataset.map(|d| d.to_string()).unwrap_or_default(),
+            version: r.version.unwrap_or(0),
+            mode: match r.mode {
+                QueryMode::Dp => "dp",
+                QueryMode::Extract => "extract",
+            }
+            .into(),
+            sql: r.sql,
+            epsilon: r.epsilon,
+            delta: r.delta,
+            outcome: match r.outcome {
+                Outcome::Released => "released",
+                Outcome::Denied => "denied",
+            }
+            .into(),
+            reason: r.reason.unwrap_or_default(),
+            result_digest: r.result_digest.map(|d| d.to_string()).unwrap_or_default(),
+            consent_digest: r.consent_digest.map(|d| d.to_string()).unwrap_or_default(),
+            rows_suppressed: r.rows_suppressed.unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+/// The usage log as one Arrow batch.
+pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let s = |name: &str| Field::new(name, DataType::Utf8, false);
+    let schema = Schema::new(vec![
+        Field::new("index", DataType::UInt64, false),
+        s("time"),
+        s("study"),
+        s("researcher"),
+        s("dataset"),
+        Field::new("version", DataType::UInt32, false),
+        s("mode"),
+        s("sql"),
+        Field::new("epsilon", DataType::Float64, false),
+        Field::new("delta", DataType::Float64, false),
+        s("outcome"),
+        s("reason"),
+        s("result_digest"),
+        s("consent_digest"),
+        Field::new("rows_suppressed", DataType::UInt64, false),
+    ]);
+    let strs = |f: fn(&v1::Receipt) -> &str| {
+        Arc::new(StringArray::from_iter_values(rs.iter().map(f))) as arrow::array::ArrayRef
+    };
+    RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            Arc::new(UInt64Array::from_iter_values(rs.iter().map(|r| r.index))),
+            strs(|r| &r.time),
+            strs(|r| &r.study),
+            strs(|r| &r.researcher),
+            strs(|r| &r.dataset),
+            Arc::new(UInt32Array::from_iter_values(rs.iter().map(|r| r.version))),
+            strs(|r| &r.mode),
+            strs(|r| &r.sql),
+            Arc::new(Float64Array::from_iter_values(rs.iter().map(|r| r.epsilon))),
+            Arc::new(Float64Array::from_iter_values(rs.iter().map(|r| r.delta))),
+            strs(|r| &r.outcome),
+            strs(|r| &r.reason),
+            strs(|r| &r.result_digest),
+            strs(|r| &r.consent_digest),
+            Arc::new(UInt64Array::from_iter_values(
+                rs.iter().map(|r| r.rows_suppressed),
+            )),
+        ],
+    )
+}
+
+fn export_bytes(batch: &RecordBatch, format: &str) -> Result<Vec<u8>, Status> {
+    let fail = |e: &dyn std::fmt::Display| Status::internal(format!("export: {e}"));
+    match format {
+        "parquet" | "" => {
+            let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), batch.schema(), None)
+                .map_err(|e| fail(&e))?;
+            w.write(batch).map_err(|e| fail(&e))?;
+            w.into_inner().map_err(|e| fail(&e))
+        }
+        "csv" => {
+            let mut w = arrow::csv::Writer::new(Vec::new());
+            w.write(batch).map_err(|e| fail(&e))?;
+            Ok(w.into_inner())
+        }
+        f => Err(Status::invalid_argument(format!(
+            "format {f:?}: use parquet or csv"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    type ExportStream = ReceiverStream<Result<v1::ExportChunk, Status>>;
+
+    async fn receipts(
+        &self,
+        req: Request<v1::AuditRequest>,
+    ) -> Result<Response<v1::AuditResponse>, Status> {
+        let caller = caller(&req)?;
+        let b = self.0.clone();
+        let f = req.into_inner();
+        let receipts = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
+            .await
+            .map_err(|_| Status::internal("an audit task failed"))??;
+        Ok(Response::new(v1::AuditResponse { receipts }))
+    }
+
+    async fn budget_usage(
+        &self,
+        req: Request<v1::BudgetUsageRequest>,
+    ) -> Result<Response<v1::BudgetUsageResponse>, Status> {
+        let caller = caller(&req)?;
+        let study = req.into_inner().study;
+        let granted: std::collections::HashMap<String, f64> = {
+            let st = self.0.ledger.state();
+            let s = st
+                .study(&study)
+                .ok_or_else(|| Status::not_found(format!("unknown study {study:?}")))?;
+            s.approval
+                .iter()
+                .flat_map(|(_, a)| a.grants.iter())
+                .map(|g| (g.dataset.to_string(), g.epsilon))
+                .collect()
+        };
+        let f = v1::AuditRequest {
+            study,
+            outcome: "released".into(),
+            ..Default::default()
+        };
+        let b = self.0.clone();
+        let rs = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
+            .await
+            .map_err(|_| Status::internal("an audit task failed"))??;
+        let mut cum: std::collections::HashMap<String, (f64, f64)> = Default::default();
+        let points = rs
+            .into_iter()
+            .map(|r| {
+                let c = cum.entry(r.dataset.clone()).or_default();
+                c.0 += r.epsilon;
+                c.1 += r.delta;
+                v1::BudgetPoint {
+                    time: r.time,
+                    epsilon_granted: granted.get(&r.dataset).copied().unwrap_or(0.0),
+                    dataset: r.dataset,
+                    receipt_index: r.index,
+                    epsilon_cumulative: c.0,
+                    delta_cumulative: c.1,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::BudgetUsageResponse { points }))
+    }
+
+    async fn export(
+        &self,
+        req: Request<v1::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let f = r.filter.unwrap_or_default();
+        let b = self.0.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let rs = receipts(&b, &caller, &f)?;
+            let batch = receipts_batch(&rs).map_err(|e| Status::internal(e.to_string()))?;
+            export_bytes(&batch, &r.format)
+        })
+        .await
+        .map_err(|_| Status::internal("an audit task failed"))??;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for c in bytes.chunks(1 << 20) {
+                if tx
+                    .send(Ok(v1::ExportChunk { data: c.to_vec() }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

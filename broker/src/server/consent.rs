@@ -1,0 +1,136 @@
+//! The Consent service: grants, limits and revocations signed by patients (or custodians
+//! recording paper consents), a subject's consents, and "who used my data".
+
+use std::sync::Arc;
+
+use ledger::entry::Body;
+use ledger::ids::{Role, SubjectId, Timestamp};
+use proto::v1::{self, consent_server::Consent};
+use tonic::{Request, Response, Status};
+
+use super::{Broker, appended, caller, signed_by_caller};
+use crate::auth::Caller;
+
+/// The Consent service.
+pub struct ConsentService(pub Arc<Broker>);
+
+/// The subject a caller may read: a patient their own (an empty request means that), a
+/// custodian or the operator any.
+fn readable_subject(st: &ledger::State, caller: &Caller, asked: &str) -> Result<SubjectId, Status> {
+    match caller.role {
+        Role::Patient => {
+            let own = st
+                .principal(&caller.id)
+                .and_then(|p| p.subject.clone())
+                .ok_or_else(|| Status::failed_precondition("no subject is registered for you"))?;
+            if !asked.is_empty() && asked != own.as_str() {
+                return Err(Status::permission_denied(
+                    "a patient may read only their own consents and usage",
+                ));
+            }
+            Ok(own)
+        }
+        Role::Custodian | Role::Operator => {
+            SubjectId::new(asked).map_err(|e| Status::invalid_argument(format!("subject: {e}")))
+        }
+        _ => Err(Status::permission_denied(
+            "only the patient, a custodian or the operator reads a subject's consents",
+        )),
+    }
+}
+
+fn leaf_text(l: &ledger::Ledger, index: u64) -> Result<String, Status> {
+    let leaf = l.leaf(index).map_err(super::ledger_status)?;
+    String::from_utf8(leaf).map_err(|_| Status::internal("a stored entry is not UTF-8"))
+}
+
+#[tonic::async_trait]
+impl Consent for ConsentService {
+    async fn grant(&self, req: Request<v1::SignedEntry>) -> Result<Response<v1::Appended>, Status> {
+        let caller = caller(&req)?;
+        let signed = signed_by_caller(&caller, Some(req.into_inner()))?;
+        if !matches!(signed.entry.body, Body::ConsentGranted(_)) {
+            return Err(Status::invalid_argument(
+                "Grant takes a consent_granted entry",
+            ));
+        }
+        let a = self.0.blocking(move |l| l.append(signed)).await?;
+        tracing::info!(caller = %caller.id, index = a.index, "consent granted");
+        Ok(Response::new(appended(&a)))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<v1::SignedEntry>,
+    ) -> Result<Response<v1::Appended>, Status> {
+        let caller = caller(&req)?;
+        let signed = signed_by_caller(&caller, Some(req.into_inner()))?;
+        if !matches!(signed.entry.body, Body::ConsentRevoked(_)) {
+            return Err(Status::invalid_argument(
+                "Revoke takes a consent_revoked entry",
+            ));
+        }
+        let a = self.0.blocking(move |l| l.append(signed)).await?;
+        tracing::info!(caller = %caller.id, index = a.index, "consent revoked");
+        Ok(Response::new(appended(&a)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<v1::SubjectRequest>,
+    ) -> Result<Response<v1::ConsentList>, Status> {
+        let caller = caller(&req)?;
+        let views = {
+            let st = self.0.ledger.state();
+            let subject = readable_subject(&st, &caller, &req.get_ref().subject)?;
+            st.consents_of(&subject, Timestamp::now())
+        };
+        let mut consents = Vec::with_capacity(views.len());
+        for v in views {
+            consents.push(v1::ConsentView {
+                grant_json: leaf_text(&self.0.ledger, v.index)?,
+                consent_id: v.consent_id,
+                entry_index: v.index,
+                active: v.in_effect,
+                ended_reason: v
+                    .ended_by
+                    .map(|i| format!("ended by entry {i}"))
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(v1::ConsentList { consents }))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<v1::SubjectRequest>,
+    ) -> Result<Response<v1::UsageResponse>, Status> {
+        let caller = caller(&req)?;
+        let refs = {
+            let st = self.0.ledger.state();
+            let subject = readable_subject(&st, &caller, &req.get_ref().subject)?;
+            st.receipts_including(&subject)
+                .into_iter()
+                .map(|r| {
+                    let title = st
+                        .study(r.study.as_str())
+                        .map(|s| s.reg.title.clone())
+                        .unwrap_or_default();
+                    (r, title)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut usages = Vec::with_capacity(refs.len());
+        for (r, title) in refs {
+            usages.push(v1::Usage {
+                study: r.study.to_string(),
+                study_title: title,
+                dataset: r.dataset.to_string(),
+                time: r.time.to_string(),
+                receipt_index: r.index,
+                receipt_json: leaf_text(&self.0.ledger, r.index)?,
+            });
+        }
+        Ok(Response::new(v1::UsageResponse { usages }))
+    }
+}

@@ -1,0 +1,255 @@
+//! The gRPC services (`proto/consentry/v1`), served by `broker serve`.
+//!
+//! [`Broker`] is the shared state: the ledger, the data directory's dataset store and the
+//! loaded query engines. Every service but health and reflection sits behind [`authenticate`],
+//! which checks the bearer JWT against the ledger and puts the [`Caller`] into the request.
+//!
+//! Modules: `registry`, `consent`, `query`, `audit`, `ledger_svc` (one per service).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ledger::Ledger;
+use ledger::ids::Timestamp;
+use proto::v1;
+use tonic::{Request, Status};
+
+use crate::auth::{self, Caller};
+use crate::store::Store;
+
+mod audit;
+mod consent;
+mod ledger_svc;
+mod query;
+mod registry;
+
+/// Largest gRPC message accepted or sent.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// The broker's shared state.
+pub struct Broker {
+    pub(crate) ledger: Arc<Ledger>,
+    pub(crate) store: Store,
+}
+
+impl Broker {
+    /// A broker over an open ledger and the data directory that holds its datasets.
+    pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> anyhow::Result<Arc<Broker>> {
+        Ok(Arc::new(Broker {
+            store: Store::open(data_dir)?,
+            ledger,
+        }))
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// Runs a blocking ledger call (an append waits for its fsync) off the async threads.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&Ledger) -> ledger::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || f(&ledger))
+            .await
+            .map_err(|_| Status::internal("a ledger task failed"))?
+            .map_err(ledger_status)
+    }
+}
+
+/// The caller put into the request by [`authenticate`].
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+/// Checks the bearer token of a request against the ledger's current state.
+pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>, Status> {
+    let value = req
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or(""));
+    let caller = auth::bearer(value)
+        .and_then(|t| auth::verify(t, &broker.ledger.state(), Timestamp::now().unix()))
+        .map_err(|e| {
+            tracing::info!(error = %e, "call refused: unauthenticated");
+            Status::unauthenticated(e.to_string())
+        })?;
+    req.extensions_mut().insert(caller);
+    Ok(req)
+}
+
+/// The gRPC status for a ledger error. Messages name what is wrong; they never carry keys.
+pub fn ledger_status(e: ledger::Error) -> Status {
+    use ledger::Error as E;
+    let msg = e.to_string();
+    match e {
+        E::Decode(_) | E::InvalidValue(_) | E::BadSignature { .. } | E::ClockSkew { .. } => {
+            Status::invalid_argument(msg)
+        }
+        E::Invalid(_) | E::Note(_) => Status::failed_precondition(msg),
+        E::UnknownPrincipal(_) | E::RevokedPrincipal(_) => Status::permission_denied(msg),
+        E::WrongRole { .. } | E::Forbidden(_) => Status::permission_denied(msg),
+        E::NotFound { .. } => Status::not_found(msg),
+        E::BudgetExhausted { .. } => Status::resource_exhausted(msg),
+        E::OutOfRange { .. } => Status::out_of_range(msg),
+        E::Proof(_) => Status::invalid_argument(msg),
+        E::Poisoned | E::Locked => Status::unavailable(msg),
+        E::Corrupt { .. } | E::NotInitialized | E::AlreadyInitialized | E::Io(_) => {
+            tracing::error!(error = %msg, "ledger failure");
+            Status::internal("the ledger failed; the operator has been told in the broker's log")
+        }
+    }
+}
+
+/// Decodes a signed entry sent by a client and checks that its author is the caller: the
+/// broker appends only what the caller itself signed.
+pub(crate) fn signed_by_caller(
+    caller: &Caller,
+    e: Option<v1::SignedEntry>,
+) -> Result<ledger::entry::SignedEntry, Status> {
+    let leaf = e
+        .ok_or_else(|| Status::invalid_argument("the signed entry is missing"))?
+        .leaf;
+    let signed = ledger::entry::SignedEntry::from_leaf(&leaf, true)
+        .map_err(|e| Status::invalid_argument(format!("signed entry: {e}")))?;
+    if signed.entry.author.as_str() != caller.id {
+        return Err(Status::permission_denied(format!(
+            "the entry's author {} is not the caller {}; sign entries with your own key",
+            signed.entry.author, caller.id
+        )));
+    }
+    Ok(signed)
+}
+
+pub(crate) fn appended(a: &ledger::Appended) -> v1::Appended {
+    v1::Appended {
+        index: a.index,
+        leaf_hash: ledger::ids::Digest::from_bytes(a.leaf_hash).to_string(),
+        tree_size: a.index + 1,
+    }
+}
+
+/// Where `broker serve` listens and with what.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key for TLS; plaintext when absent.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// A running server.
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    /// Stops accepting calls, lets in-flight calls (and their appends) finish, and returns.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await??;
+        Ok(())
+    }
+
+    /// Waits until the server stops on its own (an error) or `signal` completes.
+    pub async fn until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+/// Starts serving every service on `opts.listen`.
+pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Running> {
+    use tonic::transport::{Identity, Server, ServerTlsConfig};
+    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+    let addr = listener.local_addr()?;
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let b = broker.clone();
+    let check = move |req: Request<()>| authenticate(&b, req);
+    macro_rules! svc {
+        ($server:ty, $imp:expr) => {
+            tonic::service::interceptor::InterceptedService::new(
+                <$server>::new($imp)
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+                check.clone(),
+            )
+        };
+    }
+    use v1::audit_server::AuditServer;
+    use v1::consent_server::ConsentServer;
+    use v1::ledger_server::LedgerServer;
+    use v1::query_server::QueryServer;
+    use v1::registry_server::RegistryServer;
+    health_reporter
+        .set_serving::<RegistryServer<registry::RegistryService>>()
+        .await;
+    health_reporter
+        .set_serving::<QueryServer<query::QueryService>>()
+        .await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc!(
+            RegistryServer<registry::RegistryService>,
+            registry::RegistryService(broker.clone())
+        ))
+        .add_service(svc!(
+            ConsentServer<consent::ConsentService>,
+            consent::ConsentService(broker.clone())
+        ))
+        .add_service(svc!(
+            QueryServer<query::QueryService>,
+            query::QueryService(broker.clone())
+        ))
+        .add_service(svc!(
+            AuditServer<audit::AuditService>,
+            audit::AuditService(broker.clone())
+        ))
+        .add_service(svc!(
+            LedgerServer<ledger_svc::LedgerService>,
+            ledger_svc::LedgerService(broker.clone())
+        ));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, tls = opts.tls.is_some(), "broker serving");
+    Ok(Running {
+        addr,
+        shutdown: Some(tx),
+        task,
+    })
+}

@@ -1,0 +1,365 @@
+//! The Query service: the hot path of `DESIGN.md`.
+//!
+//! Authenticate (the interceptor), authorize against the ledger's state, take the consent
+//! filter as of now, plan, check and run through the anonymizer, then append the receipt
+//! (which debits the budget under the ledger's single writer, so concurrent queries never
+//! overspend) and only then send the result. Every refusal after authentication is itself
+//! receipted, with its reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anonymizer::Request as EngineRequest;
+use ledger::entry::{Body, DatasetRegistered, Outcome, QueryMode, QueryReceipt};
+use ledger::ids::{DatasetId, Digest, PrincipalId, Role, Timestamp};
+use proto::v1::{self, query_server::Query};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use super::{Broker, caller};
+use crate::auth::Caller;
+
+/// The Query service.
+pub struct QueryService(pub Arc<Broker>);
+
+/// Largest chunk of the result's Arrow IPC stream per message.
+const CHUNK: usize = 1 << 20;
+
+/// What authorization grants a query.
+struct Authorized {
+    reg: Arc<DatasetRegistered>,
+    filter: ledger::state::ConsentFilter,
+    budget_left: (f64, f64),
+    granted: (f64, f64),
+}
+
+/// A refusal: its status code and the reason receipted.
+struct Denial {
+    code: Code,
+    reason: String,
+}
+
+fn deny(code: Code, reason: impl Into<String>) -> Denial {
+    Denial {
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn authorize(
+    st: &ledger::State,
+    caller: &Caller,
+    q: &v1::QueryRequest,
+    mode: QueryMode,
+    now: Timestamp,
+) -> Result<Authorized, Denial> {
+    use Code::{FailedPrecondition, NotFound, PermissionDenied};
+    if caller.role != Role::Researcher {
+        return Err(deny(
+            PermissionDenied,
+            format!("only researchers query; {} is a {}", caller.id, caller.role),
+        ));
+    }
+    let study = st
+        .study(&q.study)
+        .ok_or_else(|| deny(NotFound, format!("unknown study {:?}", q.study)))?;
+    let member = study.reg.pi.as_str() == caller.id
+        || study
+            .reg
+            .researchers
+            .iter()
+            .any(|r| r.as_str() == caller.id);
+    if !member {
+        return Err(deny(
+            PermissionDenied,
+            format!("{} is not a researcher of study {}", caller.id, q.study),
+        ));
+    }
+    if !study.active_at(now) {
+        return Err(deny(
+            FailedPrecondition,
+            format!(
+                "study {} is not active (it is {:?}, or outside its approval period)",
+                q.study, study.status
+            ),
+        ));
+    }
+    let (_, approval) = study
+        .approval
+        .as_ref()
+        .ok_or_else(|| deny(FailedPrecondition, "the study has no approval"))?;
+    let grant = approval
+        .grants
+        .iter()
+        .find(|g| g.dataset.as_str() == q.dataset)
+        .ok_or_else(|| {
+            deny(
+                PermissionDenied,
+                format!(
+                    "study {} is not approved for dataset {:?}",
+                    q.study, q.dataset
+                ),
+            )
+        })?;
+    match mode {
+        QueryMode::Dp if !grant.dp => {
+            return Err(deny(
+                PermissionDenied,
+                "the approval does not allow DP aggregates on this dataset",
+            ));
+        }
+        QueryMode::Extract if grant.extract_k.is_none() => {
+            return Err(deny(
+                PermissionDenied,
+                "the approval does not allow extracts on this dataset; ask the IRB for an \
+                 extract approval, or run DP aggregates",
+            ));
+        }
+        _ => {}
+    }
+    let ds = st
+        .dataset(&q.dataset)
+        .ok_or_else(|| deny(NotFound, format!("unknown dataset {:?}", q.dataset)))?;
+    let reg = ds.latest().reg.clone();
+    let filter = st
+        .consent_filter(&q.dataset, &q.study, now)
+        .map_err(|e| deny(FailedPrecondition, format!("consent filter: {e}")))?;
+    let budget_left = st
+        .budget_left(&q.study, &q.dataset)
+        .ok_or_else(|| deny(PermissionDenied, "no budget for this dataset"))?;
+    Ok(Authorized {
+        reg,
+        filter,
+        budget_left,
+        granted: (grant.epsilon, grant.delta),
+    })
+}
+
+fn anonymizer_denial(e: &anonymizer::Error) -> Denial {
+    use anonymizer::Error as E;
+    let code = match e {
+        E::Refused { .. } | E::InvalidQuery(_) => Code::InvalidArgument,
+        E::BudgetExhausted { .. } => Code::ResourceExhausted,
+        E::Policy(_) | E::Dataset(_) => Code::FailedPrecondition,
+        E::Mechanism(_) | E::Engine(_) => Code::Internal,
+    };
+    deny(code, e.to_string())
+}
+
+impl QueryService {
+    /// Appends a denial receipt and returns the status the caller gets (with the receipt's
+    /// index, so the researcher can point the IRB at it).
+    async fn denied(
+        &self,
+        caller: &Caller,
+        q: &v1::QueryRequest,
+        sql: String,
+        mode: QueryMode,
+        d: Denial,
+    ) -> Status {
+        let study = if q.study.trim().is_empty()
+            || q.study.len() > 128
+            || q.study.chars().any(char::is_control)
+        {
+            "-".to_owned()
+        } else {
+            q.study.clone()
+        };
+        let Ok(researcher) = PrincipalId::new(&caller.id) else {
+            return Status::new(d.code, d.reason);
+        };
+        let receipt = QueryReceipt {
+            study,
+            researcher,
+            dataset: DatasetId::new(&q.dataset).ok(),
+            version: None,
+            dataset_digest: None,
+            sql: truncate(sql, 16 << 10),
+            mode,
+            mechanism: BTreeMap::new(),
+            epsilon: 0.0,
+            delta: 0.0,
+            consent_digest: None,
+            result_digest: None,
+            outcome: Outcome::Denied,
+            reason: Some(truncate(d.reason.clone(), 4096)),
+            rows_suppressed: None,
+        };
+        tracing::info!(caller = %caller.id, study = %q.study, code = ?d.code, "query denied");
+        match self
+            .0
+            .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
+            .await
+        {
+            Ok(a) => Status::new(d.code, format!("{} (receipt {})", d.reason, a.index)),
+            // Fail closed: the caller learns nothing more, the operator sees the log.
+            Err(s) => s,
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn ipc_bytes(release: &anonymizer::Release) -> Result<Vec<u8>, Status> {
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &release.schema)
+        .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
+    for b in &release.batches {
+        w.write(b)
+            .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
+    }
+    w.into_inner()
+        .map_err(|e| Status::internal(format!("encoding the result: {e}")))
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    type RunStream = ReceiverStream<Result<v1::QueryResponse, Status>>;
+
+    async fn run(
+        &self,
+        req: Request<v1::QueryRequest>,
+    ) -> Result<Response<Self::RunStream>, Status> {
+        let caller = caller(&req)?;
+        let q = req.into_inner();
+        let mode = match v1::Mode::try_from(q.mode) {
+            Ok(v1::Mode::Dp) | Ok(v1::Mode::Unspecified) => QueryMode::Dp,
+            Ok(v1::Mode::Extract) => QueryMode::Extract,
+            Err(_) => return Err(Status::invalid_argument("unknown query mode")),
+        };
+        let sql = match anonymizer::engine::normalize_sql(&q.sql) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = anonymizer_denial(&e);
+                return Err(self.denied(&caller, &q, q.sql.clone(), mode, d).await);
+            }
+        };
+        let now = Timestamp::now();
+        let auth = {
+            let st = self.0.ledger.state();
+            authorize(&st, &caller, &q, mode, now)
+        };
+        let auth = match auth {
+            Ok(a) => a,
+            Err(d) => return Err(self.denied(&caller, &q, sql, mode, d).await),
+        };
+        if mode == QueryMode::Extract {
+            let d = deny(
+                Code::Unimplemented,
+                "extracts are not served by this broker yet; run DP aggregates",
+            );
+            return Err(self.denied(&caller, &q, sql, mode, d).await);
+        }
+        let engine = self.0.store.engine(&auth.reg).await?;
+        let filter = self
+            .0
+            .store
+            .convert(&q.dataset, &q.study, auth.filter.clone());
+        let scope = format!("{}\n{}", q.study, auth.reg.digest);
+        let ereq = EngineRequest {
+            scope: &scope,
+            sql: &sql,
+            epsilon: q.epsilon,
+            delta: q.delta,
+            filter: &filter,
+            budget_left: auth.budget_left,
+        };
+        let release = match engine.run_pending(&ereq).await {
+            Ok(r) => r,
+            Err(e) => {
+                let d = anonymizer_denial(&e);
+                return Err(self.denied(&caller, &q, sql, mode, d).await);
+            }
+        };
+        let ipc = ipc_bytes(&release)?;
+        let mut mechanism = BTreeMap::new();
+        if let serde_json::Value::Object(m) = &release.mechanism {
+            for (k, v) in m {
+                mechanism.insert(k.clone(), v.clone());
+            }
+        }
+        if release.repeated {
+            mechanism.insert("repeat".into(), serde_json::Value::Bool(true));
+        }
+        let receipt = QueryReceipt {
+            study: q.study.clone(),
+            researcher: PrincipalId::new(&caller.id)
+                .map_err(|e| Status::internal(e.to_string()))?,
+            dataset: Some(auth.reg.dataset.clone()),
+            version: Some(auth.reg.version),
+            dataset_digest: Some(auth.reg.digest.clone()),
+            sql: release.sql.clone(),
+            mode,
+            mechanism,
+            epsilon: release.epsilon,
+            delta: release.delta,
+            consent_digest: Some(Digest::from_bytes(release.consent_digest)),
+            result_digest: Some(Digest::from_bytes(release.result_digest)),
+            outcome: Outcome::Released,
+            reason: None,
+            rows_suppressed: None,
+        };
+        // The receipt is durable before any byte of the result leaves. The ledger refuses it
+        // if concurrent queries spent the budget meanwhile; then nothing is released.
+        let appended = match self
+            .0
+            .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
+            .await
+        {
+            Ok(a) => a,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                let d = deny(Code::ResourceExhausted, s.message().to_owned());
+                return Err(self.denied(&caller, &q, sql, mode, d).await);
+            }
+            Err(s) => return Err(s),
+        };
+        engine.remember(&ereq, &release);
+        let (es, ds) = self.0.ledger.state().spent(&q.study, &q.dataset);
+        let header = v1::QueryHeader {
+            receipt_index: appended.index,
+            budget: Some(v1::Budget {
+                epsilon_left: (auth.granted.0 - es).max(0.0),
+                delta_left: (auth.granted.1 - ds).max(0.0),
+                epsilon_spent: es,
+                delta_spent: ds,
+                epsilon_granted: auth.granted.0,
+                delta_granted: auth.granted.1,
+            }),
+            epsilon_spent: release.epsilon,
+            delta_spent: release.delta,
+            repeated: release.repeated,
+            normalized_sql: release.sql.clone(),
+            result_digest: Digest::from_bytes(release.result_digest).to_string(),
+            consent_digest: Digest::from_bytes(release.consent_digest).to_string(),
+            dataset_version: auth.reg.version,
+            dataset_digest: auth.reg.digest.to_string(),
+            rows_suppressed: 0,
+        };
+        tracing::info!(caller = %caller.id, study = %q.study, receipt = appended.index,
+            epsilon = release.epsilon, "query released");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use v1::query_response::Part;
+            let mut msgs = vec![Part::Header(header)];
+            msgs.extend(ipc.chunks(CHUNK).map(|c| Part::ArrowIpc(c.to_vec())));
+            for part in msgs {
+                if tx
+                    .send(Ok(v1::QueryResponse { part: Some(part) }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

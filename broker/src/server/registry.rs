@@ -1,0 +1,259 @@
+//! The Registry service: principals, datasets and their versions, studies and approvals.
+
+use std::sync::Arc;
+
+use ledger::entry::Body;
+use ledger::ids::{Role, Timestamp};
+use ledger::state::StudyStatus;
+use proto::v1::{self, registry_server::Registry};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Broker, appended, caller, signed_by_caller};
+
+/// The Registry service.
+pub struct RegistryService(pub Arc<Broker>);
+
+pub(crate) fn budget(
+    st: &ledger::State,
+    study: &str,
+    g: &ledger::entry::DatasetGrant,
+) -> v1::Budget {
+    let (es, ds) = st.spent(study, g.dataset.as_str());
+    v1::Budget {
+        epsilon_left: (g.epsilon - es).max(0.0),
+        delta_left: (g.delta - ds).max(0.0),
+        epsilon_spent: es,
+        delta_spent: ds,
+        epsilon_granted: g.epsilon,
+        delta_granted: g.delta,
+    }
+}
+
+pub(crate) fn study_message(st: &ledger::State, s: &ledger::state::Study) -> v1::Study {
+    let id = s.reg.study.as_str();
+    let (irb, grants, from, until) = match &s.approval {
+        Some((irb, a)) => (
+            irb.to_string(),
+            a.grants
+                .iter()
+                .map(|g| v1::Grant {
+                    dataset: g.dataset.to_string(),
+                    dp: g.dp,
+                    extract_k: g.extract_k.unwrap_or(0),
+                    budget: Some(budget(st, id, g)),
+                })
+                .collect(),
+            a.valid_from.to_string(),
+            a.valid_until.to_string(),
+        ),
+        None => Default::default(),
+    };
+    v1::Study {
+        id: id.to_owned(),
+        title: s.reg.title.clone(),
+        sponsor: s.reg.sponsor.to_string(),
+        pi: s.reg.pi.to_string(),
+        researchers: s.reg.researchers.iter().map(|r| r.to_string()).collect(),
+        purpose: s.reg.purpose.to_string(),
+        status: match s.status {
+            StudyStatus::Registered => "registered",
+            StudyStatus::Approved => "approved",
+            StudyStatus::Suspended => "suspended",
+            StudyStatus::Closed => "closed",
+        }
+        .into(),
+        irb,
+        grants,
+        valid_from: from,
+        valid_until: until,
+    }
+}
+
+/// Whether `caller` may see study `s`: its members, sponsor and IRB, and the operator.
+pub(crate) fn may_see_study(caller: &crate::auth::Caller, s: &ledger::state::Study) -> bool {
+    let id = caller.id.as_str();
+    caller.role == Role::Operator
+        || s.reg.pi.as_str() == id
+        || s.reg.sponsor.as_str() == id
+        || s.reg.researchers.iter().any(|r| r.as_str() == id)
+        || s.approval
+            .as_ref()
+            .is_some_and(|(irb, _)| irb.as_str() == id)
+        || (caller.role == Role::Irb && s.approval.is_none())
+}
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn append(
+        &self,
+        req: Request<v1::SignedEntry>,
+    ) -> Result<Response<v1::Appended>, Status> {
+        let caller = caller(&req)?;
+        let signed = signed_by_caller(&caller, Some(req.into_inner()))?;
+        match &signed.entry.body {
+            Body::PrincipalRegistered(_)
+            | Body::KeyRotated(_)
+            | Body::PrincipalRevoked(_)
+            | Body::StudyRegistered(_)
+            | Body::StudyApproved(_)
+            | Body::StudySuspended(_)
+            | Body::StudyClosed(_)
+            | Body::CheckpointCosigned(_) => {}
+            Body::DatasetRegistered(_) => {
+                return Err(Status::invalid_argument(
+                    "datasets are registered with RegisterDataset, which carries their files",
+                ));
+            }
+            Body::ConsentGranted(_) | Body::ConsentRevoked(_) => {
+                return Err(Status::invalid_argument(
+                    "consents go through the Consent service",
+                ));
+            }
+            Body::QueryReceipt(_) => {
+                return Err(Status::permission_denied(
+                    "only the broker writes query receipts",
+                ));
+            }
+        }
+        let kind = signed.entry.body.kind();
+        let a = self.0.blocking(move |l| l.append(signed)).await?;
+        tracing::info!(caller = %caller.id, kind, index = a.index, "appended");
+        Ok(Response::new(appended(&a)))
+    }
+
+    async fn register_dataset(
+        &self,
+        req: Request<Streaming<v1::DatasetUpload>>,
+    ) -> Result<Response<v1::Appended>, Status> {
+        use v1::dataset_upload::Part;
+        let caller = caller(&req)?;
+        let mut stream = req.into_inner();
+        let Some(Part::Header(h)) = stream.message().await?.and_then(|m| m.part) else {
+            return Err(Status::invalid_argument(
+                "the first message of an upload is its header",
+            ));
+        };
+        let signed = signed_by_caller(&caller, h.entry)?;
+        let Body::DatasetRegistered(reg) = &signed.entry.body else {
+            return Err(Status::invalid_argument(
+                "the header's entry must be a dataset_registered entry",
+            ));
+        };
+        let reg = reg.clone();
+        // Refuse early what the ledger would refuse, before receiving any file.
+        {
+            let st = self.0.ledger.state();
+            if !st.may_act(&caller.id, Role::Custodian) {
+                return Err(Status::permission_denied(
+                    "only a registered custodian registers datasets",
+                ));
+            }
+            if let Some(ds) = st.dataset(reg.dataset.as_str()) {
+                if ds.custodian.as_str() != caller.id {
+                    return Err(Status::permission_denied(format!(
+                        "dataset {} belongs to another custodian",
+                        reg.dataset
+                    )));
+                }
+                let last = ds.latest().reg.version;
+                if reg.version <= last {
+                    return Err(Status::failed_precondition(format!(
+                        "dataset {} is at version {last}; register version {} or later",
+                        reg.dataset,
+                        last + 1
+                    )));
+                }
+            }
+            let (key, _) = st
+                .signing_key(&signed.entry)
+                .map_err(super::ledger_status)?;
+            if !key.verify_raw(&signed.entry.canonical_bytes(), &signed.sig) {
+                return Err(Status::invalid_argument(
+                    "the entry's signature does not verify with the caller's key",
+                ));
+            }
+        }
+        let mut upload = self.0.store.begin_upload(&reg, &h.policy_toml).await?;
+        while let Some(m) = stream.message().await? {
+            match m.part {
+                Some(Part::Chunk(c)) => upload.write(&c.path, &c.data).await?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "after the header, an upload carries only file chunks",
+                    ));
+                }
+            }
+        }
+        let (dataset, placed) = upload.finish(&reg).await?;
+        let a = self.0.blocking(move |l| l.append(signed)).await?;
+        placed.keep();
+        let engine = anonymizer::Engine::new(dataset)
+            .map_err(|e| Status::internal(format!("loading the dataset: {e}")))?;
+        self.0.store.insert_engine(&reg, Arc::new(engine)).await;
+        tracing::info!(caller = %caller.id, dataset = %reg.dataset, version = reg.version,
+            index = a.index, "dataset registered");
+        Ok(Response::new(appended(&a)))
+    }
+
+    async fn get_principal(
+        &self,
+        req: Request<v1::GetPrincipalRequest>,
+    ) -> Result<Response<v1::Principal>, Status> {
+        let id = req.into_inner().id;
+        let st = self.0.ledger.state();
+        let p = st
+            .principal(&id)
+            .ok_or_else(|| Status::not_found(format!("unknown principal {id:?}")))?;
+        Ok(Response::new(v1::Principal {
+            id: p.id.to_string(),
+            role: p.role.to_string(),
+            key: p.key.to_text(),
+            revoked: p.revoked_at.is_some(),
+            display_name: p.display_name.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn list_datasets(
+        &self,
+        _req: Request<v1::ListDatasetsRequest>,
+    ) -> Result<Response<v1::ListDatasetsResponse>, Status> {
+        let st = self.0.ledger.state();
+        let mut datasets: Vec<v1::DatasetVersion> = st
+            .datasets()
+            .flat_map(|(_, d)| d.versions.iter())
+            .map(|v| v1::DatasetVersion {
+                dataset: v.reg.dataset.to_string(),
+                version: v.reg.version,
+                custodian: v.reg.custodian.to_string(),
+                digest: v.reg.digest.to_string(),
+                consent_basis: match v.reg.consent_basis {
+                    ledger::entry::ConsentBasis::OptIn => "opt_in",
+                    ledger::entry::ConsentBasis::OptOut => "opt_out",
+                }
+                .into(),
+                rows: v.reg.rows(),
+                tables: v.reg.tables.iter().map(|t| t.name.clone()).collect(),
+                entry_index: v.index,
+            })
+            .collect();
+        datasets.sort_by(|a, b| (&a.dataset, a.version).cmp(&(&b.dataset, b.version)));
+        Ok(Response::new(v1::ListDatasetsResponse { datasets }))
+    }
+
+    async fn list_studies(
+        &self,
+        req: Request<v1::ListStudiesRequest>,
+    ) -> Result<Response<v1::ListStudiesResponse>, Status> {
+        let caller = caller(&req)?;
+        let st = self.0.ledger.state();
+        let now = Timestamp::now();
+        let _ = now;
+        let mut studies: Vec<v1::Study> = st
+            .studies()
+            .filter(|s| may_see_study(&caller, s))
+            .map(|s| study_message(&st, s))
+            .collect();
+        studies.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(v1::ListStudiesResponse { studies }))
+    }
+}

@@ -1,0 +1,433 @@
+//! The dataset store under the data directory, and the query engines loaded from it.
+//!
+//! Layout: `<data-dir>/datasets/<dataset>/<version>/` holds `policy.toml` and the version's
+//! files at their manifest paths. An upload is written to a hidden sibling directory, checked
+//! (sizes, SHA-256, policy, schemas, rows) and fsynced, then renamed into place before its
+//! entry is appended; a directory whose version is not on the ledger is a leftover of a crash
+//! and is replaced by the next upload of that version.
+//!
+//! Engines are loaded once per version, after every file's SHA-256 is checked against the
+//! ledger again (fail closed: a changed file refuses the query).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anonymizer::dataset::TableSource;
+use anonymizer::{Dataset, Engine, Policy};
+use ledger::entry::DatasetRegistered;
+use ledger::state::ConsentFilter as LedgerFilter;
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
+use tonic::Status;
+
+use crate::manifest;
+
+/// A consent filter converted for the anonymizer, remembered while the ledger's is unchanged.
+struct Converted {
+    from: LedgerFilter,
+    to: Arc<anonymizer::ConsentFilter>,
+}
+
+/// Datasets on disk and their engines.
+pub struct Store {
+    root: PathBuf,
+    engines: tokio::sync::Mutex<HashMap<(String, u32), Arc<Engine>>>,
+    filters: Mutex<HashMap<(String, String), Converted>>,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "{what}");
+    Status::internal(format!("{what}; see the broker's log"))
+}
+
+impl Store {
+    /// Opens (creating) `<data_dir>/datasets`.
+    pub fn open(data_dir: &Path) -> anyhow::Result<Store> {
+        let root = data_dir.join("datasets");
+        std::fs::create_dir_all(&root)?;
+        Ok(Store {
+            root,
+            engines: Default::default(),
+            filters: Default::default(),
+        })
+    }
+
+    fn version_dir(&self, dataset: &str, version: u32) -> PathBuf {
+        self.root.join(dataset).join(version.to_string())
+    }
+
+    /// The engine of a registered version, loading (and checking) it on first use.
+    pub async fn engine(&self, reg: &DatasetRegistered) -> Result<Arc<Engine>, Status> {
+        let key = (reg.dataset.to_string(), reg.version);
+        let mut engines = self.engines.lock().await;
+        if let Some(e) = engines.get(&key) {
+            return Ok(e.clone());
+        }
+        let dir = self.version_dir(&key.0, key.1);
+        let reg2 = reg.clone();
+        let dir2 = dir.clone();
+        tokio::task::spawn_blocking(move || check_files(&dir2, &reg2))
+            .await
+            .map_err(|e| internal("a dataset check failed", e))??;
+        let dataset = load(&dir, reg).await?;
+        let engine = Arc::new(Engine::new(dataset).map_err(|e| internal("loading", e))?);
+        engines.insert(key, engine.clone());
+        Ok(engine)
+    }
+
+    /// The anonymizer's form of a ledger consent filter, converted once per snapshot.
+    pub fn convert(
+        &self,
+        dataset: &str,
+        study: &str,
+        f: LedgerFilter,
+    ) -> Arc<anonymizer::ConsentFilter> {
+        let key = (dataset.to_owned(), study.to_owned());
+        let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            let same = match (&c.from, &f) {
+                (LedgerFilter::Include(a), LedgerFilter::Include(b))
+                | (LedgerFilter::Exclude(a), LedgerFilter::Exclude(b)) => {
+                    Arc::ptr_eq(a, b) || a == b
+                }
+                _ => false,
+            };
+            if same {
+                return c.to.clone();
+            }
+        }
+        let strings = |ids: &[ledger::ids::SubjectId]| {
+            Arc::new(
+                ids.iter()
+                    .map(|s| s.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let to = Arc::new(match &f {
+            LedgerFilter::Include(ids) => anonymizer::ConsentFilter::Include(strings(ids)),
+            LedgerFilter::Exclude(ids) => anonymizer::ConsentFilter::Exclude(strings(ids)),
+        });
+        cache.insert(
+            key,
+            Converted {
+                from: f,
+                to: to.clone(),
+            },
+        );
+        to
+    }
+
+    /// Receives an upload into a staging directory. Call [`Upload::write`] for each chunk,
+    /// then [`Upload::finish`].
+    pub async fn begin_upload(
+        &self,
+        reg: &DatasetRegistered,
+        policy_toml: &str,
+    ) -> Result<Upload, Status> {
+        let digest = ledger::ids::Digest::from_bytes(sha2::Sha256::digest(policy_toml).into());
+        if digest != reg.policy_digest {
+            return Err(Status::invalid_argument(format!(
+                "the policy's SHA-256 is {digest}, but the entry's policy_digest is {}",
+                reg.policy_digest
+            )));
+        }
+        Policy::from_toml(policy_toml)
+            .and_then(|p| p.check().map(|()| p))
+            .map_err(|e| Status::invalid_argument(format!("policy.toml: {e}")))?;
+        let mut expected = HashMap::new();
+        for t in &reg.tables {
+            for f in &t.files {
+                manifest::check_path(&f.path).map_err(Status::invalid_argument)?;
+                if expected
+                    .insert(f.path.clone(), (f.bytes, f.sha256.clone()))
+                    .is_some()
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "file {} is listed twice",
+                        f.path
+                    )));
+                }
+            }
+        }
+        let parent = self.root.join(reg.dataset.as_str());
+        tokio::fs::create_dir_all(&parent)
+            .await
+            .map_err(|e| internal("creating the dataset directory", e))?;
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| internal("randomness", e))?;
+        let staging = parent.join(format!(
+            ".upload-{}-{}",
+            reg.version,
+            u64::from_le_bytes(nonce)
+        ));
+        tokio::fs::create_dir(&staging)
+            .await
+            .map_err(|e| internal("creating the staging directory", e))?;
+        tokio::fs::write(staging.join("policy.toml"), policy_toml)
+            .await
+            .map_err(|e| internal("writing the policy", e))?;
+        Ok(Upload {
+            staging: Some(staging),
+            target: self.version_dir(reg.dataset.as_str(), reg.version),
+            expected,
+            open: None,
+            done: HashMap::new(),
+        })
+    }
+
+    /// Keeps a loaded engine (after a successful registration).
+    pub async fn insert_engine(&self, reg: &DatasetRegistered, engine: Arc<Engine>) {
+        self.engines
+            .lock()
+            .await
+            .insert((reg.dataset.to_string(), reg.version), engine);
+    }
+}
+
+/// Reads every table of a version directory through the anonymizer (every column checked
+/// against the policy, units numbered, contributions bounded).
+async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Status> {
+    let policy_text = tokio::fs::read_to_string(dir.join("policy.toml"))
+        .await
+        .map_err(|e| internal("reading the policy", e))?;
+    let policy =
+        Policy::from_toml(&policy_text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let sources: Vec<TableSource> = reg
+        .tables
+        .iter()
+        .map(|t| TableSource {
+            name: t.name.clone(),
+            files: t.files.iter().map(|f| dir.join(&f.path)).collect(),
+        })
+        .collect();
+    Dataset::load(policy, &sources)
+        .await
+        .map_err(|e| Status::invalid_argument(format!("dataset {}: {e}", reg.dataset)))
+}
+
+/// Checks every file of a stored version against its registration.
+fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
+    let (policy, _) = manifest::hash_file(&dir.join("policy.toml"))
+        .map_err(|e| internal("reading a dataset's policy", e))?;
+    if policy != reg.policy_digest {
+        return Err(Status::data_loss(format!(
+            "the stored policy of {} v{} no longer matches its registration",
+            reg.dataset, reg.version
+        )));
+    }
+    for t in &reg.tables {
+        for f in &t.files {
+            let (sha, bytes) = manifest::hash_file(&dir.join(&f.path))
+                .map_err(|e| internal("reading a dataset file", e))?;
+            if sha != f.sha256 || bytes != f.bytes {
+                return Err(Status::data_loss(format!(
+                    "file {} of {} v{} no longer matches its registered digest",
+                    f.path, reg.dataset, reg.version
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct OpenFile {
+    path: String,
+    file: tokio::fs::File,
+    hash: sha2::Sha256,
+    bytes: u64,
+}
+
+/// An upload in progress. Dropped without [`Upload::finish`], it removes its staging
+/// directory.
+pub struct Upload {
+    staging: Option<PathBuf>,
+    target: PathBuf,
+    expected: HashMap<String, (u64, ledger::ids::Digest)>,
+    open: Option<OpenFile>,
+    done: HashMap<String, ()>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(s) = self.staging.take() {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
+}
+
+impl Upload {
+    fn staging(&self) -> &Path {
+        self.staging.as_deref().unwrap_or(Path::new("."))
+    }
+
+    async fn close_open(&mut self) -> Result<(), Status> {
+        let Some(mut o) = self.open.take() else {
+            return Ok(());
+        };
+        o.file
+            .sync_all()
+            .await
+            .map_err(|e| internal("writing a dataset file", e))?;
+        let (bytes, sha) = &self.expected[&o.path];
+        let got = ledger::ids::Digest::from_bytes(std::mem::take(&mut o.hash).finalize().into());
+        if o.bytes != *bytes || got != *sha {
+            return Err(Status::invalid_argument(format!(
+                "file {}: received {} bytes with SHA-256 {got}; the entry says {bytes} bytes \
+                 with {sha}",
+                o.path, o.bytes
+            )));
+        }
+        self.done.insert(o.path, ());
+        Ok(())
+    }
+
+    /// Appends a chunk of the file at `path` (files are sent one after the other).
+    pub async fn write(&mut self, path: &str, data: &[u8]) -> Result<(), Status> {
+        if self.open.as_ref().is_none_or(|o| o.path != path) {
+            self.close_open().await?;
+            let Some((expected, _)) = self.expected.get(path) else {
+                return Err(Status::invalid_argument(format!(
+                    "file {path:?} is not in the entry's manifest"
+                )));
+            };
+            if self.done.contains_key(path) {
+                return Err(Status::invalid_argument(format!(
+                    "file {path} was already sent; send each file's chunks together"
+                )));
+            }
+            let _ = expected;
+            let full = self.staging().join(path);
+            if let Some(parent) = full.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| internal("creating a dataset directory", e))?;
+            }
+            let file = tokio::fs::File::create(&full)
+                .await
+                .map_err(|e| internal("creating a dataset file", e))?;
+            self.open = Some(OpenFile {
+                path: path.to_owned(),
+                file,
+                hash: sha2::Sha256::new(),
+                bytes: 0,
+            });
+        }
+        let limit = self.expected[path].0;
+        let o = self
+            .open
+            .as_mut()
+            .ok_or_else(|| Status::internal("no open file"))?;
+        o.bytes += data.len() as u64;
+        if o.bytes > limit {
+            return Err(Status::invalid_argument(format!(
+                "file {path} is longer than the {limit} bytes its manifest says"
+            )));
+        }
+        o.hash.update(data);
+        o.file
+            .write_all(data)
+            .await
+            .map_err(|e| internal("writing a dataset file", e))
+    }
+
+    /// Checks that every file arrived whole, loads the version through the anonymizer to check
+    /// it against the policy and the manifest, and moves it into place.
+    pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Finished), Status> {
+        self.close_open().await?;
+        if let Some(missing) = self.expected.keys().find(|p| !self.done.contains_key(*p)) {
+            return Err(Status::invalid_argument(format!(
+                "file {missing} of the manifest was not sent"
+            )));
+        }
+        let staging = self.staging().to_owned();
+        for t in &reg.tables {
+            let first = t.files.first().ok_or_else(|| {
+                Status::invalid_argument(format!("table {} has no files", t.name))
+            })?;
+            let path = staging.join(&first.path);
+            let (_, schema) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
+                .await
+                .map_err(|e| internal("reading a dataset file", e))?
+                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            if manifest::columns_of(&schema) != t.columns {
+                return Err(Status::invalid_argument(format!(
+                    "table {}: the files' schema differs from the entry's columns",
+                    t.name
+                )));
+            }
+            let mut rows = 0;
+            for f in &t.files {
+                let path = staging.join(&f.path);
+                let (n, _) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
+                    .await
+                    .map_err(|e| internal("reading a dataset file", e))?
+                    .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                if n != f.rows {
+                    return Err(Status::invalid_argument(format!(
+                        "file {} has {n} rows; the entry says {}",
+                        f.path, f.rows
+                    )));
+                }
+                rows += n;
+            }
+            if rows != t.rows {
+                return Err(Status::invalid_argument(format!(
+                    "table {} has {rows} rows; the entry says {}",
+                    t.name, t.rows
+                )));
+            }
+        }
+        let dataset = load(&staging, reg).await?;
+        // Durable before it is referenced: files were synced on close; now the directory.
+        sync_dir(&staging).await?;
+        if tokio::fs::metadata(&self.target).await.is_ok() {
+            // A leftover of an upload whose entry never reached the ledger.
+            tokio::fs::remove_dir_all(&self.target)
+                .await
+                .map_err(|e| internal("removing a stale upload", e))?;
+        }
+        tokio::fs::rename(&staging, &self.target)
+            .await
+            .map_err(|e| internal("moving the upload into place", e))?;
+        self.staging = None;
+        if let Some(parent) = self.target.parent() {
+            sync_dir(parent).await?;
+        }
+        Ok((
+            dataset,
+            Finished {
+                dir: Some(self.target.clone()),
+            },
+        ))
+    }
+}
+
+/// A version directory in place whose entry is not yet appended; dropped without
+/// [`Finished::keep`], it is removed.
+pub struct Finished {
+    dir: Option<PathBuf>,
+}
+
+impl Finished {
+    /// The entry is on the ledger: keep the files.
+    pub fn keep(mut self) {
+        self.dir = None;
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+async fn sync_dir(dir: &Path) -> Result<(), Status> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|f| f.sync_all()))
+        .await
+        .map_err(|e| internal("syncing a directory", e))?
+        .map_err(|e| internal("syncing a directory", e))
+}

@@ -1,0 +1,153 @@
+//! The IRB: approves studies and reviews their usage, denied attempts included.
+
+use tonic::Code;
+
+use crate::world::{World, key};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_irb_reviews_released_and_denied_queries() {
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    w.run(
+        &alice,
+        World::dp("s1", "SELECT COUNT(*) AS n FROM visits", 0.25),
+    )
+    .await
+    .unwrap();
+    w.run(
+        &alice,
+        World::dp("s1", "SELECT AVG(hba1c) FROM visits", 0.25),
+    )
+    .await
+    .unwrap();
+    let denied = w
+        .run(&alice, World::dp("s1", "SELECT * FROM visits", 0.1))
+        .await
+        .unwrap_err();
+    let denied_at = World::receipt_of(&denied);
+
+    let mut irb = w.audit(&key("irb"));
+    let all = irb
+        .receipts(proto::v1::AuditRequest {
+            study: "s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .receipts;
+    assert_eq!(all.len(), 3);
+    let d: Vec<_> = all.iter().filter(|r| r.outcome == "denied").collect();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].index, denied_at);
+    assert!(d[0].reason.contains("SELECT *"), "{}", d[0].reason);
+
+    let released = irb
+        .receipts(proto::v1::AuditRequest {
+            study: "s1".into(),
+            outcome: "released".into(),
+            researcher: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .receipts;
+    assert_eq!(released.len(), 2);
+
+    // Budget burn-down: cumulative epsilon after each released query.
+    let pts = irb
+        .budget_usage(proto::v1::BudgetUsageRequest { study: "s1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    let cum: Vec<f64> = pts.iter().map(|p| p.epsilon_cumulative).collect();
+    assert_eq!(cum.len(), 2);
+    assert!(
+        (cum[0] - 0.25).abs() < 1e-9 && (cum[1] - 0.5).abs() < 1e-9,
+        "{cum:?}"
+    );
+    assert!((pts[0].epsilon_granted - 1.0).abs() < 1e-12);
+
+    // CSV export carries the same rows.
+    let mut stream = irb
+        .export(proto::v1::ExportRequest {
+            filter: Some(proto::v1::AuditRequest {
+                study: "s1".into(),
+                ..Default::default()
+            }),
+            format: "csv".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut csv = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        csv.extend(c.data);
+    }
+    let text = String::from_utf8(csv).unwrap();
+    assert!(text.starts_with("index,time,study,researcher"), "{text}");
+    assert_eq!(text.lines().count(), 4);
+
+    // Another IRB, and researchers, may not review this study.
+    for k in [key("irb2"), key("alice")] {
+        let e = w
+            .audit(&k)
+            .receipts(proto::v1::AuditRequest {
+                study: "s1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", k.name());
+    }
+    // Bad filters are refused.
+    let e = irb
+        .receipts(proto::v1::AuditRequest {
+            study: "s1".into(),
+            from: "yesterday".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspended_study_cannot_query() {
+    let w = World::ready(1.0).await;
+    let irb = key("irb");
+    let b = crate::world::body(
+        "study_suspended",
+        serde_json::json!({"study": "s1", "reason": "protocol deviation"}),
+    );
+    w.registry(&irb)
+        .append(broker::client::sign(&irb, b).unwrap())
+        .await
+        .unwrap();
+    let e = w
+        .run(
+            &key("alice"),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        w.receipt(World::receipt_of(&e)).outcome,
+        ledger::entry::Outcome::Denied
+    );
+    // Another IRB cannot approve or suspend it.
+    let other = key("irb2");
+    let b = crate::world::body(
+        "study_suspended",
+        serde_json::json!({"study": "s1", "reason": "not mine"}),
+    );
+    let e = w
+        .registry(&other)
+        .append(broker::client::sign(&other, b).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}

@@ -1,0 +1,141 @@
+//! The patient: grant, limit and revoke their own consent; see who used their data.
+
+use broker::client;
+use tonic::Code;
+
+use crate::world::{World, body, key};
+
+fn grant(id: &str, subject: &str, grantor: &str) -> ledger::entry::Body {
+    body(
+        "consent_granted",
+        serde_json::json!({
+            "consent_id": id, "subject": subject, "scope": {"datasets": ["visits"]},
+            "purposes": ["HMB"], "valid_from": "2020-01-01T00:00:00Z", "grantor": grantor,
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_patient_grants_sees_usage_and_revokes() {
+    let w = World::ready(2.0).await;
+    // Patient 1199 has no consent in the world; register them and let them grant.
+    w.register("p1199", "patient", Some("1199")).await;
+    let me = key("p1199");
+    let mut c = w.consent(&me);
+    c.grant(client::sign(&me, grant("mine", "1199", "p1199")).unwrap())
+        .await
+        .unwrap();
+    let list = c
+        .list(proto::v1::SubjectRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.consents.len(), 1);
+    assert!(list.consents[0].active);
+    assert!(list.consents[0].grant_json.contains("\"mine\""));
+
+    // A released query now includes them: it appears in their usage.
+    let alice = key("alice");
+    let (h, _) = w
+        .run(
+            &alice,
+            World::dp("s1", "SELECT COUNT(*) AS n FROM visits", 0.5),
+        )
+        .await
+        .unwrap();
+    let usage = c
+        .usage(proto::v1::SubjectRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(usage.usages.len(), 1);
+    assert_eq!(usage.usages[0].study, "s1");
+    assert_eq!(usage.usages[0].receipt_index, h.receipt_index);
+    assert_eq!(usage.usages[0].study_title, "Study s1");
+
+    // Revocation takes effect for the next query: a different consent snapshot.
+    let rev = body(
+        "consent_revoked",
+        serde_json::json!({"subject": "1199", "consent_id": "mine", "grantor": "p1199"}),
+    );
+    c.revoke(client::sign(&me, rev).unwrap()).await.unwrap();
+    let (h2, _) = w
+        .run(
+            &alice,
+            World::dp("s1", "SELECT COUNT(*) AS n FROM visits", 0.5),
+        )
+        .await
+        .unwrap();
+    assert!(!h2.repeated);
+    assert_ne!(h2.consent_digest, h.consent_digest);
+    let usage = c
+        .usage(proto::v1::SubjectRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        usage.usages.len(),
+        1,
+        "the later query did not include them"
+    );
+    let list = c
+        .list(proto::v1::SubjectRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!list.consents[0].active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn patients_act_only_for_themselves() {
+    let w = World::ready(1.0).await;
+    let me = key("p1000");
+    let mut c = w.consent(&me);
+    let before = w.ledger.size();
+    // Someone else's subject.
+    let e = c
+        .grant(client::sign(&me, grant("x", "1001", "p1000")).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // An entry signed by someone else, sent by me.
+    let other = key("p1001");
+    let e = c
+        .grant(client::sign(&other, grant("y", "1001", "p1001")).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Reading another patient's consents or usage.
+    for e in [
+        c.list(proto::v1::SubjectRequest {
+            subject: "1001".into(),
+        })
+        .await
+        .unwrap_err(),
+        c.usage(proto::v1::SubjectRequest {
+            subject: "1001".into(),
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    }
+    // A researcher cannot read consents at all.
+    let e = w
+        .consent(&key("alice"))
+        .list(proto::v1::SubjectRequest {
+            subject: "1000".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Garbage instead of a signed entry.
+    let e = c
+        .grant(proto::v1::SignedEntry {
+            leaf: b"{\"entry\":1}".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(w.ledger.size(), before, "no refusal wrote anything");
+}

@@ -1,0 +1,225 @@
+//! The researcher: DP queries within a study, with receipts, budgets and every refusal.
+
+use arrow::array::{AsArray, Float64Array};
+use arrow::datatypes::Int64Type;
+use tonic::Code;
+
+use crate::world::{CONSENTED, World, key};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dp_count_is_released_with_its_receipt_and_budget() {
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    let (h, batches) = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    // Both keys of the public domain, with noisy counts near the consented truth.
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 2);
+    let total: i64 = batches
+        .iter()
+        .flat_map(|b| {
+            b.column_by_name("n")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .values()
+                .to_vec()
+        })
+        .sum();
+    // 2 visits per consented patient; Laplace noise of scale ~ 5 / 0.5 per cell.
+    assert!((total - 2 * CONSENTED).abs() < 200, "total {total}");
+    assert!(batches[0].column_by_name("n_ci95").is_some());
+
+    let b = h.budget.unwrap();
+    assert!((h.epsilon_spent - 0.5).abs() < 1e-9);
+    assert!((b.epsilon_left - 0.5).abs() < 1e-9, "{b:?}");
+    let r = w.receipt(h.receipt_index);
+    assert_eq!(r.outcome, ledger::entry::Outcome::Released);
+    assert_eq!(r.researcher.as_str(), "alice");
+    assert_eq!(r.dataset.as_ref().unwrap().as_str(), "visits");
+    assert_eq!(
+        r.result_digest.as_ref().unwrap().to_string(),
+        h.result_digest
+    );
+    assert_eq!(
+        r.consent_digest.as_ref().unwrap().to_string(),
+        h.consent_digest
+    );
+    assert_eq!(r.sql, h.normalized_sql);
+    assert!((r.epsilon - 0.5).abs() < 1e-12);
+
+    // An identical repeat returns the same answer and spends nothing.
+    let (h2, _) = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                "select sex, COUNT(*) as n\n  from visits   group by sex -- the same query",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(h2.repeated);
+    assert_eq!(h2.result_digest, h.result_digest);
+    assert_eq!(h2.epsilon_spent, 0.0);
+    assert!((h2.budget.unwrap().epsilon_left - 0.5).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_have_the_right_code_and_a_receipt() {
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    let size = |w: &World| w.ledger.size();
+
+    // No token at all: Unauthenticated, and nothing is written (no principal to receipt).
+    let before = size(&w);
+    let mut anon = proto::v1::query_client::QueryClient::new(w.channel());
+    let e = anon
+        .run(World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(size(&w), before);
+
+    // A key that is not registered.
+    let e = w
+        .run(
+            &key("mallory"),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    let cases: Vec<(ledger::note::SignerKey, proto::v1::QueryRequest, Code)> = vec![
+        // Not a member of the study.
+        (
+            key("bob"),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1),
+            Code::PermissionDenied,
+        ),
+        // Not a researcher at all.
+        (
+            key("pharma"),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1),
+            Code::PermissionDenied,
+        ),
+        // Unknown study.
+        (
+            alice.clone_for_test(),
+            World::dp("nope", "SELECT COUNT(*) FROM visits", 0.1),
+            Code::NotFound,
+        ),
+        // Rows would leave.
+        (
+            alice.clone_for_test(),
+            World::dp("s1", "SELECT * FROM visits", 0.1),
+            Code::InvalidArgument,
+        ),
+        // A direct identifier.
+        (
+            alice.clone_for_test(),
+            World::dp("s1", "SELECT name, COUNT(*) FROM visits GROUP BY name", 0.1),
+            Code::InvalidArgument,
+        ),
+        // Not SQL.
+        (
+            alice.clone_for_test(),
+            World::dp("s1", "SELEKT 1", 0.1),
+            Code::InvalidArgument,
+        ),
+        // More than the budget.
+        (
+            alice.clone_for_test(),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 5.0),
+            Code::ResourceExhausted,
+        ),
+        // Extracts are not approved for this study.
+        (
+            alice.clone_for_test(),
+            proto::v1::QueryRequest {
+                mode: proto::v1::Mode::Extract as i32,
+                ..World::dp("s1", "SELECT sex FROM visits", 0.0)
+            },
+            Code::PermissionDenied,
+        ),
+    ];
+    for (k, req, code) in cases {
+        let sql = req.sql.clone();
+        let e = w.run(&k, req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{sql}: {e:?}");
+        let r = w.receipt(World::receipt_of(&e));
+        assert_eq!(r.outcome, ledger::entry::Outcome::Denied, "{sql}");
+        assert_eq!(r.researcher.as_str(), k.name());
+        assert_eq!(r.epsilon, 0.0);
+        assert!(!r.reason.unwrap_or_default().is_empty());
+    }
+    // Nothing was spent by any refusal.
+    assert_eq!(w.ledger.state().spent("s1", "visits"), (0.0, 0.0));
+}
+
+trait CloneKey {
+    fn clone_for_test(&self) -> ledger::note::SignerKey;
+}
+
+impl CloneKey for ledger::note::SignerKey {
+    fn clone_for_test(&self) -> ledger::note::SignerKey {
+        crate::world::clone_key(self)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_queries_never_overspend() {
+    // A budget for exactly 10 queries of epsilon 0.1, and 100 distinct queries at once.
+    let w = std::sync::Arc::new(World::ready(1.0).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let w = w.clone();
+        tasks.spawn(async move {
+            let sql = format!("SELECT COUNT(*) AS n FROM visits WHERE hba1c > {i}.5");
+            w.run(&key("alice"), World::dp("s1", &sql, 0.1)).await
+        });
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("unexpected refusal {e:?}"),
+        }
+    }
+    assert_eq!(ok, 10, "released");
+    assert_eq!(exhausted, 90);
+    let (spent, _) = w.ledger.state().spent("s1", "visits");
+    assert!(spent <= 1.0 + 1e-9, "spent {spent}");
+    assert!((spent - 1.0).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn averages_are_noisy_but_near_the_truth() {
+    let w = World::ready(10.0).await;
+    let (_, batches) = w
+        .run(
+            &key("alice"),
+            World::dp("s1", "SELECT AVG(hba1c) AS m FROM visits", 5.0),
+        )
+        .await
+        .unwrap();
+    let m = batches[0]
+        .column_by_name("m")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap()
+        .value(0);
+    assert!((4.0..=14.0).contains(&m), "{m}");
+}

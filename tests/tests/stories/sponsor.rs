@@ -1,0 +1,88 @@
+//! The sponsor: fetches a study's evidence bundle and verifies it offline.
+
+use tonic::Code;
+
+use crate::world::{World, key};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sponsor_verifies_which_dataset_versions_the_study_used() {
+    let w = World::ready(1.0).await;
+    let (h, _) = w
+        .run(
+            &key("alice"),
+            World::dp("s1", "SELECT COUNT(*) AS n FROM visits", 0.5),
+        )
+        .await
+        .unwrap();
+    let mut l = w.ledger_client(&key("pharma"));
+    let cp = l
+        .checkpoint(proto::v1::CheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let vk = ledger::note::VerifierKey::parse(&cp.verifier_key).unwrap();
+    assert_eq!(vk, *w.ledger.verifier_key());
+    let json = l
+        .bundle(proto::v1::BundleRequest { study: "s1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .bundle_json;
+    let bundle: ledger::bundle::Bundle = serde_json::from_str(&json).unwrap();
+    let summary = ledger::bundle::verify_bundle(&bundle, &vk, Some(&cp.checkpoint)).unwrap();
+    assert_eq!(summary.released, 1);
+    assert_eq!(summary.datasets.len(), 1);
+    let used = &summary.datasets[0];
+    assert_eq!(
+        (used.dataset.as_str(), used.version, used.digest.to_string()),
+        ("visits", 1, h.dataset_digest.clone())
+    );
+    assert!((used.epsilon - 0.5).abs() < 1e-12);
+    assert!(bundle.entries.iter().any(|e| e.index == h.receipt_index));
+
+    // A tampered bundle fails.
+    let mut bad = bundle.clone();
+    bad.entries[0].leaf_b64 = bad.entries[1].leaf_b64.clone();
+    assert!(ledger::bundle::verify_bundle(&bad, &vk, None).is_err());
+
+    // The receipt's inclusion proof checks against the checkpoint.
+    let proof = l
+        .inclusion_proof(proto::v1::InclusionProofRequest {
+            index: h.receipt_index,
+            tree_size: cp.tree_size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(proof.tree_size, cp.tree_size);
+    let leaf = l
+        .get_entry(proto::v1::GetEntryRequest {
+            index: h.receipt_index,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .leaf;
+    assert_eq!(leaf, w.ledger.leaf(h.receipt_index).unwrap());
+
+    // Another sponsor gets neither the bundle nor the receipt.
+    let mut rival = w.ledger_client(&key("rival"));
+    let e = rival
+        .bundle(proto::v1::BundleRequest { study: "s1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = rival
+        .get_entry(proto::v1::GetEntryRequest {
+            index: h.receipt_index,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Out of range.
+    let e = l
+        .get_entry(proto::v1::GetEntryRequest { index: 1 << 40 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange);
+}
