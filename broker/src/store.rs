@@ -9,7 +9,7 @@
 //! Engines are loaded once per version, after every file's SHA-256 is checked against the
 //! ledger again (fail closed: a changed file refuses the query).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -172,7 +172,7 @@ impl Store {
             target: self.version_dir(reg.dataset.as_str(), reg.version),
             expected,
             open: None,
-            done: HashMap::new(),
+            done: HashSet::new(),
         })
     }
 
@@ -245,7 +245,7 @@ pub struct Upload {
     target: PathBuf,
     expected: HashMap<String, (u64, ledger::ids::Digest)>,
     open: Option<OpenFile>,
-    done: HashMap<String, ()>,
+    done: HashSet<String>,
 }
 
 impl Drop for Upload {
@@ -278,7 +278,7 @@ impl Upload {
                 o.path, o.bytes
             )));
         }
-        self.done.insert(o.path, ());
+        self.done.insert(o.path);
         Ok(())
     }
 
@@ -286,17 +286,16 @@ impl Upload {
     pub async fn write(&mut self, path: &str, data: &[u8]) -> Result<(), Status> {
         if self.open.as_ref().is_none_or(|o| o.path != path) {
             self.close_open().await?;
-            let Some((expected, _)) = self.expected.get(path) else {
+            if !self.expected.contains_key(path) {
                 return Err(Status::invalid_argument(format!(
                     "file {path:?} is not in the entry's manifest"
                 )));
-            };
-            if self.done.contains_key(path) {
+            }
+            if self.done.contains(path) {
                 return Err(Status::invalid_argument(format!(
                     "file {path} was already sent; send each file's chunks together"
                 )));
             }
-            let _ = expected;
             let full = self.staging().join(path);
             if let Some(parent) = full.parent() {
                 tokio::fs::create_dir_all(parent)
@@ -335,7 +334,7 @@ impl Upload {
     /// it against the policy and the manifest, and moves it into place.
     pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Finished), Status> {
         self.close_open().await?;
-        if let Some(missing) = self.expected.keys().find(|p| !self.done.contains_key(*p)) {
+        if let Some(missing) = self.expected.keys().find(|p| !self.done.contains(*p)) {
             return Err(Status::invalid_argument(format!(
                 "file {missing} of the manifest was not sent"
             )));

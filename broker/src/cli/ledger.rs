@@ -156,7 +156,8 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn b64_all(hs: &[ledger::merkle::Hash]) -> Vec<String> {
+/// Hashes as base64 strings, as proofs are printed and served.
+pub(crate) fn b64_all(hs: &[ledger::merkle::Hash]) -> Vec<String> {
     hs.iter().map(|h| B64.encode(h)).collect()
 }
 

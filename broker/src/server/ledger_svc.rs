@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use ledger::entry::Body;
 use ledger::ids::Role;
 use proto::v1::{self, ledger_server::Ledger};
@@ -12,13 +10,10 @@ use tonic::{Request, Response, Status};
 
 use super::{Broker, caller};
 use crate::auth::Caller;
+use crate::cli::ledger::b64_all;
 
 /// The Ledger service.
 pub struct LedgerService(pub Arc<Broker>);
-
-fn b64_all(hs: &[ledger::merkle::Hash]) -> Vec<String> {
-    hs.iter().map(|h| B64.encode(h)).collect()
-}
 
 /// Whether `caller` may read the entry: its author, the operator, or for a study's entries
 /// and receipts, those who may see the study. Consents are their subject's business only.

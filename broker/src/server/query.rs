@@ -322,17 +322,10 @@ impl Query for QueryService {
             Err(s) => return Err(s),
         };
         engine.remember(&ereq, &release);
-        let (es, ds) = self.0.ledger.state().spent(&q.study, &q.dataset);
+        let spent = self.0.ledger.state().spent(&q.study, &q.dataset);
         let header = v1::QueryHeader {
             receipt_index: appended.index,
-            budget: Some(v1::Budget {
-                epsilon_left: (auth.granted.0 - es).max(0.0),
-                delta_left: (auth.granted.1 - ds).max(0.0),
-                epsilon_spent: es,
-                delta_spent: ds,
-                epsilon_granted: auth.granted.0,
-                delta_granted: auth.granted.1,
-            }),
+            budget: Some(super::registry::budget(auth.granted, spent)),
             epsilon_spent: release.epsilon,
             delta_spent: release.delta,
             repeated: release.repeated,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ledger::entry::Body;
-use ledger::ids::{Role, Timestamp};
+use ledger::ids::Role;
 use ledger::state::StudyStatus;
 use proto::v1::{self, registry_server::Registry};
 use tonic::{Request, Response, Status, Streaming};
@@ -13,19 +13,15 @@ use super::{Broker, appended, caller, signed_by_caller};
 /// The Registry service.
 pub struct RegistryService(pub Arc<Broker>);
 
-pub(crate) fn budget(
-    st: &ledger::State,
-    study: &str,
-    g: &ledger::entry::DatasetGrant,
-) -> v1::Budget {
-    let (es, ds) = st.spent(study, g.dataset.as_str());
+/// A budget as granted and spent.
+pub(crate) fn budget((eg, dg): (f64, f64), (es, ds): (f64, f64)) -> v1::Budget {
     v1::Budget {
-        epsilon_left: (g.epsilon - es).max(0.0),
-        delta_left: (g.delta - ds).max(0.0),
+        epsilon_left: (eg - es).max(0.0),
+        delta_left: (dg - ds).max(0.0),
         epsilon_spent: es,
         delta_spent: ds,
-        epsilon_granted: g.epsilon,
-        delta_granted: g.delta,
+        epsilon_granted: eg,
+        delta_granted: dg,
     }
 }
 
@@ -40,7 +36,10 @@ pub(crate) fn study_message(st: &ledger::State, s: &ledger::state::Study) -> v1:
                     dataset: g.dataset.to_string(),
                     dp: g.dp,
                     extract_k: g.extract_k.unwrap_or(0),
-                    budget: Some(budget(st, id, g)),
+                    budget: Some(budget(
+                        (g.epsilon, g.delta),
+                        st.spent(id, g.dataset.as_str()),
+                    )),
                 })
                 .collect(),
             a.valid_from.to_string(),
@@ -246,8 +245,6 @@ impl Registry for RegistryService {
     ) -> Result<Response<v1::ListStudiesResponse>, Status> {
         let caller = caller(&req)?;
         let st = self.0.ledger.state();
-        let now = Timestamp::now();
-        let _ = now;
         let mut studies: Vec<v1::Study> = st
             .studies()
             .filter(|s| may_see_study(&caller, s))
