@@ -418,21 +418,7 @@ impl State {
             Body::StudySuspended(b) | Body::StudyClosed(b) => {
                 need(role, &[Role::Irb], author, kind)?;
                 check_text("reason", &b.reason, 1000)?;
-                let st = self
-                    .studies
-                    .get(&b.study)
-                    .ok_or_else(|| not_found("study", &b.study))?;
-                if st.status == StudyStatus::Closed {
-                    return Err(invalid(format!("study {} is closed", b.study)));
-                }
-                if let Some((irb, _)) = &st.approval
-                    && irb != author
-                {
-                    return Err(Error::Forbidden(format!(
-                        "study {} was approved by another IRB",
-                        b.study
-                    )));
-                }
+                let st = self.study_for_irb(author, &b.study)?;
                 let suspend = matches!(body, Body::StudySuspended(_));
                 if suspend && st.status != StudyStatus::Approved {
                     return Err(invalid(format!("study {} is not approved", b.study)));
@@ -724,22 +710,27 @@ impl State {
         Ok(())
     }
 
-    fn check_approval(&self, author: &PrincipalId, b: &StudyApproved) -> Result<()> {
+    /// The study an IRB acts on: it exists, is not closed, and no other IRB approved it.
+    fn study_for_irb(&self, author: &PrincipalId, study: &StudyId) -> Result<&Study> {
         let st = self
             .studies
-            .get(&b.study)
-            .ok_or_else(|| not_found("study", &b.study))?;
+            .get(study)
+            .ok_or_else(|| not_found("study", study))?;
         if st.status == StudyStatus::Closed {
-            return Err(invalid(format!("study {} is closed", b.study)));
+            return Err(invalid(format!("study {study} is closed")));
         }
         if let Some((irb, _)) = &st.approval
             && irb != author
         {
             return Err(Error::Forbidden(format!(
-                "study {} was approved by another IRB",
-                b.study
+                "study {study} was approved by another IRB"
             )));
         }
+        Ok(st)
+    }
+
+    fn check_approval(&self, author: &PrincipalId, b: &StudyApproved) -> Result<()> {
+        let st = self.study_for_irb(author, &b.study)?;
         if b.valid_until <= b.valid_from {
             return Err(invalid("valid_until must be after valid_from"));
         }
