@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod dataset;
 pub mod ledger;
 
 /// Consentry: a privacy-preserving research data broker for health data.
@@ -27,11 +28,14 @@ pub enum Command {
     /// The tamper-evident ledger: create it, append signed entries, read proofs and
     /// checkpoints, verify it, and make or check a sponsor's evidence bundle.
     Ledger(ledger::LedgerArgs),
+    /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file.
+    Dataset(dataset::DatasetArgs),
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ledger(args) => ledger::run(args),
+        Command::Dataset(args) => dataset::run(args),
     }
 }
