@@ -57,6 +57,8 @@ impl UnitIndex {
         if col.null_count() > 0 {
             return Err(Error::Dataset("the privacy-unit column has nulls".into()));
         }
+        // Parquet readers give text as `Utf8View`: number every text type as `Utf8`.
+        let col = &crate::safe_harbor::plain_text(col)?;
         match col.data_type() {
             DataType::Int64 => {
                 for v in col.as_primitive::<Int64Type>().values() {

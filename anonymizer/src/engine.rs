@@ -250,6 +250,11 @@ impl Engine {
         &self.dataset
     }
 
+    /// The session the dataset's tables are registered in (extracts run there too).
+    pub(crate) fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
     fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
         let mut h = sha2::Sha256::new();
         for part in [req.scope.as_bytes(), sql.as_bytes()] {

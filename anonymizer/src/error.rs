@@ -32,6 +32,18 @@ pub enum Error {
     /// A noise mechanism could not be built or run.
     #[error("noise mechanism: {0}")]
     Mechanism(String),
+    /// A column holds a value its policy does not allow (outside its domain, not a date, not a
+    /// ZIP code). The message names the column, never the value.
+    #[error("column {column}: {reason}")]
+    BadValue {
+        /// The column.
+        column: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A study secret is unusable (the message never shows it).
+    #[error("study secret: {0}")]
+    Secret(String),
     /// An error inside the query engine.
     #[error("query engine: {0}")]
     Engine(String),

@@ -12,16 +12,24 @@
 //! - [`mechanisms`]: noise from OpenDP, with privacy loss read from OpenDP's privacy maps.
 //! - [`release`]: keys, noise and accuracy for each statistic.
 //! - [`engine`]: [`Engine::run`], the query path.
+//! - [`safe_harbor`]: HIPAA Safe Harbor generalizations over Arrow arrays.
+//! - [`pseudonym`]: study secrets and HMAC-SHA256 pseudonyms of the privacy unit.
+//! - [`extract`]: [`Engine::extract`], de-identified k-anonymous rows; the small-cell rule.
+//! - [`inspect`]: proposing a policy by detecting identifier columns.
 //! - [`error`]: the error type.
 
 pub mod consent;
 pub mod dataset;
 pub mod engine;
 pub mod error;
+pub mod extract;
+pub mod inspect;
 pub mod mechanisms;
 pub mod plan;
 pub mod policy;
+pub mod pseudonym;
 pub mod release;
+pub mod safe_harbor;
 
 #[cfg(test)]
 mod tests;

@@ -10,14 +10,16 @@
 //! [tables.visits.columns]
 //! patient_id  = { class = "privacy_unit" }
 //! name        = { class = "direct_identifier" }
-//! zip3        = { class = "quasi_identifier" }
+//! zip         = { class = "quasi_identifier", generalize = "zip3" }
 //! hba1c       = { class = "sensitive", bounds = [4.0, 14.0] }
 //! diagnosis   = { class = "public", domain = ["E11", "I10"] }
 //! ```
 //!
 //! Direct identifiers are never readable. Sums and averages need `bounds` (values are clamped
 //! to them). A `domain` makes a column's GROUP BY keys public: every key is released, empty
-//! ones too, and no partition selection is needed.
+//! ones too, and no partition selection is needed. `generalize` (quasi-identifiers only) says
+//! how extracts release the column (see [`crate::safe_harbor::Rule::parse`]). The README has
+//! the full file format.
 
 use std::collections::BTreeMap;
 
@@ -93,9 +95,22 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Parses and checks a TOML policy.
+    /// Parses and checks a TOML policy. Syntax errors and wrong fields name the line and
+    /// column; inconsistencies name the table and column.
     pub fn from_toml(text: &str) -> Result<Policy> {
-        let p: Policy = toml::from_str(text).map_err(|e| Error::Policy(e.to_string()))?;
+        let p: Policy = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let before = &text[..s.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            Error::Policy(format!(
+                "{}{}",
+                at.unwrap_or_default(),
+                e.message().trim_end()
+            ))
+        })?;
         p.check()?;
         Ok(p)
     }
@@ -119,6 +134,16 @@ impl Policy {
             return bad("the policy lists no table".into());
         }
         for (t, tp) in &self.tables {
+            for (c, cp) in &tp.columns {
+                if cp.generalize.is_some() && cp.class != ColumnClass::QuasiIdentifier {
+                    return bad(format!(
+                        "table {t}, column {c}: only quasi-identifiers have a generalization"
+                    ));
+                }
+                if let Err(m) = crate::safe_harbor::Rule::parse(cp.generalize.as_deref()) {
+                    return bad(format!("table {t}, column {c}: {m}"));
+                }
+            }
             match tp.columns.get(&self.privacy_unit) {
                 Some(c) if c.class == ColumnClass::PrivacyUnit => {}
                 _ => {
@@ -181,12 +206,14 @@ impl Policy {
                 )));
             }
         }
-        for c in tp.columns.keys() {
-            if schema.field_with_name(c).is_err() {
+        for (c, cp) in &tp.columns {
+            let Ok(f) = schema.field_with_name(c) else {
                 return Err(Error::Policy(format!(
                     "table {table}: the policy names unknown column {c}"
                 )));
-            }
+            };
+            crate::safe_harbor::Rule::for_column(c, cp, f.data_type())
+                .map_err(|e| Error::Policy(format!("table {table}: {e}")))?;
         }
         Ok(())
     }
@@ -246,10 +273,82 @@ site_no = { class = "public", domain = [1, 2, 3] }
                 ),
                 "direct identifier",
             ),
-            ("not toml [".to_string(), ""),
+            (
+                GOOD.replace(
+                    "class = \"direct_identifier\"",
+                    "class = \"quasi_identifier\", generalize = \"decade\"",
+                ),
+                "table visits, column name: unknown generalization",
+            ),
+            (
+                GOOD.replace(
+                    "\"public\", domain = [\"E11\", \"I10\"]",
+                    "\"public\", generalize = \"zip3\"",
+                ),
+                "column diagnosis: only quasi-identifiers",
+            ),
+            ("not toml [".to_string(), "line 1, column"),
         ] {
             let e = Policy::from_toml(&edit).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn malformed_files_name_the_line_and_column() {
+        for (edit, needle) in [
+            (
+                GOOD.replace("\"sensitive\"", "\"secret\""),
+                "line 8, column 19: unknown variant `secret`",
+            ),
+            (
+                GOOD.replace("max_rows_per_unit = 10", "max_rows_per_unit = \"ten\""),
+                "line 3, column 21",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds = [4.0, 14.0"),
+                "line 8",
+            ),
+            (
+                GOOD.replace("name = {", "name = { colour = 1,"),
+                "line 7, column 10: unknown field `colour`",
+            ),
+        ] {
+            let e = Policy::from_toml(&edit).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_column_must_be_classified_and_generalizations_fit_types() {
+        use arrow::datatypes::{DataType, Field, Schema};
+        let p = Policy::from_toml(GOOD).unwrap();
+        let field = |n: &str, t: DataType| Field::new(n, t, true);
+        let cols = vec![
+            field("patient_id", DataType::Int64),
+            field("name", DataType::Utf8),
+            field("hba1c", DataType::Float64),
+            field("diagnosis", DataType::Utf8),
+            field("site_no", DataType::Int64),
+        ];
+        p.check_schema("visits", &Schema::new(cols.clone()))
+            .unwrap();
+        let mut more = cols.clone();
+        more.push(field("ssn", DataType::Utf8));
+        let e = p.check_schema("visits", &Schema::new(more)).unwrap_err();
+        assert!(
+            e.to_string().contains("column ssn is not classified"),
+            "{e}"
+        );
+        let zip = Policy::from_toml(&GOOD.replace(
+            "name = { class = \"direct_identifier\" }",
+            "name = { class = \"quasi_identifier\", generalize = \"age\" }",
+        ))
+        .unwrap();
+        let e = zip.check_schema("visits", &Schema::new(cols)).unwrap_err();
+        assert!(
+            e.to_string().contains("column name: generalization age"),
+            "{e}"
+        );
     }
 }

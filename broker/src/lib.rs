@@ -10,6 +10,7 @@
 //! - [`auth`]: bearer JWTs (EdDSA) minted with a principal's key and checked on the ledger.
 //! - [`server`]: the gRPC services and `serve`.
 //! - [`store`]: datasets on disk and their query engines.
+//! - [`secrets`]: study pseudonym secrets (0600 files, never sent or logged).
 //! - [`manifest`]: dataset manifests (file digests, rows, schemas).
 //! - [`client`]: signing, tokens and uploads on the client side (CLI, tests).
 
@@ -17,5 +18,6 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod manifest;
+pub mod secrets;
 pub mod server;
 pub mod store;

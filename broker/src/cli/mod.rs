@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod dataset;
 pub mod ledger;
 pub mod serve;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Mint a bearer token (EdDSA JWT, at most 15 minutes) with a principal's key.
     Token(serve::TokenArgs),
+    /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file.
+    Dataset(dataset::DatasetArgs),
 }
 
 /// Runs a parsed command line.
@@ -41,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ledger(args) => ledger::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::Token(args) => serve::token(args),
+        Command::Dataset(args) => dataset::run(args),
     }
 }

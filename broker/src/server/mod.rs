@@ -16,6 +16,7 @@ use proto::v1;
 use tonic::{Request, Status};
 
 use crate::auth::{self, Caller};
+use crate::secrets::Secrets;
 use crate::store::Store;
 
 mod audit;
@@ -31,6 +32,7 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 pub struct Broker {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) store: Store,
+    pub(crate) secrets: Arc<Secrets>,
 }
 
 impl Broker {
@@ -38,6 +40,7 @@ impl Broker {
     pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> anyhow::Result<Arc<Broker>> {
         Ok(Arc::new(Broker {
             store: Store::open(data_dir)?,
+            secrets: Arc::new(Secrets::open(data_dir)?),
             ledger,
         }))
     }

@@ -31,6 +31,7 @@ struct Authorized {
     filter: ledger::state::ConsentFilter,
     budget_left: (f64, f64),
     granted: (f64, f64),
+    extract_k: Option<u32>,
 }
 
 /// A refusal: its status code and the reason receipted.
@@ -132,6 +133,7 @@ fn authorize(
         filter,
         budget_left,
         granted: (grant.epsilon, grant.delta),
+        extract_k: grant.extract_k,
     })
 }
 
@@ -140,8 +142,8 @@ fn anonymizer_denial(e: &anonymizer::Error) -> Denial {
     let code = match e {
         E::Refused { .. } | E::InvalidQuery(_) => Code::InvalidArgument,
         E::BudgetExhausted { .. } => Code::ResourceExhausted,
-        E::Policy(_) | E::Dataset(_) => Code::FailedPrecondition,
-        E::Mechanism(_) | E::Engine(_) => Code::Internal,
+        E::Policy(_) | E::Dataset(_) | E::BadValue { .. } => Code::FailedPrecondition,
+        E::Mechanism(_) | E::Engine(_) | E::Secret(_) => Code::Internal,
     };
     deny(code, e.to_string())
 }
@@ -198,6 +200,158 @@ impl QueryService {
     }
 }
 
+/// A result ready for its receipt: the bytes to send and what the receipt records.
+struct Released {
+    ipc: Vec<u8>,
+    sql: String,
+    mechanism: BTreeMap<String, serde_json::Value>,
+    epsilon: f64,
+    delta: f64,
+    consent_digest: [u8; 32],
+    result_digest: [u8; 32],
+    repeated: bool,
+    rows_suppressed: Option<u64>,
+}
+
+impl QueryService {
+    /// Appends the release's receipt (the ledger debits the budget under its single writer and
+    /// refuses an overspend), and returns the header and the bytes to send.
+    async fn receipted(
+        &self,
+        caller: &Caller,
+        q: &v1::QueryRequest,
+        sql: String,
+        mode: QueryMode,
+        auth: &Authorized,
+        r: Released,
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+        let receipt = QueryReceipt {
+            study: q.study.clone(),
+            researcher: PrincipalId::new(&caller.id)
+                .map_err(|e| Status::internal(e.to_string()))?,
+            dataset: Some(auth.reg.dataset.clone()),
+            version: Some(auth.reg.version),
+            dataset_digest: Some(auth.reg.digest.clone()),
+            sql: r.sql.clone(),
+            mode,
+            mechanism: r.mechanism,
+            epsilon: r.epsilon,
+            delta: r.delta,
+            consent_digest: Some(Digest::from_bytes(r.consent_digest)),
+            result_digest: Some(Digest::from_bytes(r.result_digest)),
+            outcome: Outcome::Released,
+            reason: None,
+            rows_suppressed: r.rows_suppressed,
+        };
+        // The receipt is durable before any byte of the result leaves. The ledger refuses it
+        // if concurrent queries spent the budget meanwhile; then nothing is released.
+        let appended = match self
+            .0
+            .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
+            .await
+        {
+            Ok(a) => a,
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                let d = deny(Code::ResourceExhausted, s.message().to_owned());
+                return Err(self.denied(caller, q, sql, mode, d).await);
+            }
+            Err(s) => return Err(s),
+        };
+        let spent = self.0.ledger.state().spent(&q.study, &q.dataset);
+        let header = v1::QueryHeader {
+            receipt_index: appended.index,
+            budget: Some(super::registry::budget(auth.granted, spent)),
+            epsilon_spent: r.epsilon,
+            delta_spent: r.delta,
+            repeated: r.repeated,
+            normalized_sql: r.sql,
+            result_digest: Digest::from_bytes(r.result_digest).to_string(),
+            consent_digest: Digest::from_bytes(r.consent_digest).to_string(),
+            dataset_version: auth.reg.version,
+            dataset_digest: auth.reg.digest.to_string(),
+            rows_suppressed: r.rows_suppressed.unwrap_or(0),
+        };
+        tracing::info!(caller = %caller.id, study = %q.study, receipt = appended.index,
+            mode = ?mode, epsilon = r.epsilon, rows_suppressed = r.rows_suppressed,
+            "query released");
+        Ok((header, r.ipc))
+    }
+
+    /// A de-identified, k-anonymous extract with the approval's k and the study's pseudonyms.
+    /// Spends no privacy budget; its receipt records k, the quasi-identifiers and the rows
+    /// suppressed.
+    async fn extract(
+        &self,
+        caller: &Caller,
+        q: &v1::QueryRequest,
+        sql: &str,
+        auth: &Authorized,
+        engine: &anonymizer::Engine,
+        filter: &anonymizer::ConsentFilter,
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+        let mode = QueryMode::Extract;
+        let Some(k) = auth.extract_k else {
+            return Err(Status::internal("an extract without an approved k"));
+        };
+        if q.epsilon != 0.0 || q.delta != 0.0 {
+            let d = deny(
+                Code::InvalidArgument,
+                "an extract spends no privacy budget; leave epsilon and delta at 0",
+            );
+            return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
+        }
+        let secrets = self.0.secrets.clone();
+        let study = q.study.clone();
+        let secret = match tokio::task::spawn_blocking(move || secrets.get(&study)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "study secret");
+                return Err(Status::internal(
+                    "study secret unavailable; see the broker's log",
+                ));
+            }
+            Err(_) => return Err(Status::internal("a study secret task failed")),
+        };
+        let today = chrono::DateTime::from_timestamp(Timestamp::now().unix(), 0)
+            .map(|t| t.date_naive())
+            .ok_or_else(|| Status::internal("the clock is out of range"))?;
+        let req = anonymizer::extract::ExtractRequest {
+            sql,
+            filter,
+            k,
+            secret: &secret,
+            reference_date: today,
+        };
+        let x = match engine.extract(&req).await {
+            Ok(x) => x,
+            Err(e) => {
+                let d = anonymizer_denial(&e);
+                return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
+            }
+        };
+        let mut mechanism = BTreeMap::new();
+        mechanism.insert("k".into(), serde_json::Value::from(x.k));
+        mechanism.insert(
+            "quasi_identifiers".into(),
+            serde_json::Value::from(x.quasi_identifiers.clone()),
+        );
+        mechanism.insert("rows".into(), serde_json::Value::from(x.rows));
+        let released = Released {
+            ipc: ipc_bytes(&x.schema, &x.batches)?,
+            sql: x.sql.clone(),
+            mechanism,
+            epsilon: 0.0,
+            delta: 0.0,
+            consent_digest: x.consent_digest,
+            result_digest: x.result_digest,
+            repeated: false,
+            rows_suppressed: Some(x.suppressed_rows),
+        };
+        self.receipted(caller, q, sql.to_owned(), mode, auth, released)
+            .await
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -209,10 +363,13 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-fn ipc_bytes(release: &anonymizer::Release) -> Result<Vec<u8>, Status> {
-    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &release.schema)
+fn ipc_bytes(
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[arrow::array::RecordBatch],
+) -> Result<Vec<u8>, Status> {
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
         .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
-    for b in &release.batches {
+    for b in batches {
         w.write(b)
             .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
     }
@@ -251,93 +408,59 @@ impl Query for QueryService {
             Ok(a) => a,
             Err(d) => return Err(self.denied(&caller, &q, sql, mode, d).await),
         };
-        if mode == QueryMode::Extract {
-            let d = deny(
-                Code::Unimplemented,
-                "extracts are not served by this broker yet; run DP aggregates",
-            );
-            return Err(self.denied(&caller, &q, sql, mode, d).await);
-        }
         let engine = self.0.store.engine(&auth.reg).await?;
         let filter = self
             .0
             .store
             .convert(&q.dataset, &q.study, auth.filter.clone());
-        let scope = format!("{}\n{}", q.study, auth.reg.digest);
-        let ereq = EngineRequest {
-            scope: &scope,
-            sql: &sql,
-            epsilon: q.epsilon,
-            delta: q.delta,
-            filter: &filter,
-            budget_left: auth.budget_left,
-        };
-        let release = match engine.run_pending(&ereq).await {
-            Ok(r) => r,
-            Err(e) => {
-                let d = anonymizer_denial(&e);
-                return Err(self.denied(&caller, &q, sql, mode, d).await);
+        let released = if mode == QueryMode::Extract {
+            self.extract(&caller, &q, &sql, &auth, &engine, &filter)
+                .await?
+        } else {
+            let scope = format!("{}\n{}", q.study, auth.reg.digest);
+            let ereq = EngineRequest {
+                scope: &scope,
+                sql: &sql,
+                epsilon: q.epsilon,
+                delta: q.delta,
+                filter: &filter,
+                budget_left: auth.budget_left,
+            };
+            let release = match engine.run_pending(&ereq).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let d = anonymizer_denial(&e);
+                    return Err(self.denied(&caller, &q, sql, mode, d).await);
+                }
+            };
+            let mut mechanism = BTreeMap::new();
+            if let serde_json::Value::Object(m) = &release.mechanism {
+                for (k, v) in m {
+                    mechanism.insert(k.clone(), v.clone());
+                }
             }
-        };
-        let ipc = ipc_bytes(&release)?;
-        let mut mechanism = BTreeMap::new();
-        if let serde_json::Value::Object(m) = &release.mechanism {
-            for (k, v) in m {
-                mechanism.insert(k.clone(), v.clone());
+            if release.repeated {
+                mechanism.insert("repeat".into(), serde_json::Value::Bool(true));
             }
-        }
-        if release.repeated {
-            mechanism.insert("repeat".into(), serde_json::Value::Bool(true));
-        }
-        let receipt = QueryReceipt {
-            study: q.study.clone(),
-            researcher: PrincipalId::new(&caller.id)
-                .map_err(|e| Status::internal(e.to_string()))?,
-            dataset: Some(auth.reg.dataset.clone()),
-            version: Some(auth.reg.version),
-            dataset_digest: Some(auth.reg.digest.clone()),
-            sql: release.sql.clone(),
-            mode,
-            mechanism,
-            epsilon: release.epsilon,
-            delta: release.delta,
-            consent_digest: Some(Digest::from_bytes(release.consent_digest)),
-            result_digest: Some(Digest::from_bytes(release.result_digest)),
-            outcome: Outcome::Released,
-            reason: None,
-            rows_suppressed: None,
+            let released = Released {
+                ipc: ipc_bytes(&release.schema, &release.batches)?,
+                sql: release.sql.clone(),
+                mechanism,
+                epsilon: release.epsilon,
+                delta: release.delta,
+                consent_digest: release.consent_digest,
+                result_digest: release.result_digest,
+                repeated: release.repeated,
+                rows_suppressed: None,
+            };
+            let out = self
+                .receipted(&caller, &q, sql.clone(), mode, &auth, released)
+                .await?;
+            // Only now that its receipt is durable may the answer be repeated for free.
+            engine.remember(&ereq, &release);
+            out
         };
-        // The receipt is durable before any byte of the result leaves. The ledger refuses it
-        // if concurrent queries spent the budget meanwhile; then nothing is released.
-        let appended = match self
-            .0
-            .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
-            .await
-        {
-            Ok(a) => a,
-            Err(s) if s.code() == Code::ResourceExhausted => {
-                let d = deny(Code::ResourceExhausted, s.message().to_owned());
-                return Err(self.denied(&caller, &q, sql, mode, d).await);
-            }
-            Err(s) => return Err(s),
-        };
-        engine.remember(&ereq, &release);
-        let spent = self.0.ledger.state().spent(&q.study, &q.dataset);
-        let header = v1::QueryHeader {
-            receipt_index: appended.index,
-            budget: Some(super::registry::budget(auth.granted, spent)),
-            epsilon_spent: release.epsilon,
-            delta_spent: release.delta,
-            repeated: release.repeated,
-            normalized_sql: release.sql.clone(),
-            result_digest: Digest::from_bytes(release.result_digest).to_string(),
-            consent_digest: Digest::from_bytes(release.consent_digest).to_string(),
-            dataset_version: auth.reg.version,
-            dataset_digest: auth.reg.digest.to_string(),
-            rows_suppressed: 0,
-        };
-        tracing::info!(caller = %caller.id, study = %q.study, receipt = appended.index,
-            epsilon = release.epsilon, "query released");
+        let (header, ipc) = released;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             use v1::query_response::Part;

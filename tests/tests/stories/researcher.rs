@@ -223,3 +223,120 @@ async fn averages_are_noisy_but_near_the_truth() {
         .value(0);
     assert!((4.0..=14.0).contains(&m), "{m}");
 }
+
+/// (pseudonym, zip) of every released row.
+fn extract_rows(batches: &[arrow::array::RecordBatch]) -> Vec<(String, String)> {
+    let mut rows = vec![];
+    for b in batches {
+        let pid = b.column_by_name("patient_id").unwrap().as_string::<i32>();
+        let zip = b.column_by_name("zip").unwrap().as_string::<i32>();
+        for i in 0..b.num_rows() {
+            rows.push((pid.value(i).to_owned(), zip.value(i).to_owned()));
+        }
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use crate::world::RARE_ZIPS;
+
+    let w = World::ready(1.0).await;
+    for s in ["x1", "x2"] {
+        w.register_study(s, "alice", "pharma").await;
+        let grant = serde_json::json!({
+            "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
+        });
+        w.approve_grant(s, "irb", grant).await;
+    }
+    let alice = key("alice");
+    let sql = "SELECT patient_id, zip, sex, hba1c FROM visits";
+    let (h, batches) = w.run(&alice, World::extract("x1", sql)).await.unwrap();
+    let rows = extract_rows(&batches);
+
+    // Counted independently: every ZIP class is shared by at least k = 5 patients.
+    let mut classes: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (pid, zip) in &rows {
+        classes.entry(zip).or_default().insert(pid);
+    }
+    for (zip, patients) in &classes {
+        assert!(patients.len() >= 5, "class {zip} has {}", patients.len());
+    }
+    // Three-digit ZIPs, the restricted 036 released as 000; the five patients with ZIP codes
+    // of their own (two visits each) are suppressed, and the count is reported.
+    assert_eq!(
+        classes.keys().copied().collect::<Vec<_>>(),
+        ["000", "021", "100"]
+    );
+    assert_eq!(h.rows_suppressed, 2 * RARE_ZIPS as u64);
+    assert_eq!(rows.len() as i64, 2 * (CONSENTED - RARE_ZIPS));
+    // Study pseudonyms, never the ids.
+    let pseudonyms: BTreeSet<&str> = rows.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(pseudonyms.len() as i64, CONSENTED - RARE_ZIPS);
+    for p in &pseudonyms {
+        assert!(
+            p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{p}"
+        );
+    }
+
+    // The receipt: mode, k, the suppressed rows, the digests; no budget spent.
+    let r = w.receipt(h.receipt_index);
+    assert_eq!(r.outcome, ledger::entry::Outcome::Released);
+    assert_eq!(r.mode, ledger::entry::QueryMode::Extract);
+    assert_eq!(r.rows_suppressed, Some(2 * RARE_ZIPS as u64));
+    assert_eq!(r.mechanism["k"], serde_json::json!(5));
+    assert_eq!(r.mechanism["quasi_identifiers"], serde_json::json!(["zip"]));
+    assert_eq!(
+        r.result_digest.as_ref().unwrap().to_string(),
+        h.result_digest
+    );
+    assert_eq!(r.epsilon, 0.0);
+    assert_eq!(w.ledger.state().spent("x1", "visits"), (0.0, 0.0));
+
+    // Stable within a study, unlinkable across studies.
+    let (_, again) = w.run(&alice, World::extract("x1", sql)).await.unwrap();
+    let again: BTreeSet<String> = extract_rows(&again).into_iter().map(|r| r.0).collect();
+    assert_eq!(
+        again,
+        pseudonyms
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+    let (_, other) = w.run(&alice, World::extract("x2", sql)).await.unwrap();
+    let other: BTreeSet<String> = extract_rows(&other).into_iter().map(|r| r.0).collect();
+    assert_eq!(other.len(), pseudonyms.len());
+    assert!(other.iter().all(|p| !pseudonyms.contains(p.as_str())));
+
+    // Refusals, each receipted as a denied extract.
+    let cases = [
+        ("SELECT name FROM visits", 0.0, Code::InvalidArgument),
+        ("SELECT * FROM visits", 0.0, Code::InvalidArgument),
+        (
+            "SELECT patient_id FROM visits WHERE zip = '02139'",
+            0.0,
+            Code::InvalidArgument,
+        ),
+        ("SELECT sex FROM visits", 0.5, Code::InvalidArgument),
+    ];
+    for (sql, eps, code) in cases {
+        let req = proto::v1::QueryRequest {
+            epsilon: eps,
+            ..World::extract("x1", sql)
+        };
+        let e = w.run(&alice, req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{sql}: {e:?}");
+        let r = w.receipt(World::receipt_of(&e));
+        assert_eq!(r.outcome, ledger::entry::Outcome::Denied, "{sql}");
+        assert_eq!(r.mode, ledger::entry::QueryMode::Extract);
+    }
+    // DP aggregates are not approved for x1.
+    let e = w
+        .run(&alice, World::dp("x1", "SELECT COUNT(*) FROM visits", 0.1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}

@@ -21,6 +21,7 @@ max_rows_per_unit = 5
 patient_id = { class = "privacy_unit" }
 name = { class = "direct_identifier" }
 sex = { class = "public", domain = ["F", "M"] }
+zip = { class = "quasi_identifier", generalize = "zip3" }
 hba1c = { class = "sensitive", bounds = [4.0, 14.0] }
 "#;
 
@@ -28,6 +29,20 @@ hba1c = { class = "sensitive", bounds = [4.0, 14.0] }
 pub const PATIENTS: i64 = 200;
 /// Patients with a recorded consent: the first CONSENTED.
 pub const CONSENTED: i64 = 150;
+/// Patients 0..RARE_ZIPS live in ZIP codes of their own (distinct three-digit prefixes), so
+/// k-anonymous extracts suppress their rows.
+pub const RARE_ZIPS: i64 = 5;
+
+/// Patient `p`'s ZIP code: a rare one, a restricted prefix (036, released as 000) for the next
+/// five, then two common areas.
+pub fn zip_of(p: i64) -> String {
+    match p {
+        p if p < RARE_ZIPS => format!("{}0000", 5 + p),
+        p if p < RARE_ZIPS + 5 => "03601".into(),
+        p if p % 2 == 0 => "02139".into(),
+        _ => "10001".into(),
+    }
+}
 
 pub type Auth = InterceptedService<Channel, Bearer>;
 
@@ -54,11 +69,13 @@ pub fn body(kind: &str, json: serde_json::Value) -> Body {
 
 pub fn visits() -> RecordBatch {
     let (mut pid, mut name, mut sex, mut h) = (vec![], vec![], vec![], vec![]);
+    let mut zip = vec![];
     for p in 0..PATIENTS {
         for v in 0..2 {
             pid.push(1000 + p);
             name.push(format!("Patient {p}"));
             sex.push(if p % 2 == 0 { "F" } else { "M" });
+            zip.push(zip_of(p));
             h.push(5.0 + ((p * 7 + v * 3) % 80) as f64 / 10.0);
         }
     }
@@ -68,12 +85,14 @@ pub fn visits() -> RecordBatch {
             Field::new("name", DataType::Utf8, false),
             Field::new("sex", DataType::Utf8, false),
             Field::new("hba1c", DataType::Float64, false),
+            Field::new("zip", DataType::Utf8, false),
         ])),
         vec![
             Arc::new(Int64Array::from(pid)),
             Arc::new(StringArray::from(name)),
             Arc::new(StringArray::from(sex)),
             Arc::new(Float64Array::from(h)),
+            Arc::new(StringArray::from(zip)),
         ],
     )
     .unwrap()
@@ -258,12 +277,19 @@ impl World {
     }
 
     pub async fn approve(&self, study: &str, irb: &str, eps: f64, delta: f64) {
+        let grant =
+            serde_json::json!({"dataset": "visits", "epsilon": eps, "delta": delta, "dp": true});
+        self.approve_grant(study, irb, grant).await;
+    }
+
+    /// Approves `study` with one grant (a JSON object of `study_approved`'s `grants`).
+    pub async fn approve_grant(&self, study: &str, irb: &str, grant: serde_json::Value) {
         let k = key(irb);
         let b = body(
             "study_approved",
             serde_json::json!({
                 "study": study,
-                "grants": [{"dataset": "visits", "epsilon": eps, "delta": delta, "dp": true}],
+                "grants": [grant],
                 "valid_from": "2020-01-01T00:00:00Z",
                 "valid_until": "2099-01-01T00:00:00Z",
             }),
@@ -272,6 +298,13 @@ impl World {
             .append(client::sign(&k, b).unwrap())
             .await
             .unwrap();
+    }
+
+    pub fn extract(study: &str, sql: &str) -> v1::QueryRequest {
+        v1::QueryRequest {
+            mode: v1::Mode::Extract as i32,
+            ..World::dp(study, sql, 0.0)
+        }
     }
 
     pub fn dp(study: &str, sql: &str, eps: f64) -> v1::QueryRequest {

@@ -1,0 +1,209 @@
+//! Study pseudonym secrets.
+//!
+//! Each study gets 32 random bytes the first time one of its extracts runs, kept in
+//! `<data-dir>/secrets/` (directory 0700, files 0600, named by the SHA-256 of the study id so
+//! no caller-chosen text reaches a path). A secret is written to a temporary file, fsynced and
+//! renamed into place, so a crash leaves either no secret or the whole one: pseudonyms stay
+//! stable within a study for the life of the data directory. Secrets never leave the broker,
+//! never reach a log or an error message, and are zeroized when dropped.
+
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anonymizer::pseudonym::StudySecret;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Bytes in a study secret.
+const SECRET_BYTES: usize = 32;
+
+/// The study secrets of one data directory.
+pub struct Secrets {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, Arc<StudySecret>>>,
+}
+
+/// Why a secret is unusable. The text never holds secret bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Reading or writing the secrets directory failed.
+    #[error("study secrets: {0}")]
+    Io(#[from] std::io::Error),
+    /// A secret file is readable by others or has the wrong size.
+    #[error("study secret file {0}: {1}")]
+    Bad(PathBuf, &'static str),
+    /// The system's random source failed.
+    #[error("study secrets: no randomness: {0}")]
+    Random(String),
+}
+
+impl Secrets {
+    /// Opens (creating, mode 0700) `<data_dir>/secrets`. Refuses a directory that others can
+    /// read.
+    pub fn open(data_dir: &Path) -> Result<Secrets, SecretError> {
+        let dir = data_dir.join("secrets");
+        DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        if std::fs::metadata(&dir)?.permissions().mode() & 0o077 != 0 {
+            return Err(SecretError::Bad(
+                dir,
+                "is accessible by group or others; run chmod 700 on it",
+            ));
+        }
+        Ok(Secrets {
+            dir,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn path(&self, study: &str) -> PathBuf {
+        let h = Sha256::digest(study.as_bytes());
+        let name: String = h.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{name}.secret"))
+    }
+
+    /// The study's secret, created on first use. Blocking file I/O: call it off the async
+    /// threads.
+    pub fn get(&self, study: &str) -> Result<Arc<StudySecret>, SecretError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cache.get(study) {
+            return Ok(s.clone());
+        }
+        let path = self.path(study);
+        let secret = match read(&path) {
+            Ok(s) => s,
+            Err(SecretError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                create(&self.dir, &path)?
+            }
+            Err(e) => return Err(e),
+        };
+        let secret = Arc::new(secret);
+        cache.insert(study.to_owned(), secret.clone());
+        Ok(secret)
+    }
+}
+
+fn read(path: &Path) -> Result<StudySecret, SecretError> {
+    let mut f = File::open(path)?;
+    let meta = f.metadata()?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(SecretError::Bad(
+            path.to_owned(),
+            "is accessible by group or others; run chmod 600 on it",
+        ));
+    }
+    if meta.len() != SECRET_BYTES as u64 {
+        return Err(SecretError::Bad(path.to_owned(), "has the wrong size"));
+    }
+    let mut bytes = Zeroizing::new([0u8; SECRET_BYTES]);
+    f.read_exact(&mut bytes[..])?;
+    StudySecret::from_bytes(&bytes[..])
+        .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+}
+
+fn create(dir: &Path, path: &Path) -> Result<StudySecret, SecretError> {
+    let mut bytes = Zeroizing::new([0u8; SECRET_BYTES]);
+    getrandom::fill(&mut bytes[..]).map_err(|e| SecretError::Random(e.to_string()))?;
+    let tmp = path.with_extension("tmp");
+    // A temporary file left by a crash holds an unused secret: replace it.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes[..])?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()?;
+    StudySecret::from_bytes(&bytes[..])
+        .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudonym(s: &StudySecret) -> String {
+        s.pseudonymizer().pseudonym(b"patient-1")
+    }
+
+    #[test]
+    fn secrets_are_private_stable_and_per_study() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let secrets = Secrets::open(dir.path()).unwrap();
+            let a = secrets.get("study-a").unwrap();
+            let b = secrets.get("study-b").unwrap();
+            assert_ne!(pseudonym(&a), pseudonym(&b), "unlinkable across studies");
+            assert_eq!(pseudonym(&a), pseudonym(&secrets.get("study-a").unwrap()));
+            pseudonym(&a)
+        };
+        // Stable across a restart.
+        let secrets = Secrets::open(dir.path()).unwrap();
+        assert_eq!(a, pseudonym(&secrets.get("study-a").unwrap()));
+        let sdir = dir.path().join("secrets");
+        assert_eq!(
+            std::fs::metadata(&sdir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let files: Vec<_> = std::fs::read_dir(&sdir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 2);
+        for f in &files {
+            let meta = std::fs::metadata(f).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            assert_eq!(meta.len(), 32);
+            let name = f.file_name().unwrap().to_str().unwrap();
+            assert!(!name.contains("study"), "no study id in file names");
+        }
+    }
+
+    #[test]
+    fn exposed_or_damaged_secrets_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::open(dir.path()).unwrap();
+        secrets.get("s").unwrap();
+        let path = secrets.path("s");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Secrets::open(dir.path())
+            .unwrap()
+            .get("s")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, [0u8; 5]).unwrap();
+        let err = Secrets::open(dir.path())
+            .unwrap()
+            .get("s")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wrong size"), "{err}");
+        // Never silently replaced: the file is still the damaged one.
+        assert_eq!(std::fs::read(&path).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn debug_output_never_shows_secret_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::open(dir.path()).unwrap();
+        let s = secrets.get("s").unwrap();
+        let bytes = std::fs::read(secrets.path("s")).unwrap();
+        let shown = format!("{s:?}");
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !shown.contains(&hex) && shown.contains("redacted"),
+            "{shown}"
+        );
+    }
+}

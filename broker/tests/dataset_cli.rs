@@ -1,0 +1,124 @@
+//! `broker dataset inspect`, end to end: a planted table in, a proposed policy and findings out.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+
+fn broker(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_table(path: &std::path::Path) {
+    let n = 300;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("contact", DataType::Utf8, false),
+        Field::new("zip", DataType::Utf8, false),
+        Field::new("diagnosis", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..n)),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("person{i}@example.org")),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("{:05}", 2100 + i)),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| ["E11", "I10"][i as usize % 2].to_string()),
+            )),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(path).unwrap(), &schema)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn inspect_proposes_a_policy_and_explains_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("visits.arrow");
+    write_table(&file);
+    let out = broker(&["dataset", "inspect", file.to_str().unwrap()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("privacy_unit = \"patient_id\""), "{stdout}");
+    assert!(
+        stdout.contains("contact = { class = \"direct_identifier\" }"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("zip = { class = \"quasi_identifier\", generalize = \"zip3\" }"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("100% of 300 sampled values match the email"),
+        "{stderr}"
+    );
+    // Findings never show values.
+    assert!(!stdout.contains("example.org") && !stderr.contains("example.org"));
+
+    // --out writes the file (never over an existing one); --json gives the findings.
+    let policy = dir.path().join("policy.toml");
+    let out = broker(&[
+        "dataset",
+        "inspect",
+        file.to_str().unwrap(),
+        "--out",
+        policy.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["findings"][1]["kind"], "email");
+    assert_eq!(v["findings"][1]["class"], "direct_identifier");
+    assert!(
+        std::fs::read_to_string(&policy)
+            .unwrap()
+            .contains("[tables.visits.columns]")
+    );
+    let again = broker(&[
+        "dataset",
+        "inspect",
+        file.to_str().unwrap(),
+        "--out",
+        policy.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("cannot create"));
+}
+
+#[test]
+fn inspect_refuses_unreadable_files_and_explains_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("notes.parquet");
+    std::fs::write(&bad, b"not parquet").unwrap();
+    let out = broker(&["dataset", "inspect", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("notes.parquet"),
+        "{}",
+        text(&out.stderr)
+    );
+    let help = broker(&["dataset", "inspect", "--help"]);
+    let help = text(&help.stdout);
+    assert!(
+        help.contains("CONSENTRY_INSPECT_OUT") && help.contains("--sample"),
+        "{help}"
+    );
+}
