@@ -27,6 +27,16 @@ pub fn sign(key: &SignerKey, body: Body) -> anyhow::Result<v1::SignedEntry> {
     })
 }
 
+/// A FHIR R4 Consent resource with its entry (converted by `ledger::fhir` and signed with
+/// `key`), ready for `Consent.ImportFhir`.
+pub fn fhir_import(key: &SignerKey, resource_json: &str) -> anyhow::Result<v1::FhirImportRequest> {
+    let body = ledger::fhir::import(resource_json, &PrincipalId::new(key.name())?)?;
+    Ok(v1::FhirImportRequest {
+        resource_json: resource_json.to_owned(),
+        entry: Some(sign(key, body)?),
+    })
+}
+
 /// Adds `authorization: Bearer <JWT>` to every call, minting a token per call.
 #[derive(Clone)]
 pub struct Bearer(std::sync::Arc<SignerKey>);

@@ -31,6 +31,7 @@ mod decode;
 pub mod duo;
 pub mod entry;
 pub mod error;
+pub mod fhir;
 pub mod ids;
 mod jcs;
 pub mod keyfile;

@@ -1,5 +1,6 @@
 //! The Consent service: grants, limits and revocations signed by patients (or custodians
-//! recording paper consents), a subject's consents, and "who used my data".
+//! recording paper consents), FHIR R4 Consent import and export, a subject's consents, and
+//! "who used my data".
 
 use std::sync::Arc;
 
@@ -132,5 +133,53 @@ impl Consent for ConsentService {
             });
         }
         Ok(Response::new(v1::UsageResponse { usages }))
+    }
+
+    async fn import_fhir(
+        &self,
+        req: Request<v1::FhirImportRequest>,
+    ) -> Result<Response<v1::Appended>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let signed = signed_by_caller(&caller, r.entry)?;
+        let body = ledger::fhir::import(&r.resource_json, &signed.entry.author)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if body != signed.entry.body {
+            return Err(Status::invalid_argument(
+                "the signed entry does not say what the FHIR resource says; convert it with \
+                 the published mapping (the CLI's consent import-fhir does) and sign that",
+            ));
+        }
+        let a = self.0.blocking(move |l| l.append(signed)).await?;
+        tracing::info!(caller = %caller.id, index = a.index, "FHIR consent imported");
+        Ok(Response::new(appended(&a)))
+    }
+
+    async fn export_fhir(
+        &self,
+        req: Request<v1::SubjectRequest>,
+    ) -> Result<Response<v1::FhirBundle>, Status> {
+        let caller = caller(&req)?;
+        let views = {
+            let st = self.0.ledger.state();
+            let subject = readable_subject(&st, &caller, &req.get_ref().subject)?;
+            st.consents_of(&subject, Timestamp::now())
+        };
+        let mut resources = Vec::with_capacity(views.len());
+        for v in views {
+            let e = self
+                .0
+                .ledger
+                .entry(v.index)
+                .map_err(super::ledger_status)?
+                .entry;
+            let Body::ConsentGranted(g) = &e.body else {
+                return Err(Status::internal("a consent view points at another entry"));
+            };
+            resources.push(ledger::fhir::export(g, e.time, v.ended_by.is_none()));
+        }
+        Ok(Response::new(v1::FhirBundle {
+            bundle_json: ledger::fhir::bundle(resources).to_string(),
+        }))
     }
 }
