@@ -88,8 +88,13 @@ impl UnitSet {
 
     /// The filter as a DataFusion scalar function `consented(unit) -> bool`.
     pub fn udf(self) -> ScalarUDF {
+        Self::shared_udf(&Arc::new(self))
+    }
+
+    /// [`UnitSet::udf`] of a set shared between queries.
+    pub fn shared_udf(set: &Arc<UnitSet>) -> ScalarUDF {
         ScalarUDF::new_from_impl(Consented {
-            set: Arc::new(self),
+            set: set.clone(),
             signature: Signature::exact(vec![DataType::UInt32], Volatility::Immutable),
         })
     }

@@ -75,6 +75,29 @@ pub struct Engine {
     dataset: Arc<Dataset>,
     ctx: SessionContext,
     cache: Mutex<HashMap<[u8; 32], Release>>,
+    consents: Mutex<Vec<(ConsentFilter, Arc<Consent>)>>,
+}
+
+/// A consent filter prepared for this engine: its snapshot digest and its set of units.
+#[derive(Debug)]
+pub(crate) struct Consent {
+    /// [`consent_digest`] of the filter.
+    pub digest: [u8; 32],
+    /// The units admitted, or `None` for everyone.
+    pub set: Option<Arc<UnitSet>>,
+}
+
+/// Prepared consent filters kept per engine. A filter is recognized by the identity of its id
+/// list (the broker hands the same list while the ledger's consents are unchanged); the cache
+/// holds a clone of that list, so its address cannot be reused by another list meanwhile.
+const CONSENTS_KEPT: usize = 8;
+
+fn same_filter(a: &ConsentFilter, b: &ConsentFilter) -> bool {
+    match (a, b) {
+        (ConsentFilter::Include(x), ConsentFilter::Include(y))
+        | (ConsentFilter::Exclude(x), ConsentFilter::Exclude(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
 }
 
 /// Normalizes SQL: parsed and printed back, so whitespace, keyword case and comments do not
@@ -242,7 +265,29 @@ impl Engine {
             dataset: Arc::new(dataset),
             ctx,
             cache: Mutex::new(HashMap::new()),
+            consents: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The filter's digest and unit set, computed once per id list (sorting, hashing and
+    /// looking up a million ids costs more than a COUNT over a million rows).
+    pub(crate) fn consent(&self, filter: &ConsentFilter) -> Arc<Consent> {
+        let lock = || {
+            self.consents
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some((_, c)) = lock().iter().find(|(f, _)| same_filter(f, filter)) {
+            return c.clone();
+        }
+        let prepared = Arc::new(Consent {
+            digest: consent_digest(filter),
+            set: UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new),
+        });
+        let mut kept = lock();
+        kept.insert(0, (filter.clone(), prepared.clone()));
+        kept.truncate(CONSENTS_KEPT);
+        prepared
     }
 
     /// The loaded dataset.
@@ -293,7 +338,8 @@ impl Engine {
     /// spending nothing.
     pub async fn run_pending(&self, req: &Request<'_>) -> Result<Release> {
         let sql = normalize_sql(req.sql)?;
-        let consent = consent_digest(req.filter);
+        let prepared = self.consent(req.filter);
+        let consent = prepared.digest;
         let key = Self::cache_key(req, &sql, &consent);
         if let Some(r) = self
             .cache
@@ -333,7 +379,7 @@ impl Engine {
                 left: req.budget_left.0,
             });
         }
-        let raw = self.aggregate(&checked, req.filter).await?;
+        let raw = self.aggregate(&checked, prepared.set.as_ref()).await?;
         let noised = release::noise(&checked, &raw, &self.dataset, req.epsilon, delta)?;
         let batches = self.finish(&checked, &noised).await?;
         let schema = batches
@@ -356,12 +402,16 @@ impl Engine {
 
     /// Runs the aggregate over consented, bounded, clamped rows: one row per group with the
     /// raw statistics.
-    async fn aggregate(&self, checked: &Checked, filter: &ConsentFilter) -> Result<RecordBatch> {
+    async fn aggregate(
+        &self,
+        checked: &Checked,
+        consented: Option<&Arc<UnitSet>>,
+    ) -> Result<RecordBatch> {
         let input = checked.aggregate.input.as_ref().clone();
         let unit = unit_column(&input)?;
         let mut builder = LogicalPlanBuilder::from(input);
-        if let Some(set) = UnitSet::from_filter(filter, &self.dataset.units) {
-            let udf: ScalarUDF = set.udf();
+        if let Some(set) = consented {
+            let udf: ScalarUDF = UnitSet::shared_udf(set);
             builder = builder.filter(udf.call(vec![unit.clone()]))?;
         }
         let plan = builder
@@ -425,6 +475,7 @@ impl Engine {
     ) -> Result<RecordBatch> {
         let plan = self.ctx.state().create_logical_plan(sql).await?;
         let checked = plan::check(&plan, &self.dataset.policy)?;
-        self.aggregate(&checked, filter).await
+        let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
+        self.aggregate(&checked, set.as_ref()).await
     }
 }

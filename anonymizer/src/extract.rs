@@ -33,7 +33,7 @@ use datafusion::prelude::SessionContext;
 
 use crate::consent::{ConsentFilter, UnitSet};
 use crate::dataset::{Dataset, UNIT_COLUMN};
-use crate::engine::{Engine, consent_digest, normalize_sql};
+use crate::engine::{Engine, normalize_sql};
 use crate::error::{Error, Result};
 use crate::policy::{ColumnClass, ColumnPolicy, Domain, Policy};
 use crate::pseudonym::StudySecret;
@@ -362,19 +362,25 @@ fn rewrite(
 impl Engine {
     /// Runs a de-identified, k-anonymous extract. Nothing is released on any error.
     pub async fn extract(&self, req: &ExtractRequest<'_>) -> Result<Extract> {
-        run(self.dataset(), self.context(), req).await
+        let consent = self.consent(req.filter);
+        run(self.dataset(), self.context(), &consent, req).await
     }
 }
 
-async fn run(dataset: &Dataset, ctx: &SessionContext, req: &ExtractRequest<'_>) -> Result<Extract> {
+async fn run(
+    dataset: &Dataset,
+    ctx: &SessionContext,
+    prepared: &crate::engine::Consent,
+    req: &ExtractRequest<'_>,
+) -> Result<Extract> {
     if req.k == 0 {
         return Err(Error::InvalidQuery("k must be at least 1".into()));
     }
     let sql = normalize_sql(req.sql)?;
-    let consent = consent_digest(req.filter);
+    let consent = prepared.digest;
     let plan = ctx.state().create_logical_plan(&sql).await?;
     let checked = check(&plan, dataset)?;
-    let udf = UnitSet::from_filter(req.filter, &dataset.units).map(UnitSet::udf);
+    let udf = prepared.set.as_ref().map(UnitSet::shared_udf);
     let plan = rewrite(&checked.plan, udf.as_ref())?;
     let out_schema = plan.schema().inner().clone();
     let mut batches = ctx.execute_logical_plan(plan).await?.collect().await?;

@@ -478,3 +478,48 @@ proptest::proptest! {
         }
     }
 }
+
+#[tokio::test]
+async fn a_consent_list_is_prepared_once_and_never_confused_with_another() {
+    let e = engine(300);
+    let ids: Vec<String> = (1000..1100).map(|p: i64| p.to_string()).collect();
+    let list = Arc::new(ids.clone());
+    let f = ConsentFilter::Include(list.clone());
+    let first = e.consent(&f);
+    // The same list (as the broker hands it while consents are unchanged): the same set.
+    let again = e.consent(&ConsentFilter::Include(list.clone()));
+    assert!(Arc::ptr_eq(&first, &again));
+    // An equal list in another allocation: prepared again, same digest.
+    let copy = e.consent(&ConsentFilter::Include(Arc::new(ids.clone())));
+    assert!(!Arc::ptr_eq(&first, &copy));
+    assert_eq!(copy.digest, first.digest);
+    // The same list as an exclusion is another filter.
+    let excluded = e.consent(&ConsentFilter::Exclude(list.clone()));
+    assert_ne!(excluded.digest, first.digest);
+    assert_eq!(
+        excluded.digest,
+        crate::engine::consent_digest(&ConsentFilter::Exclude(list.clone()))
+    );
+    // Many other lists later, the first is still answered correctly.
+    for n in 0..20 {
+        let other = Arc::new(vec![(1000 + n).to_string()]);
+        let c = e.consent(&ConsentFilter::Include(other.clone()));
+        assert_eq!(
+            c.digest,
+            crate::engine::consent_digest(&ConsentFilter::Include(other))
+        );
+    }
+    let later = e.consent(&f);
+    assert_eq!(later.digest, first.digest);
+    // And the query over it counts exactly the consented patients' rows.
+    let r = e
+        .run(&req(
+            "SELECT COUNT(DISTINCT patient_id) AS n FROM visits",
+            "c",
+            &f,
+        ))
+        .await
+        .unwrap();
+    let n = column_f64(&r.batches, "n")[0];
+    assert!((n - 100.0).abs() < 60.0, "{n}");
+}
