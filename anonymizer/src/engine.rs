@@ -101,17 +101,64 @@ fn same_filter(a: &ConsentFilter, b: &ConsentFilter) -> bool {
 }
 
 /// Normalizes SQL: parsed and printed back, so whitespace, keyword case and comments do not
-/// make two identical queries look different.
+/// make two identical queries look different. Unquoted names are case-insensitive in
+/// DataFusion, so their case is folded too: function names upper, identifiers and table names
+/// lower (quoted ones are kept as written).
 pub fn normalize_sql(sql: &str) -> Result<String> {
-    let stmts = DFParser::parse_sql(sql).map_err(|e| Error::InvalidQuery(e.to_string()))?;
-    match stmts.len() {
-        1 => Ok(stmts[0].to_string()),
-        0 => Err(Error::InvalidQuery("empty query".into())),
-        _ => Err(Error::Refused {
-            construct: "several statements".into(),
-            advice: "send one query at a time".into(),
-        }),
+    use datafusion::sql::parser::Statement as DFStatement;
+    use datafusion::sql::sqlparser::ast::{
+        Expr as SqlExpr, Ident, ObjectName, ObjectNamePart, visit_expressions_mut,
+        visit_relations_mut,
+    };
+    use std::ops::ControlFlow;
+
+    fn fold(name: &mut ObjectName, upper: bool) {
+        for part in &mut name.0 {
+            if let ObjectNamePart::Identifier(id) = part {
+                fold_ident(id, upper);
+            }
+        }
     }
+    fn fold_ident(id: &mut Ident, upper: bool) {
+        if id.quote_style.is_none() {
+            id.value = if upper {
+                id.value.to_uppercase()
+            } else {
+                id.value.to_lowercase()
+            };
+        }
+    }
+
+    let mut stmts = DFParser::parse_sql(sql).map_err(|e| Error::InvalidQuery(e.to_string()))?;
+    match stmts.len() {
+        1 => {}
+        0 => return Err(Error::InvalidQuery("empty query".into())),
+        _ => {
+            return Err(Error::Refused {
+                construct: "several statements".into(),
+                advice: "send one query at a time".into(),
+            });
+        }
+    }
+    let mut stmt = stmts.pop_front().expect("one statement");
+    if let DFStatement::Statement(inner) = &mut stmt {
+        let _ = visit_expressions_mut(inner.as_mut(), |e| {
+            match e {
+                SqlExpr::Function(f) => fold(&mut f.name, true),
+                SqlExpr::Identifier(id) => fold_ident(id, false),
+                SqlExpr::CompoundIdentifier(ids) => {
+                    ids.iter_mut().for_each(|id| fold_ident(id, false));
+                }
+                _ => {}
+            }
+            ControlFlow::<()>::Continue(())
+        });
+        let _ = visit_relations_mut(inner.as_mut(), |name| {
+            fold(name, false);
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    Ok(stmt.to_string())
 }
 
 /// The digest of a consent snapshot, the same formula as the ledger's: SHA-256 over
@@ -300,16 +347,37 @@ impl Engine {
         &self.ctx
     }
 
-    fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
+    /// What identifies an identical repeat: the scope, the normalized SQL, the epsilon and
+    /// delta asked, and the consent snapshot's digest.
+    pub fn repeat_key(
+        scope: &str,
+        sql: &str,
+        epsilon: f64,
+        delta: f64,
+        consent: &[u8; 32],
+    ) -> [u8; 32] {
         let mut h = sha2::Sha256::new();
-        for part in [req.scope.as_bytes(), sql.as_bytes()] {
+        for part in [scope.as_bytes(), sql.as_bytes()] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
-        h.update(req.epsilon.to_le_bytes());
-        h.update(req.delta.to_le_bytes());
+        h.update(epsilon.to_le_bytes());
+        h.update(delta.to_le_bytes());
         h.update(consent);
         h.finalize().into()
+    }
+
+    fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
+        Self::repeat_key(req.scope, sql, req.epsilon, req.delta, consent)
+    }
+
+    /// Puts back a release recorded earlier (the broker's kept releases, after a restart),
+    /// under its [`Engine::repeat_key`]. The caller has checked that it was released.
+    pub fn restore(&self, key: [u8; 32], release: Release) {
+        self.cache
+            .lock()
+            .expect("the cache lock is never held across a panic")
+            .insert(key, release);
     }
 
     /// Runs a query and releases its noisy result, remembering it for identical repeats.

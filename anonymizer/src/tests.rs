@@ -523,3 +523,26 @@ async fn a_consent_list_is_prepared_once_and_never_confused_with_another() {
     let n = column_f64(&r.batches, "n")[0];
     assert!((n - 100.0).abs() < 60.0, "{n}");
 }
+
+#[test]
+fn normalization_folds_what_datafusion_folds() {
+    use crate::engine::normalize_sql;
+    let n = |sql: &str| normalize_sql(sql).unwrap();
+    let base = n("SELECT sex, COUNT(*) AS n FROM visits WHERE hba1c > 7 GROUP BY sex");
+    for same in [
+        "select SEX, count(*) as n from VISITS where HbA1c > 7 group by Sex",
+        "SELECT  sex ,\n Count( * ) AS n -- the same\nFROM visits WHERE hba1c>7 GROUP BY sex",
+    ] {
+        assert_eq!(n(same), base, "{same}");
+    }
+    assert_eq!(
+        n("SELECT Visits.SEX FROM visits"),
+        n("select visits.sex from VISITS")
+    );
+    // Quoted names and literals keep their case: they mean something else.
+    assert_ne!(
+        n("SELECT COUNT(*) FROM visits WHERE sex = 'F'"),
+        n("SELECT COUNT(*) FROM visits WHERE sex = 'f'")
+    );
+    assert!(n(r#"SELECT "Sex" FROM visits"#).contains(r#""Sex""#));
+}

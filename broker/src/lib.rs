@@ -11,12 +11,14 @@
 //! - [`server`]: the gRPC services and `serve`.
 //! - [`store`]: datasets on disk and their query engines.
 //! - [`secrets`]: study pseudonym secrets (0600 files, never sent or logged).
+//! - [`kept`]: released answers kept across restarts for free repeats.
 //! - [`manifest`]: dataset manifests (file digests, rows, schemas).
 //! - [`client`]: signing, tokens and uploads on the client side (CLI, tests).
 
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod kept;
 pub mod manifest;
 pub mod secrets;
 pub mod server;

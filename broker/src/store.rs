@@ -32,6 +32,7 @@ struct Converted {
 /// Datasets on disk and their engines.
 pub struct Store {
     root: PathBuf,
+    kept: crate::kept::Kept,
     engines: tokio::sync::Mutex<HashMap<(String, u32), Arc<Engine>>>,
     filters: Mutex<HashMap<(String, String), Converted>>,
 }
@@ -48,6 +49,7 @@ impl Store {
         std::fs::create_dir_all(&root)?;
         Ok(Store {
             root,
+            kept: crate::kept::Kept::open(data_dir)?,
             engines: Default::default(),
             filters: Default::default(),
         })
@@ -57,8 +59,18 @@ impl Store {
         self.root.join(dataset).join(version.to_string())
     }
 
-    /// The engine of a registered version, loading (and checking) it on first use.
-    pub async fn engine(&self, reg: &DatasetRegistered) -> Result<Arc<Engine>, Status> {
+    /// Released answers kept for free repeats across restarts.
+    pub fn kept(&self) -> &crate::kept::Kept {
+        &self.kept
+    }
+
+    /// The engine of a registered version, loading (and checking) it on first use, with the
+    /// releases kept for it that `ledger` confirms.
+    pub async fn engine(
+        &self,
+        reg: &DatasetRegistered,
+        ledger: &Arc<ledger::Ledger>,
+    ) -> Result<Arc<Engine>, Status> {
         let key = (reg.dataset.to_string(), reg.version);
         let mut engines = self.engines.lock().await;
         if let Some(e) = engines.get(&key) {
@@ -72,6 +84,11 @@ impl Store {
             .map_err(|e| internal("a dataset check failed", e))??;
         let dataset = load(&dir, reg).await?;
         let engine = Arc::new(Engine::new(dataset).map_err(|e| internal("loading", e))?);
+        let restored = tokio::task::block_in_place(|| self.kept.restore(reg, &engine, ledger));
+        if restored > 0 {
+            tracing::info!(dataset = %reg.dataset, version = reg.version, restored,
+                "kept releases restored for free repeats");
+        }
         engines.insert(key, engine.clone());
         Ok(engine)
     }

@@ -408,7 +408,7 @@ impl Query for QueryService {
             Ok(a) => a,
             Err(d) => return Err(self.denied(&caller, &q, sql, mode, d).await),
         };
-        let engine = self.0.store.engine(&auth.reg).await?;
+        let engine = self.0.store.engine(&auth.reg, &self.0.ledger).await?;
         let filter = self
             .0
             .store
@@ -456,8 +456,26 @@ impl Query for QueryService {
             let out = self
                 .receipted(&caller, &q, sql.clone(), mode, &auth, released)
                 .await?;
-            // Only now that its receipt is durable may the answer be repeated for free.
+            // Only now that its receipt is durable may the answer be repeated for free, here
+            // and after a restart.
             engine.remember(&ereq, &release);
+            if !release.repeated {
+                let asked = crate::kept::Asked {
+                    scope: &scope,
+                    epsilon: q.epsilon,
+                    delta: q.delta,
+                };
+                let kept = tokio::task::block_in_place(|| {
+                    self.0
+                        .store
+                        .kept()
+                        .save(&auth.reg, out.0.receipt_index, &asked, &release)
+                });
+                if let Err(e) = kept {
+                    tracing::warn!(error = %e, receipt = out.0.receipt_index,
+                        "a release was not kept; its repeat after a restart will be paid again");
+                }
+            }
             out
         };
         let (header, ipc) = released;

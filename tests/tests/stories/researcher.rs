@@ -340,3 +340,39 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeats_stay_free_and_identical_across_restarts() {
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    let sql = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex";
+    let (h1, b1) = w.run(&alice, World::dp("s1", sql, 0.5)).await.unwrap();
+    assert!(!h1.repeated);
+
+    let w = w.restart().await;
+    let (h2, b2) = w.run(&alice, World::dp("s1", sql, 0.5)).await.unwrap();
+    assert!(h2.repeated, "the kept release answers the repeat");
+    assert_eq!(h2.result_digest, h1.result_digest);
+    assert_eq!(b2, b1);
+    assert_eq!(h2.epsilon_spent, 0.0);
+    assert!((h2.budget.unwrap().epsilon_left - 0.5).abs() < 1e-9);
+
+    // A kept release that its receipt does not confirm is never served: here it points at
+    // another entry. The query is then answered afresh, and paid for.
+    let dir = w.dir.path().join("releases/visits/1");
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one release kept");
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    kept["receipt"] = serde_json::json!(h1.receipt_index - 1);
+    std::fs::write(&files[0], serde_json::to_vec(&kept).unwrap()).unwrap();
+    let w = w.restart().await;
+    let (h3, _) = w.run(&alice, World::dp("s1", sql, 0.5)).await.unwrap();
+    assert!(!h3.repeated);
+    assert_ne!(h3.result_digest, h1.result_digest);
+    assert!((h3.epsilon_spent - 0.5).abs() < 1e-9);
+    assert!(h3.budget.unwrap().epsilon_left.abs() < 1e-9);
+}

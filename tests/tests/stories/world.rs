@@ -109,8 +109,22 @@ impl World {
     /// A broker with an operator only.
     pub async fn empty() -> World {
         let dir = tempfile::tempdir().unwrap();
+        let (running, ledger) = Self::start(dir.path()).await;
+        let operator =
+            ledger::keyfile::read_private_key(&dir.path().join("ledger/ledger.key")).unwrap();
+        let url = format!("http://{}", running.addr);
+        World {
+            dir,
+            running: Some(running),
+            ledger,
+            url,
+            operator,
+        }
+    }
+
+    async fn start(data_dir: &Path) -> (Running, Arc<ledger::Ledger>) {
         let args = broker::cli::serve::ServeArgs {
-            data_dir: dir.path().to_owned(),
+            data_dir: data_dir.to_owned(),
             listen: "127.0.0.1:0".parse().unwrap(),
             tls_cert: None,
             tls_key: None,
@@ -118,9 +132,7 @@ impl World {
             operator: "operator".into(),
         };
         let ledger = Arc::new(broker::cli::serve::open_or_init(&args).unwrap());
-        let operator =
-            ledger::keyfile::read_private_key(&dir.path().join("ledger/ledger.key")).unwrap();
-        let broker = Broker::new(ledger.clone(), dir.path()).unwrap();
+        let broker = Broker::new(ledger.clone(), data_dir).unwrap();
         let running = server::serve(
             broker,
             ServeOptions {
@@ -130,12 +142,22 @@ impl World {
         )
         .await
         .unwrap();
-        let url = format!("http://{}", running.addr);
+        (running, ledger)
+    }
+
+    /// Stops the broker, closes its ledger and starts a new one over the same data directory
+    /// (a restart).
+    pub async fn restart(mut self) -> World {
+        self.running.take().unwrap().shutdown().await.unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let operator = clone_key(&self.operator);
+        drop(self);
+        let (running, ledger) = Self::start(dir.path()).await;
         World {
+            url: format!("http://{}", running.addr),
             dir,
             running: Some(running),
             ledger,
-            url,
             operator,
         }
     }

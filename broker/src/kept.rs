@@ -1,0 +1,214 @@
+//! Released answers kept across restarts, so an identical repeat stays free and identical.
+//!
+//! Without them a restart would forget every answer: the repeat would be answered with fresh
+//! noise (paid for again, but the budget would no longer stop a patient's data being averaged
+//! out as the study intends). After a query's receipt is durable, its release is written to
+//! `<data-dir>/releases/<dataset>/<version>/<repeat key>.json` (temporary file, fsync,
+//! rename). When a version's engine is loaded, each kept release is restored only if the ledger
+//! entry it names is a released receipt of the same dataset version and SQL whose result
+//! digest matches the digest recomputed from the kept rows; anything else is skipped and
+//! logged (never served). A crash between the receipt and the file loses only the free
+//! repeat: the next identical query is answered and paid for again.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anonymizer::{Engine, Release};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use ledger::entry::{Body, DatasetRegistered, Outcome};
+use ledger::ids::Digest;
+use serde::{Deserialize, Serialize};
+
+/// One kept release.
+#[derive(Serialize, Deserialize)]
+struct KeptRelease {
+    /// The receipt that released it.
+    receipt: u64,
+    scope: String,
+    sql: String,
+    /// Epsilon and delta asked (part of the repeat key).
+    epsilon_asked: f64,
+    delta_asked: f64,
+    /// Spent.
+    epsilon: f64,
+    delta: f64,
+    consent_digest: String,
+    result_digest: String,
+    mechanism: serde_json::Value,
+    /// The result as an Arrow IPC stream, base64.
+    ipc: String,
+}
+
+/// The kept releases of a data directory.
+pub struct Kept {
+    root: PathBuf,
+}
+
+/// What a query asked, as the repeat key needs it.
+pub struct Asked<'a> {
+    /// The repeat scope (study and dataset digest).
+    pub scope: &'a str,
+    /// Epsilon asked.
+    pub epsilon: f64,
+    /// Delta asked.
+    pub delta: f64,
+}
+
+fn hex(b: &[u8; 32]) -> String {
+    Digest::from_bytes(*b).to_string()
+}
+
+fn ipc(release: &Release) -> anyhow::Result<Vec<u8>> {
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &release.schema)?;
+    for b in &release.batches {
+        w.write(b)?;
+    }
+    Ok(w.into_inner()?)
+}
+
+impl Kept {
+    /// Kept releases under `<data_dir>/releases`.
+    pub fn open(data_dir: &Path) -> std::io::Result<Kept> {
+        let root = data_dir.join("releases");
+        std::fs::create_dir_all(&root)?;
+        Ok(Kept { root })
+    }
+
+    fn dir(&self, reg: &DatasetRegistered) -> PathBuf {
+        self.root
+            .join(reg.dataset.as_str())
+            .join(reg.version.to_string())
+    }
+
+    /// Writes a release whose receipt is durable at `receipt`. Blocking.
+    pub fn save(
+        &self,
+        reg: &DatasetRegistered,
+        receipt: u64,
+        asked: &Asked<'_>,
+        release: &Release,
+    ) -> anyhow::Result<()> {
+        let key = Engine::repeat_key(
+            asked.scope,
+            &release.sql,
+            asked.epsilon,
+            asked.delta,
+            &release.consent_digest,
+        );
+        let kept = KeptRelease {
+            receipt,
+            scope: asked.scope.to_owned(),
+            sql: release.sql.clone(),
+            epsilon_asked: asked.epsilon,
+            delta_asked: asked.delta,
+            epsilon: release.epsilon,
+            delta: release.delta,
+            consent_digest: hex(&release.consent_digest),
+            result_digest: hex(&release.result_digest),
+            mechanism: release.mechanism.clone(),
+            ipc: B64.encode(ipc(release)?),
+        };
+        let dir = self.dir(reg);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.json", hex(&key)));
+        let tmp = path.with_extension("tmp");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(&kept)?)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        File::open(&dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Restores into `engine` every kept release of `reg` that the ledger confirms. Blocking.
+    /// Returns how many were restored.
+    pub fn restore(
+        &self,
+        reg: &DatasetRegistered,
+        engine: &Engine,
+        ledger: &ledger::Ledger,
+    ) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.dir(reg)) else {
+            return 0;
+        };
+        let mut restored = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match restore_one(&path, reg, ledger) {
+                Ok((key, release)) => {
+                    engine.restore(key, release);
+                    restored += 1;
+                }
+                Err(err) => {
+                    tracing::warn!(file = %path.display(), error = %err,
+                        "a kept release was not restored");
+                }
+            }
+        }
+        restored
+    }
+}
+
+fn restore_one(
+    path: &Path,
+    reg: &DatasetRegistered,
+    ledger: &ledger::Ledger,
+) -> anyhow::Result<([u8; 32], Release)> {
+    let kept: KeptRelease = serde_json::from_slice(&std::fs::read(path)?)?;
+    let entry = ledger.entry(kept.receipt)?.entry;
+    let Body::QueryReceipt(r) = entry.body else {
+        anyhow::bail!("entry {} is not a query receipt", kept.receipt);
+    };
+    let result_digest = Digest::parse(&kept.result_digest)?;
+    let consent_digest = Digest::parse(&kept.consent_digest)?;
+    anyhow::ensure!(
+        r.outcome == Outcome::Released
+            && r.dataset.as_ref() == Some(&reg.dataset)
+            && r.version == Some(reg.version)
+            && r.sql == kept.sql
+            && r.result_digest.as_ref() == Some(&result_digest)
+            && r.consent_digest.as_ref() == Some(&consent_digest),
+        "receipt {} does not record this release",
+        kept.receipt
+    );
+    let bytes = B64.decode(&kept.ipc)?;
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    let digest = anonymizer::release::digest(&schema, &batches)?;
+    anyhow::ensure!(
+        Digest::from_bytes(digest) == result_digest,
+        "the kept rows do not match their digest"
+    );
+    let key = Engine::repeat_key(
+        &kept.scope,
+        &kept.sql,
+        kept.epsilon_asked,
+        kept.delta_asked,
+        consent_digest.bytes(),
+    );
+    Ok((
+        key,
+        Release {
+            schema,
+            batches,
+            epsilon: kept.epsilon,
+            delta: kept.delta,
+            sql: kept.sql,
+            consent_digest: *consent_digest.bytes(),
+            result_digest: digest,
+            mechanism: kept.mechanism,
+            repeated: false,
+        },
+    ))
+}
