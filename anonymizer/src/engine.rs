@@ -44,6 +44,10 @@ pub struct Request<'a> {
     pub filter: &'a ConsentFilter,
     /// Epsilon and delta left in the budget of (study, dataset).
     pub budget_left: (f64, f64),
+    /// The study's minimum cell size, if its approval sets one (CMS: 11): a group whose noisy
+    /// count is from 1 to this minus 1 is released with its statistics suppressed (null).
+    /// Post-processing of noisy values: it costs no privacy. Part of the repeat key.
+    pub min_cell_size: Option<u64>,
 }
 
 /// A released result and what its receipt records.
@@ -367,8 +371,18 @@ impl Engine {
         h.finalize().into()
     }
 
+    /// The scope that repeats are recognized within: the request's, and the minimum cell size
+    /// that shapes the answer.
+    pub fn repeat_scope(scope: &str, min_cell_size: Option<u64>) -> String {
+        match min_cell_size {
+            Some(m) => format!("{scope}\nmin_cell_size={m}"),
+            None => scope.to_owned(),
+        }
+    }
+
     fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
-        Self::repeat_key(req.scope, sql, req.epsilon, req.delta, consent)
+        let scope = Self::repeat_scope(req.scope, req.min_cell_size);
+        Self::repeat_key(&scope, sql, req.epsilon, req.delta, consent)
     }
 
     /// Puts back a release recorded earlier (the broker's kept releases, after a restart),
@@ -448,7 +462,14 @@ impl Engine {
             });
         }
         let raw = self.aggregate(&checked, prepared.set.as_ref()).await?;
-        let noised = release::noise(&checked, &raw, &self.dataset, req.epsilon, delta)?;
+        let noised = release::noise(
+            &checked,
+            &raw,
+            &self.dataset,
+            req.epsilon,
+            delta,
+            req.min_cell_size,
+        )?;
         let batches = self.finish(&checked, &noised).await?;
         let schema = batches
             .first()

@@ -131,6 +131,7 @@ pub fn noise(
     dataset: &Dataset,
     epsilon: f64,
     delta: f64,
+    min_cell: Option<u64>,
 ) -> Result<Noised> {
     let policy = &dataset.policy;
     let k = i64::from(policy.max_rows_per_unit);
@@ -356,6 +357,35 @@ pub fn noise(
         }
     }
 
+    // The study's minimum cell size (post-processing of noisy values, no privacy cost): a
+    // group whose noisy count is from 1 to `min - 1` has every statistic suppressed.
+    let mut cells_suppressed = 0u64;
+    if let Some(min) = min_cell.filter(|&m| m > 1) {
+        let mut small = vec![false; rows.len()];
+        for (s, v) in checked.stats.iter().zip(&values) {
+            if matches!(
+                s,
+                Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits
+            ) {
+                let v = arrow::compute::cast(v, &DataType::Int64).map_err(eng)?;
+                for (r, x) in v.as_primitive::<Int64Type>().iter().enumerate() {
+                    small[r] |= x.is_some_and(|x| x >= 1 && (x as u64) < min);
+                }
+            }
+        }
+        cells_suppressed = small.iter().filter(|&&b| b).count() as u64;
+        if cells_suppressed > 0 {
+            let mask = arrow::array::BooleanArray::from(small);
+            for v in &mut values {
+                *v = arrow::compute::nullif(v, &mask).map_err(eng)?;
+            }
+            for a in accuracies.iter_mut().flatten() {
+                let nulled = arrow::compute::nullif(a, &mask).map_err(eng)?;
+                *a = nulled.as_primitive::<Float64Type>().clone();
+            }
+        }
+    }
+
     // Build the batch: keys, values cast to the aggregate's types, accuracies.
     let agg_schema = checked.aggregate.schema.as_ref();
     let mut fields = Vec::new();
@@ -407,6 +437,11 @@ pub fn noise(
         "max_groups_per_unit": g,
         "statistics": mech,
     });
+    let mut mechanism = mechanism;
+    if let Some(m) = min_cell {
+        mechanism["min_cell_size"] = json!(m);
+        mechanism["cells_suppressed"] = json!(cells_suppressed);
+    }
     Ok(Noised {
         batch,
         accuracy_columns,

@@ -96,6 +96,7 @@ fn req<'a>(sql: &'a str, scope: &'a str, filter: &'a ConsentFilter) -> Request<'
         delta: 1e-6,
         filter,
         budget_left: (10.0, 1e-5),
+        min_cell_size: None,
     }
 }
 
@@ -545,4 +546,49 @@ fn normalization_folds_what_datafusion_folds() {
         n("SELECT COUNT(*) FROM visits WHERE sex = 'f'")
     );
     assert!(n(r#"SELECT "Sex" FROM visits"#).contains(r#""Sex""#));
+}
+
+#[tokio::test]
+async fn the_minimum_cell_size_suppresses_small_groups_after_noise() {
+    // Two patients (one F, one M), each with at most 10 rows; epsilon so large that the noisy
+    // counts are the true ones, so which groups are small is known.
+    let e = engine(2);
+    let all = ConsentFilter::everyone();
+    let sql = "SELECT sex, COUNT(*) AS n, AVG(hba1c) AS a FROM visits GROUP BY sex";
+    let mut r = req(sql, "cells", &all);
+    r.epsilon = 1000.0;
+    r.budget_left = (1e6, 1e-5);
+    let plain = e.run(&r).await.unwrap();
+    let counts = column_f64(&plain.batches, "n");
+    assert!(counts.iter().all(|c| c.is_finite() && *c >= 1.0));
+    assert!(plain.mechanism.get("cells_suppressed").is_none());
+    let (lo, hi) = (
+        counts.iter().cloned().fold(f64::MAX, f64::min) as u64,
+        counts.iter().cloned().fold(0.0, f64::max) as u64,
+    );
+
+    // A minimum above both counts suppresses both groups' statistics, keys kept.
+    r.min_cell_size = Some(hi + 1);
+    let both = e.run(&r).await.unwrap();
+    assert!(!both.repeated, "another minimum is another answer");
+    assert_eq!(column_str(&both.batches, "sex"), ["F", "M"]);
+    for c in ["n", "a", "n_ci95", "a_ci95"] {
+        let col = both.batches[0].column_by_name(c).unwrap();
+        assert_eq!(col.null_count(), 2, "{c}");
+    }
+    assert_eq!(both.mechanism["cells_suppressed"], 2);
+    assert_eq!(both.mechanism["min_cell_size"], hi + 1);
+
+    // Between the two counts: only the smaller group goes.
+    if lo < hi {
+        r.min_cell_size = Some(lo + 1);
+        let one = e.run(&r).await.unwrap();
+        let n = one.batches[0].column_by_name("n").unwrap();
+        assert_eq!(n.null_count(), 1);
+        assert_eq!(one.mechanism["cells_suppressed"], 1);
+    }
+    // A minimum of 1 or below suppresses nothing.
+    r.min_cell_size = Some(1);
+    let none = e.run(&r).await.unwrap();
+    assert_eq!(none.mechanism["cells_suppressed"], 0);
 }

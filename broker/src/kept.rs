@@ -48,7 +48,7 @@ pub struct Kept {
 
 /// What a query asked, as the repeat key needs it.
 pub struct Asked<'a> {
-    /// The repeat scope (study and dataset digest).
+    /// The repeat scope ([`Engine::repeat_scope`]: study, dataset digest, minimum cell size).
     pub scope: &'a str,
     /// Epsilon asked.
     pub epsilon: f64,

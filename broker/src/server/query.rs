@@ -32,6 +32,7 @@ struct Authorized {
     budget_left: (f64, f64),
     granted: (f64, f64),
     extract_k: Option<u32>,
+    min_cell_size: Option<u64>,
 }
 
 /// A refusal: its status code and the reason receipted.
@@ -134,6 +135,7 @@ fn authorize(
         budget_left,
         granted: (grant.epsilon, grant.delta),
         extract_k: grant.extract_k,
+        min_cell_size: grant.min_cell_size.map(u64::from),
     })
 }
 
@@ -425,6 +427,7 @@ impl Query for QueryService {
                 delta: q.delta,
                 filter: &filter,
                 budget_left: auth.budget_left,
+                min_cell_size: auth.min_cell_size,
             };
             let release = match engine.run_pending(&ereq).await {
                 Ok(r) => r,
@@ -453,15 +456,20 @@ impl Query for QueryService {
                 repeated: release.repeated,
                 rows_suppressed: None,
             };
-            let out = self
+            let cells_suppressed = release.mechanism["cells_suppressed"].as_u64();
+            let mut out = self
                 .receipted(&caller, &q, sql.clone(), mode, &auth, released)
                 .await?;
+            // Groups suppressed by the study's minimum cell size (also in the receipt's
+            // mechanism).
+            out.0.rows_suppressed = cells_suppressed.unwrap_or(0);
             // Only now that its receipt is durable may the answer be repeated for free, here
             // and after a restart.
             engine.remember(&ereq, &release);
             if !release.repeated {
+                let repeat_scope = anonymizer::Engine::repeat_scope(&scope, auth.min_cell_size);
                 let asked = crate::kept::Asked {
-                    scope: &scope,
+                    scope: &repeat_scope,
                     epsilon: q.epsilon,
                     delta: q.delta,
                 };

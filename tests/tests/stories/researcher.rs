@@ -376,3 +376,33 @@ async fn repeats_stay_free_and_identical_across_restarts() {
     assert!((h3.epsilon_spent - 0.5).abs() < 1e-9);
     assert!(h3.budget.unwrap().epsilon_left.abs() < 1e-9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_study_minimum_cell_size_suppresses_small_groups() {
+    let w = World::ready(1.0).await;
+    w.register_study("cms", "alice", "pharma").await;
+    let grant = serde_json::json!({
+        "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": true, "min_cell_size": 500,
+    });
+    w.approve_grant("cms", "irb", grant).await;
+    let alice = key("alice");
+    // About 150 visits per sex: both groups are under 500.
+    let (h, batches) = w
+        .run(
+            &alice,
+            World::dp(
+                "cms",
+                "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.rows_suppressed, 2);
+    assert_eq!(batches[0].column_by_name("n").unwrap().null_count(), 2);
+    let r = w.receipt(h.receipt_index);
+    assert_eq!(r.mechanism["min_cell_size"], serde_json::json!(500));
+    assert_eq!(r.mechanism["cells_suppressed"], serde_json::json!(2));
+    // Suppression is post-processing of the noisy answer: epsilon is spent as usual.
+    assert!((h.epsilon_spent - 0.5).abs() < 1e-9);
+}
