@@ -8,7 +8,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray};
+use arrow::array::{AsArray, BooleanArray};
 use arrow::datatypes::{DataType, UInt32Type};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::{
@@ -137,13 +137,12 @@ impl ScalarUDFImpl for Consented {
             return exec_err!("{CONSENTED} takes one argument");
         };
         let arr = arg.to_array(args.number_rows)?;
-        let codes = arr.as_primitive::<UInt32Type>();
-        let out: BooleanArray = codes
-            .values()
-            .iter()
-            .map(|&c| Some(self.set.contains(c)))
-            .collect();
-        debug_assert_eq!(codes.null_count(), 0);
+        let codes = arr.as_primitive::<UInt32Type>().values();
+        // Unit numbers are never null: one bit per row, no validity bitmap.
+        let bits = arrow::buffer::BooleanBuffer::collect_bool(codes.len(), |i| {
+            self.set.contains(codes[i])
+        });
+        let out = BooleanArray::new(bits, None);
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
