@@ -241,7 +241,9 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
             ledger_svc::LedgerService(broker.clone())
         ));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small responses (a header, then the result) must not wait for delayed ACKs: without
+    // TCP_NODELAY each query took 40 ms more on loopback.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, async {
