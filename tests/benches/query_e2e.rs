@@ -10,6 +10,10 @@
 //! second, and the consent filter's overhead (optin / optout at p50). Each query asks a
 //! slightly different epsilon, so none is served as a free repeat.
 //!
+//! The query is `SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex` (a scan in both cases;
+//! a bare `COUNT(*)` over everyone is answered from the table's statistics without reading a
+//! row, which would make any filter look expensive). `CONSENTRY_BENCH_SQL` sets another.
+//!
 //! Run: `cargo bench --workspace --bench query_e2e` (`CONSENTRY_BENCH_QUERIES` sets the
 //! queries per measurement, default 200).
 
@@ -109,6 +113,8 @@ async fn measure(
     per_client: usize,
     counter: &Arc<AtomicU64>,
 ) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let sql = std::env::var("CONSENTRY_BENCH_SQL")
+        .unwrap_or_else(|_| "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex".into());
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -116,6 +122,7 @@ async fn measure(
             .max_decoding_message_size(server::MAX_MESSAGE);
         let counter = counter.clone();
         let dataset = dataset.to_owned();
+        let sql = sql.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(per_client);
             for _ in 0..per_client {
@@ -123,7 +130,7 @@ async fn measure(
                 let req = v1::QueryRequest {
                     study: "bench".into(),
                     dataset: dataset.clone(),
-                    sql: "SELECT COUNT(*) AS n FROM visits".into(),
+                    sql: sql.clone(),
                     mode: v1::Mode::Dp as i32,
                     epsilon: 0.01 + i as f64 * 1e-9,
                     delta: 0.0,
@@ -270,8 +277,10 @@ async fn run() -> anyhow::Result<()> {
         );
     }
 
+    let sql = std::env::var("CONSENTRY_BENCH_SQL")
+        .unwrap_or_else(|_| "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex".into());
     println!(
-        "DP COUNT(*) over {rows} rows via gRPC ({consented} of {patients} patients consented in optin)"
+        "{sql}: over {rows} rows via gRPC ({consented} of {patients} patients consented in optin)"
     );
     println!(
         "{:<8} {:>7} {:>8} {:>9} {:>9} {:>9}",
