@@ -1,6 +1,7 @@
 //! End-to-end query benchmark: DP `COUNT(*)` through the gRPC broker (JWT auth, consent filter
 //! from the ledger, OpenDP noise, receipt appended with fsync, Arrow IPC stream back) over a
-//! dataset of `CONSENTRY_BENCH_ROWS` rows (default 1,000,000; four rows per patient).
+//! dataset of `CONSENTRY_BENCH_ROWS` rows (default 1,000,000) with
+//! `CONSENTRY_BENCH_ROWS_PER_PATIENT` rows per patient (default 1: a million subjects).
 //!
 //! Two registrations of the same file are compared side by side in one run:
 //! - `optin`: opt-in, half of the patients consented (a consent filter over every row);
@@ -59,8 +60,7 @@ fn signed(key: &SignerKey, kind: &str, json: serde_json::Value) -> anyhow::Resul
     Ok(SignedEntry::sign(key, entry))
 }
 
-fn write_data(path: &Path, rows: usize) -> anyhow::Result<()> {
-    let patients = rows / 4;
+fn write_data(path: &Path, rows: usize, patients: usize) -> anyhow::Result<()> {
     let file = std::fs::File::create(path)?;
     let schema = Arc::new(Schema::new(vec![
         Field::new("patient_id", DataType::Int64, false),
@@ -159,7 +159,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn run() -> anyhow::Result<()> {
     let rows = env("CONSENTRY_BENCH_ROWS", 1_000_000);
     let queries = env("CONSENTRY_BENCH_QUERIES", 200);
-    let patients = rows / 4;
+    let patients = rows / env("CONSENTRY_BENCH_ROWS_PER_PATIENT", 1).max(1);
     let dir = tempfile::tempdir()?;
     let args = broker::cli::serve::ServeArgs {
         data_dir: dir.path().to_owned(),
@@ -200,7 +200,7 @@ async fn run() -> anyhow::Result<()> {
 
     eprintln!("writing {rows} rows ({patients} patients)...");
     let file = dir.path().join("visits.parquet");
-    write_data(&file, rows)?;
+    write_data(&file, rows, patients)?;
     let mut registry = v1::registry_client::RegistryClient::new(auth(&url, &hospital)?)
         .max_encoding_message_size(server::MAX_MESSAGE);
     for (dataset, basis) in [
