@@ -27,7 +27,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
 use arrow::row::{RowConverter, SortField};
 use chrono::NaiveDate;
 use datafusion::common::Column;
-use datafusion::common::tree_node::TreeNode;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
 use datafusion::prelude::SessionContext;
 
@@ -276,15 +275,7 @@ fn strip_alias(e: &Expr) -> &Expr {
 }
 
 fn no_subquery(e: &Expr) -> Result<()> {
-    let found = e
-        .exists(|e| {
-            Ok(matches!(
-                e,
-                Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
-            ))
-        })
-        .map_err(Error::from)?;
-    if found {
+    if crate::plan::has_subquery(e)? {
         return Err(refuse("subqueries", SHAPE));
     }
     Ok(())

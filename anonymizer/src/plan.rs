@@ -244,16 +244,19 @@ fn walk_input(plan: &LogicalPlan, alias: Option<&str>, tables: &mut Tables) -> R
     }
 }
 
+/// Whether an expression holds a subquery (refused in aggregates and extracts alike).
+pub(crate) fn has_subquery(e: &Expr) -> Result<bool> {
+    e.exists(|e| {
+        Ok(matches!(
+            e,
+            Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
+        ))
+    })
+    .map_err(Error::from)
+}
+
 fn check_no_subquery(e: &Expr) -> Result<()> {
-    let found = e
-        .exists(|e| {
-            Ok(matches!(
-                e,
-                Expr::ScalarSubquery(_) | Expr::InSubquery(_) | Expr::Exists(_)
-            ))
-        })
-        .map_err(Error::from)?;
-    if found {
+    if has_subquery(e)? {
         return Err(refuse(
             "subqueries",
             "write one aggregate query per question",
