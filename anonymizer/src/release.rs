@@ -454,13 +454,14 @@ pub fn noise(
 /// SHA-256 of a result's Arrow IPC stream: what the receipt records as the released result.
 pub fn digest(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<[u8; 32]> {
     use sha2::Digest as _;
-    let mut buf = Vec::new();
-    {
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, schema).map_err(eng)?;
-        for b in batches {
-            w.write(b).map_err(eng)?;
-        }
-        w.finish().map_err(eng)?;
+    Ok(sha2::Sha256::digest(ipc_stream(schema, batches)?).into())
+}
+
+/// A result as the Arrow IPC stream that is sent, kept and digested (one encoding for all).
+pub fn ipc_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema).map_err(eng)?;
+    for b in batches {
+        w.write(b).map_err(eng)?;
     }
-    Ok(sha2::Sha256::digest(&buf).into())
+    w.into_inner().map_err(eng)
 }

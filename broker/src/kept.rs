@@ -60,14 +60,6 @@ fn hex(b: &[u8; 32]) -> String {
     Digest::from_bytes(*b).to_string()
 }
 
-fn ipc(release: &Release) -> anyhow::Result<Vec<u8>> {
-    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &release.schema)?;
-    for b in &release.batches {
-        w.write(b)?;
-    }
-    Ok(w.into_inner()?)
-}
-
 impl Kept {
     /// Kept releases under `<data_dir>/releases`.
     pub fn open(data_dir: &Path) -> std::io::Result<Kept> {
@@ -108,7 +100,10 @@ impl Kept {
             consent_digest: hex(&release.consent_digest),
             result_digest: hex(&release.result_digest),
             mechanism: release.mechanism.clone(),
-            ipc: B64.encode(ipc(release)?),
+            ipc: B64.encode(anonymizer::release::ipc_stream(
+                &release.schema,
+                &release.batches,
+            )?),
         };
         let dir = self.dir(reg);
         std::fs::create_dir_all(&dir)?;

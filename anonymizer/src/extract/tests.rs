@@ -203,53 +203,32 @@ async fn extracts_are_generalized_pseudonymized_and_k_anonymous() {
 
     // Independent expectation from the raw rows: Safe Harbor by hand, then patients per class.
     let restricted = ["036"];
+    let class_of = |i: usize| {
+        let z = &raw.zip[i][..3];
+        let z = if restricted.contains(&z) { "000" } else { z };
+        let by = if 2026 - raw.birth_year[i] >= 90 {
+            "90+".to_string()
+        } else {
+            raw.birth_year[i].to_string()
+        };
+        let year = if raw.admit[i] < 17_897 + 365 {
+            "2019"
+        } else {
+            "2020"
+        };
+        (z.to_string(), by, raw.sex[i].to_string(), year.to_string())
+    };
     let mut expected_classes: HashMap<(String, String, String, String), HashSet<i64>> =
         HashMap::new();
     for i in 0..raw.pid.len() {
-        let z = &raw.zip[i][..3];
-        let z = if restricted.contains(&z) {
-            "000".to_string()
-        } else {
-            z.to_string()
-        };
-        let by = if 2026 - raw.birth_year[i] >= 90 {
-            "90+".to_string()
-        } else {
-            raw.birth_year[i].to_string()
-        };
-        let year = if raw.admit[i] < 17_897 + 365 {
-            "2019"
-        } else {
-            "2020"
-        };
         expected_classes
-            .entry((z, by, raw.sex[i].to_string(), year.to_string()))
+            .entry(class_of(i))
             .or_default()
             .insert(raw.pid[i]);
     }
-    let mut expected_rows = 0u64;
-    for i in 0..raw.pid.len() {
-        let z = &raw.zip[i][..3];
-        let z = if restricted.contains(&z) {
-            "000".to_string()
-        } else {
-            z.to_string()
-        };
-        let by = if 2026 - raw.birth_year[i] >= 90 {
-            "90+".to_string()
-        } else {
-            raw.birth_year[i].to_string()
-        };
-        let year = if raw.admit[i] < 17_897 + 365 {
-            "2019"
-        } else {
-            "2020"
-        };
-        if expected_classes[&(z, by, raw.sex[i].to_string(), year.to_string())].len() >= k as usize
-        {
-            expected_rows += 1;
-        }
-    }
+    let expected_rows = (0..raw.pid.len())
+        .filter(|&i| expected_classes[&class_of(i)].len() >= k as usize)
+        .count() as u64;
     assert_eq!(x.rows, expected_rows);
     assert_eq!(x.rows + x.suppressed_rows, raw.pid.len() as u64);
     assert!(

@@ -369,13 +369,7 @@ fn ipc_bytes(
     schema: &arrow::datatypes::SchemaRef,
     batches: &[arrow::array::RecordBatch],
 ) -> Result<Vec<u8>, Status> {
-    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)
-        .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
-    for b in batches {
-        w.write(b)
-            .map_err(|e| Status::internal(format!("encoding the result: {e}")))?;
-    }
-    w.into_inner()
+    anonymizer::release::ipc_stream(schema, batches)
         .map_err(|e| Status::internal(format!("encoding the result: {e}")))
 }
 
