@@ -45,3 +45,17 @@ pub mod storage;
 pub use error::{Error, Result};
 pub use ledger::{Appended, Config, Ledger, OpenReport, VerifyReport, verify};
 pub use state::State;
+
+#[cfg(test)]
+mod test_support {
+    /// `../shared/testdata` beside the repository. The package directory is read when the
+    /// tests run (cargo sets it), not when they were built, so a test binary reused from
+    /// another checkout of the same sources still finds the vectors.
+    pub(crate) fn shared_testdata() -> std::path::PathBuf {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        );
+        dir.join("../../shared/testdata")
+    }
+}

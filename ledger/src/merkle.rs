@@ -547,10 +547,7 @@ mod tests {
     }
 
     fn vectors_dir() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/testdata/rfc9162"
-        ))
+        crate::test_support::shared_testdata().join("rfc9162")
     }
 
     fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {
