@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod demo;
 pub mod kept;
 pub mod manifest;
 pub mod secrets;

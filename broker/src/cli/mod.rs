@@ -2,9 +2,14 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod conn;
+pub mod consent;
 pub mod dataset;
+pub mod demo;
 pub mod ledger;
+pub mod query;
 pub mod serve;
+pub mod study;
 
 /// Consentry: a privacy-preserving research data broker for health data.
 #[derive(Debug, Parser)]
@@ -36,6 +41,23 @@ pub enum Command {
     Token(serve::TokenArgs),
     /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file.
     Dataset(dataset::DatasetArgs),
+    /// Build a synthetic hospital (patients with names, SSNs, addresses and birth dates;
+    /// encounters; ICD-10 conditions; LOINC lab results), its patients' consents and an approved
+    /// study in the data directory, write `demo.json` describing it, then serve it.
+    ///
+    /// Run again on the same directory, it serves the demo it built before.
+    Demo(demo::DemoArgs),
+    /// Patients' consent: grant, limit, revoke, list, import or export as FHIR, and see who
+    /// used the data.
+    Consent(consent::ConsentArgs),
+    /// Studies: a PI registers one; an IRB approves it with a budget, suspends or closes it.
+    Study(study::StudyArgs),
+    /// Run a DP query (or an extract) within a study and show or save the result.
+    Query(query::QueryArgs),
+    /// The IRB's usage log (denied attempts too) and budget burn-down.
+    Audit(query::AuditArgs),
+    /// Fetch a study's evidence bundle (check it offline with `broker ledger verify-bundle`).
+    Bundle(query::BundleArgs),
 }
 
 /// Runs a parsed command line.
@@ -45,5 +67,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::serve(args),
         Command::Token(args) => serve::token(args),
         Command::Dataset(args) => dataset::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Consent(args) => consent::run(args),
+        Command::Study(args) => study::run(args),
+        Command::Query(args) => query::query(args),
+        Command::Audit(args) => query::audit(args),
+        Command::Bundle(args) => query::bundle(args),
     }
 }

@@ -88,7 +88,8 @@ pub fn open_or_init(args: &ServeArgs) -> anyhow::Result<Ledger> {
     Ok(l)
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -21,6 +21,7 @@ use crate::store::Store;
 
 mod audit;
 mod consent;
+pub mod flight;
 mod ledger_svc;
 mod query;
 mod registry;
@@ -239,6 +240,10 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
         .add_service(svc!(
             LedgerServer<ledger_svc::LedgerService>,
             ledger_svc::LedgerService(broker.clone())
+        ))
+        .add_service(svc!(
+            arrow_flight::flight_service_server::FlightServiceServer<flight::FlightSql>,
+            flight::FlightSql::new(broker.clone())?
         ));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Small responses (a header, then the result) must not wait for delayed ACKs: without

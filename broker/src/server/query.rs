@@ -62,6 +62,13 @@ fn authorize(
             format!("only researchers query; {} is a {}", caller.id, caller.role),
         ));
     }
+    if q.study.is_empty() {
+        return Err(deny(
+            Code::InvalidArgument,
+            "no study given: name the study you query within (gRPC: the request's study; \
+             Arrow Flight SQL: the call header x-consentry-study)",
+        ));
+    }
     let study = st
         .study(&q.study)
         .ok_or_else(|| deny(NotFound, format!("unknown study {:?}", q.study)))?;
@@ -383,6 +390,36 @@ impl Query for QueryService {
     ) -> Result<Response<Self::RunStream>, Status> {
         let caller = caller(&req)?;
         let q = req.into_inner();
+        let (header, ipc) = self.execute(&caller, &q).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use v1::query_response::Part;
+            let mut msgs = vec![Part::Header(header)];
+            msgs.extend(ipc.chunks(CHUNK).map(|c| Part::ArrowIpc(c.to_vec())));
+            for part in msgs {
+                if tx
+                    .send(Ok(v1::QueryResponse { part: Some(part) }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl QueryService {
+    /// Runs a query for an authenticated caller: authorization, the engine, the receipt. Returns
+    /// the header and the result as an Arrow IPC stream; every refusal is receipted first. The
+    /// gRPC `Run` and Arrow Flight SQL statements both come here.
+    pub(crate) async fn execute(
+        &self,
+        caller: &Caller,
+        q: &v1::QueryRequest,
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+        let (caller, q) = (caller.clone(), q.clone());
         let mode = match v1::Mode::try_from(q.mode) {
             Ok(v1::Mode::Dp) | Ok(v1::Mode::Unspecified) => QueryMode::Dp,
             Ok(v1::Mode::Extract) => QueryMode::Extract,
@@ -480,22 +517,6 @@ impl Query for QueryService {
             }
             out
         };
-        let (header, ipc) = released;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            use v1::query_response::Part;
-            let mut msgs = vec![Part::Header(header)];
-            msgs.extend(ipc.chunks(CHUNK).map(|c| Part::ArrowIpc(c.to_vec())));
-            for part in msgs {
-                if tx
-                    .send(Ok(v1::QueryResponse { part: Some(part) }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(released)
     }
 }

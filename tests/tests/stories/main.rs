@@ -7,6 +7,8 @@
 mod world;
 
 mod custodian;
+mod demo;
+mod flight;
 mod irb;
 mod patient;
 mod researcher;

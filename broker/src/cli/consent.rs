@@ -1,0 +1,289 @@
+//! `broker consent …`: a patient (or a custodian recording a paper consent) grants, limits and
+//! revokes research consent, and sees who used their data.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use ledger::entry::Body;
+use proto::v1;
+
+use super::conn::{self, Conn};
+use crate::client;
+
+/// Arguments of `broker consent`.
+#[derive(Debug, Args)]
+pub struct ConsentArgs {
+    /// The broker and the caller.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The consent command.
+    #[command(subcommand)]
+    pub command: ConsentCommand,
+}
+
+/// Consent commands. Entries are signed with --key: the patient's own key, or the custodian's
+/// when it records a paper consent.
+#[derive(Debug, Subcommand)]
+pub enum ConsentCommand {
+    /// Grant research use of a subject's records (a `consent_granted` entry).
+    Grant {
+        /// The subject: the privacy-unit id as it appears in the datasets.
+        #[arg(long, env = "CONSENTRY_SUBJECT")]
+        subject: String,
+        /// A permitted purpose as a GA4GH DUO code: GRU, HMB, POA, NRES or DS:<disease
+        /// term> (e.g. DS:MONDO:0005148). Repeat for several.
+        #[arg(
+            long = "purpose",
+            env = "CONSENTRY_PURPOSES",
+            value_delimiter = ',',
+            required = true
+        )]
+        purposes: Vec<String>,
+        /// A DUO modifier that restricts use (e.g. NCU, NPU, IRB). Repeat for several.
+        #[arg(long = "modifier", env = "CONSENTRY_MODIFIERS", value_delimiter = ',')]
+        modifiers: Vec<String>,
+        /// Cover every dataset of this custodian.
+        #[arg(long, env = "CONSENTRY_CUSTODIAN", conflicts_with = "dataset")]
+        custodian: Option<String>,
+        /// Cover only these datasets (repeat for several).
+        #[arg(long, env = "CONSENTRY_DATASETS", value_delimiter = ',')]
+        dataset: Vec<String>,
+        /// Only these studies may use it (repeat for several).
+        #[arg(
+            long = "allow-study",
+            env = "CONSENTRY_ALLOW_STUDIES",
+            value_delimiter = ','
+        )]
+        allow_studies: Vec<String>,
+        /// Never these studies (repeat for several).
+        #[arg(
+            long = "deny-study",
+            env = "CONSENTRY_DENY_STUDIES",
+            value_delimiter = ','
+        )]
+        deny_studies: Vec<String>,
+        /// End of validity (RFC 3339, e.g. 2030-01-01T00:00:00Z); open-ended without.
+        #[arg(long, env = "CONSENTRY_VALID_UNTIL")]
+        valid_until: Option<String>,
+        /// The consent's id (a fresh one when absent).
+        #[arg(long, env = "CONSENTRY_CONSENT_ID")]
+        consent_id: Option<String>,
+        /// A consent of the same subject that this one replaces (how consent is limited).
+        #[arg(long, env = "CONSENTRY_REPLACES")]
+        replaces: Option<String>,
+    },
+    /// Revoke a consent by its id, or object to a scope (a `consent_revoked` entry).
+    Revoke {
+        /// The subject.
+        #[arg(long, env = "CONSENTRY_SUBJECT")]
+        subject: String,
+        /// The consent revoked.
+        #[arg(
+            long,
+            env = "CONSENTRY_CONSENT_ID",
+            required_unless_present = "custodian"
+        )]
+        consent_id: Option<String>,
+        /// Or: object to every dataset of this custodian.
+        #[arg(long, env = "CONSENTRY_CUSTODIAN")]
+        custodian: Option<String>,
+        /// Why, for the record.
+        #[arg(long, env = "CONSENTRY_REASON")]
+        reason: Option<String>,
+    },
+    /// A subject's consents, in effect or ended (JSON).
+    List {
+        /// The subject.
+        #[arg(long, env = "CONSENTRY_SUBJECT")]
+        subject: String,
+    },
+    /// Who used my data: the released queries whose consent snapshot included the subject,
+    /// with their receipts (JSON).
+    Usage {
+        /// The subject.
+        #[arg(long, env = "CONSENTRY_SUBJECT")]
+        subject: String,
+    },
+    /// Import a FHIR R4 Consent resource (JSON file) as a signed entry.
+    ImportFhir {
+        /// The resource.
+        #[arg(long, env = "CONSENTRY_FHIR_FILE")]
+        file: PathBuf,
+    },
+    /// A subject's consents as a FHIR R4 Bundle (JSON).
+    ExportFhir {
+        /// The subject.
+        #[arg(long, env = "CONSENTRY_SUBJECT")]
+        subject: String,
+    },
+}
+
+/// The body of a ledger entry given as its leaf (`{"entry":{…,"body":…},"sig":…}`) or as the
+/// entry itself.
+fn entry_body(text: &str) -> anyhow::Result<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(e) = v.get_mut("entry") {
+        v = e.take();
+    }
+    Ok(match v.get_mut("body") {
+        Some(b) => b.take(),
+        None => v,
+    })
+}
+
+fn new_consent_id() -> anyhow::Result<String> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    Ok(format!(
+        "consent-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    ))
+}
+
+/// Runs a consent command.
+pub fn run(args: ConsentArgs) -> anyhow::Result<()> {
+    conn::block_on(async move {
+        let (key, auth) = args.conn.channel().await?;
+        let mut c = v1::consent_client::ConsentClient::new(auth);
+        let me = key.name().to_owned();
+        match args.command {
+            ConsentCommand::Grant {
+                subject,
+                purposes,
+                modifiers,
+                custodian,
+                dataset,
+                allow_studies,
+                deny_studies,
+                valid_until,
+                consent_id,
+                replaces,
+            } => {
+                let scope = match (custodian, dataset.is_empty()) {
+                    (Some(c), _) => serde_json::json!({"custodian": c}),
+                    (None, false) => serde_json::json!({"datasets": dataset}),
+                    (None, true) => {
+                        anyhow::bail!("say what the consent covers: --custodian or --dataset")
+                    }
+                };
+                let mut json = serde_json::json!({
+                    "consent_id": match consent_id { Some(c) => c, None => new_consent_id()? },
+                    "subject": subject,
+                    "scope": scope,
+                    "purposes": purposes,
+                    "valid_from": ledger::ids::Timestamp::now().to_string(),
+                    "grantor": me,
+                });
+                if !modifiers.is_empty() {
+                    json["modifiers"] = modifiers.into();
+                }
+                if !allow_studies.is_empty() {
+                    json["studies_allow"] = allow_studies.into();
+                }
+                if !deny_studies.is_empty() {
+                    json["studies_deny"] = deny_studies.into();
+                }
+                if let Some(u) = valid_until {
+                    json["valid_until"] = u.into();
+                }
+                if let Some(r) = replaces {
+                    json["replaces"] = r.into();
+                }
+                let id = json["consent_id"].clone();
+                let body = Body::from_json("consent_granted", &json.to_string())?;
+                let a = c
+                    .grant(client::sign(&key, body)?)
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let mut out = conn::appended(&a);
+                out["consent_id"] = id;
+                conn::print_json(&out)
+            }
+            ConsentCommand::Revoke {
+                subject,
+                consent_id,
+                custodian,
+                reason,
+            } => {
+                let mut json = serde_json::json!({"subject": subject, "grantor": me});
+                if let Some(id) = consent_id {
+                    json["consent_id"] = id.into();
+                }
+                if let Some(c) = custodian {
+                    json["scope"] = serde_json::json!({"custodian": c});
+                }
+                if let Some(r) = reason {
+                    json["reason"] = r.into();
+                }
+                let body = Body::from_json("consent_revoked", &json.to_string())?;
+                let a = c
+                    .revoke(client::sign(&key, body)?)
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                conn::print_json(&conn::appended(&a))
+            }
+            ConsentCommand::List { subject } => {
+                let l = c
+                    .list(v1::SubjectRequest { subject })
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let out: Vec<serde_json::Value> = l
+                    .consents
+                    .iter()
+                    .map(|v| {
+                        Ok(serde_json::json!({
+                            "consent_id": v.consent_id,
+                            "entry_index": v.entry_index,
+                            "active": v.active,
+                            "ended_reason": v.ended_reason,
+                            "grant": entry_body(&v.grant_json)?,
+                        }))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                conn::print_json(&out)
+            }
+            ConsentCommand::Usage { subject } => {
+                let u = c
+                    .usage(v1::SubjectRequest { subject })
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let out: Vec<serde_json::Value> = u
+                    .usages
+                    .iter()
+                    .map(|u| {
+                        Ok(serde_json::json!({
+                            "study": u.study,
+                            "study_title": u.study_title,
+                            "dataset": u.dataset,
+                            "time": u.time,
+                            "receipt_index": u.receipt_index,
+                            "receipt": entry_body(&u.receipt_json)?,
+                        }))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                conn::print_json(&out)
+            }
+            ConsentCommand::ImportFhir { file } => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let req = client::fhir_import(&key, &text)?;
+                let a = c.import_fhir(req).await.map_err(conn::status)?.into_inner();
+                conn::print_json(&conn::appended(&a))
+            }
+            ConsentCommand::ExportFhir { subject } => {
+                let b = c
+                    .export_fhir(v1::SubjectRequest { subject })
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                println!("{}", b.bundle_json);
+                Ok(())
+            }
+        }
+    })
+}

@@ -1,0 +1,353 @@
+//! `broker query` (a researcher's DP query or extract), `broker audit` (an IRB's usage log and
+//! budget burn-down) and `broker bundle` (a sponsor fetches a study's evidence bundle).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use arrow::array::RecordBatch;
+use clap::{Args, Subcommand, ValueEnum};
+use proto::v1;
+
+use super::conn::{self, Conn};
+use crate::client;
+
+/// Arguments of `broker query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// The broker and the researcher.
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The study the query is made within.
+    #[arg(long, env = "CONSENTRY_STUDY")]
+    pub study: String,
+    /// The dataset.
+    #[arg(long, env = "CONSENTRY_DATASET")]
+    pub dataset: String,
+    /// The SQL (DataFusion dialect): aggregates for DP; rows for an extract.
+    #[arg(long, env = "CONSENTRY_SQL")]
+    pub sql: String,
+    /// Privacy spend of a DP query.
+    #[arg(long, env = "CONSENTRY_EPSILON", default_value_t = 0.1)]
+    pub epsilon: f64,
+    /// Delta of a DP query (needed for GROUP BY keys without a public domain).
+    #[arg(long, env = "CONSENTRY_DELTA", default_value_t = 0.0)]
+    pub delta: f64,
+    /// A de-identified, k-anonymous extract instead of DP aggregates (where the approval allows).
+    #[arg(long, env = "CONSENTRY_EXTRACT", default_value_t = false)]
+    pub extract: bool,
+    /// Write the result to this file instead of the terminal (`.parquet` or `.csv`; never
+    /// overwritten).
+    #[arg(long, env = "CONSENTRY_OUT")]
+    pub out: Option<PathBuf>,
+    /// Print the query's header (receipt, budget, digests) as JSON on stdout (with --out).
+    #[arg(long, env = "CONSENTRY_JSON", default_value_t = false)]
+    pub json: bool,
+}
+
+/// Runs `broker query`.
+pub fn query(args: QueryArgs) -> anyhow::Result<()> {
+    if args.json && args.out.is_none() {
+        bail!("--json prints the header only; give --out for the result");
+    }
+    conn::block_on(async move {
+        let (_, auth) = args.conn.channel().await?;
+        let mut q = v1::query_client::QueryClient::new(auth)
+            .max_decoding_message_size(crate::server::MAX_MESSAGE);
+        let (mode, epsilon, delta) = if args.extract {
+            (v1::Mode::Extract, 0.0, 0.0)
+        } else {
+            (v1::Mode::Dp, args.epsilon, args.delta)
+        };
+        let stream = q
+            .run(v1::QueryRequest {
+                study: args.study,
+                dataset: args.dataset,
+                sql: args.sql,
+                mode: mode as i32,
+                epsilon,
+                delta,
+            })
+            .await
+            .map_err(conn::status)?
+            .into_inner();
+        let (h, batches) = client::collect_query(stream).await?;
+        let budget = h.budget.unwrap_or_default();
+        let header = serde_json::json!({
+            "receipt_index": h.receipt_index,
+            "epsilon_spent": h.epsilon_spent,
+            "delta_spent": h.delta_spent,
+            "repeated": h.repeated,
+            "epsilon_left": budget.epsilon_left,
+            "delta_left": budget.delta_left,
+            "rows_suppressed": h.rows_suppressed,
+            "normalized_sql": h.normalized_sql,
+            "dataset_version": h.dataset_version,
+            "dataset_digest": h.dataset_digest,
+            "consent_digest": h.consent_digest,
+            "result_digest": h.result_digest,
+        });
+        match &args.out {
+            Some(path) => {
+                write_batches(path, &batches)?;
+                if args.json {
+                    conn::print_json(&header)?;
+                }
+                eprintln!(
+                    "{} rows written to {}",
+                    batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+                    path.display()
+                );
+            }
+            None => println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?),
+        }
+        eprintln!(
+            "receipt {}; epsilon spent {}{}; budget left: epsilon {}, delta {}",
+            h.receipt_index,
+            h.epsilon_spent,
+            if h.repeated {
+                " (identical repeat)"
+            } else {
+                ""
+            },
+            budget.epsilon_left,
+            budget.delta_left
+        );
+        Ok(())
+    })
+}
+
+/// Writes batches as Parquet or CSV by the file's extension, to a new file.
+fn write_batches(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext != "parquet" && ext != "csv" {
+        bail!("--out must end in .parquet or .csv");
+    }
+    let Some(schema) = batches.first().map(RecordBatch::schema) else {
+        bail!("the result has no schema to write");
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    if ext == "parquet" {
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, None)?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.close()?;
+    } else {
+        let mut w = arrow::csv::Writer::new(f);
+        for b in batches {
+            w.write(b)?;
+        }
+        w.into_inner().sync_all()?;
+    }
+    Ok(())
+}
+
+/// Arguments of `broker audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The broker and the caller (an IRB, the operator, or a study's sponsor or researcher).
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The audit command.
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// Which receipts.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Filter {
+    /// Only this study.
+    #[arg(long, env = "CONSENTRY_STUDY")]
+    pub study: Option<String>,
+    /// Only this researcher.
+    #[arg(long, env = "CONSENTRY_RESEARCHER")]
+    pub researcher: Option<String>,
+    /// From this time (RFC 3339).
+    #[arg(long, env = "CONSENTRY_FROM")]
+    pub from: Option<String>,
+    /// Until this time (RFC 3339, exclusive).
+    #[arg(long, env = "CONSENTRY_UNTIL")]
+    pub until: Option<String>,
+    /// Only released or only denied queries.
+    #[arg(long, env = "CONSENTRY_OUTCOME", value_enum)]
+    pub outcome: Option<OutcomeArg>,
+}
+
+/// A receipt's outcome.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutcomeArg {
+    /// Released.
+    Released,
+    /// Denied.
+    Denied,
+}
+
+impl Filter {
+    fn request(self) -> v1::AuditRequest {
+        v1::AuditRequest {
+            study: self.study.unwrap_or_default(),
+            researcher: self.researcher.unwrap_or_default(),
+            from: self.from.unwrap_or_default(),
+            until: self.until.unwrap_or_default(),
+            outcome: match self.outcome {
+                None => String::new(),
+                Some(OutcomeArg::Released) => "released".into(),
+                Some(OutcomeArg::Denied) => "denied".into(),
+            },
+        }
+    }
+}
+
+/// Audit commands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The usage log: every query receipt, denied attempts included (JSON).
+    Receipts {
+        /// Which receipts.
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// A study's cumulative privacy spend after every released query (JSON).
+    Budget {
+        /// The study.
+        #[arg(long, env = "CONSENTRY_STUDY")]
+        study: String,
+    },
+    /// The usage log as a file (Parquet or CSV, by its extension; never overwritten).
+    Export {
+        /// Which receipts.
+        #[command(flatten)]
+        filter: Filter,
+        /// The file.
+        #[arg(long, env = "CONSENTRY_OUT")]
+        out: PathBuf,
+    },
+}
+
+/// Runs `broker audit`.
+pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    conn::block_on(async move {
+        let (_, auth) = args.conn.channel().await?;
+        let mut a = v1::audit_client::AuditClient::new(auth)
+            .max_decoding_message_size(crate::server::MAX_MESSAGE);
+        match args.command {
+            AuditCommand::Receipts { filter } => {
+                let r = a
+                    .receipts(filter.request())
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let out: Vec<serde_json::Value> = r
+                    .receipts
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "index": r.index, "time": r.time, "study": r.study,
+                            "researcher": r.researcher, "dataset": r.dataset,
+                            "version": r.version, "mode": r.mode, "sql": r.sql,
+                            "epsilon": r.epsilon, "delta": r.delta, "outcome": r.outcome,
+                            "reason": r.reason, "result_digest": r.result_digest,
+                            "consent_digest": r.consent_digest,
+                            "rows_suppressed": r.rows_suppressed,
+                        })
+                    })
+                    .collect();
+                conn::print_json(&out)
+            }
+            AuditCommand::Budget { study } => {
+                let r = a
+                    .budget_usage(v1::BudgetUsageRequest { study })
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let out: Vec<serde_json::Value> = r
+                    .points
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "time": p.time, "dataset": p.dataset,
+                            "receipt_index": p.receipt_index,
+                            "epsilon_cumulative": p.epsilon_cumulative,
+                            "delta_cumulative": p.delta_cumulative,
+                            "epsilon_granted": p.epsilon_granted,
+                        })
+                    })
+                    .collect();
+                conn::print_json(&out)
+            }
+            AuditCommand::Export { filter, out } => {
+                let format = match out.extension().and_then(|e| e.to_str()) {
+                    Some("parquet") => "parquet",
+                    Some("csv") => "csv",
+                    _ => bail!("--out must end in .parquet or .csv"),
+                };
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&out)
+                    .with_context(|| format!("cannot create {}", out.display()))?;
+                let mut stream = a
+                    .export(v1::ExportRequest {
+                        filter: Some(filter.request()),
+                        format: format.into(),
+                    })
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                while let Some(chunk) = stream.message().await.map_err(conn::status)? {
+                    f.write_all(&chunk.data)?;
+                }
+                f.sync_all()?;
+                eprintln!("usage log written to {}", out.display());
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Arguments of `broker bundle`.
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// The broker and the caller (the study's sponsor, a researcher of it, an IRB).
+    #[command(flatten)]
+    pub conn: Conn,
+    /// The study.
+    #[arg(long, env = "CONSENTRY_STUDY")]
+    pub study: String,
+    /// Write the bundle here (never overwritten) instead of stdout.
+    #[arg(long, env = "CONSENTRY_OUT")]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs `broker bundle`: fetches a study's evidence bundle (check it offline with
+/// `broker verify bundle`).
+pub fn bundle(args: BundleArgs) -> anyhow::Result<()> {
+    conn::block_on(async move {
+        let (_, auth) = args.conn.channel().await?;
+        let b = v1::ledger_client::LedgerClient::new(auth)
+            .max_decoding_message_size(crate::server::MAX_MESSAGE)
+            .bundle(v1::BundleRequest { study: args.study })
+            .await
+            .map_err(conn::status)?
+            .into_inner();
+        match args.out {
+            Some(path) => {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                f.write_all(b.bundle_json.as_bytes())?;
+                f.sync_all()?;
+                eprintln!("bundle written to {}", path.display());
+            }
+            None => println!("{}", b.bundle_json),
+        }
+        Ok(())
+    })
+}

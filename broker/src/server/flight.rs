@@ -1,0 +1,575 @@
+//! Arrow Flight SQL on the broker's port, so that researchers' tools (ADBC, pyarrow.flight,
+//! JDBC) work unchanged.
+//!
+//! A statement runs through the Query service's own path ([`QueryService::execute`]):
+//! authorization, consent, the engine, the receipt. `GetFlightInfo` runs and receipts it and
+//! keeps the released result under a random handle for its caller; `DoGet` sends it once. The
+//! query's parameters come from call headers:
+//!
+//! | header | meaning | default |
+//! |---|---|---|
+//! | `x-consentry-study` | the study (required) | |
+//! | `x-consentry-dataset` | the dataset | the study's only approved dataset |
+//! | `x-consentry-mode` | `dp` or `extract` | `dp` |
+//! | `x-consentry-epsilon` | epsilon spent by a DP query | [`DEFAULT_EPSILON`] |
+//! | `x-consentry-delta` | delta spent by a DP query | 0 |
+//!
+//! The `FlightInfo`'s `app_metadata` carries the query header as JSON (receipt index, budget
+//! left, digests). Catalog calls list only the datasets the caller's active studies are approved
+//! for: catalog = dataset id, schema `public`, one table per dataset table, without its direct
+//! identifier columns. Statements that change data, prepared statements and transactions are
+//! refused as unimplemented (ADBC then runs plain statements).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTables,
+    CommandStatementQuery, ProstMessageExt as _, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{Action, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use futures::{Stream, TryStreamExt as _};
+use ledger::ids::{Role, Timestamp};
+use prost::Message as _;
+use proto::v1;
+use tonic::{Request, Response, Status};
+
+use super::query::QueryService;
+use super::{Broker, caller};
+use crate::auth::Caller;
+
+/// Epsilon of a DP statement that does not set `x-consentry-epsilon`.
+pub const DEFAULT_EPSILON: f64 = 0.1;
+/// How long a released result waits for its `DoGet`.
+const RESULT_TTL: Duration = Duration::from_secs(600);
+/// Released results waiting for their `DoGet`, at most.
+const MAX_PENDING: usize = 1024;
+/// The schema name under every dataset's catalog.
+pub const DB_SCHEMA: &str = "public";
+
+/// A released result waiting for its caller's `DoGet`.
+struct Pending {
+    caller: String,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    created: Instant,
+}
+
+/// The Flight SQL service.
+pub struct FlightSql {
+    broker: Arc<Broker>,
+    query: QueryService,
+    pending: Mutex<HashMap<[u8; 16], Pending>>,
+    info: SqlInfoData,
+}
+
+type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send>>;
+
+impl FlightSql {
+    /// The service over `broker`.
+    pub fn new(broker: Arc<Broker>) -> anyhow::Result<FlightSql> {
+        let mut info = SqlInfoDataBuilder::new();
+        info.append(SqlInfo::FlightSqlServerName, "Consentry");
+        info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+        info.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+        info.append(SqlInfo::FlightSqlServerReadOnly, true);
+        info.append(SqlInfo::FlightSqlServerSql, true);
+        info.append(SqlInfo::FlightSqlServerSubstrait, false);
+        info.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+        info.append(SqlInfo::FlightSqlServerCancel, false);
+        Ok(FlightSql {
+            query: QueryService(broker.clone()),
+            broker,
+            pending: Mutex::new(HashMap::new()),
+            info: info.build()?,
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Pending>> {
+        // A panic while holding the lock leaves only expired results behind: carry on.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The datasets (with their tables' readable schemas) that `caller`'s active studies are
+    /// approved for.
+    async fn visible_tables(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<(String, String, Schema)>, Status> {
+        if caller.role != Role::Researcher {
+            return Ok(Vec::new());
+        }
+        let now = Timestamp::now();
+        let regs = {
+            let st = self.broker.ledger.state();
+            let mut datasets = std::collections::BTreeSet::new();
+            for s in st.studies() {
+                let member = s.reg.pi.as_str() == caller.id
+                    || s.reg.researchers.iter().any(|r| r.as_str() == caller.id);
+                if !member || !s.active_at(now) {
+                    continue;
+                }
+                if let Some((_, a)) = &s.approval {
+                    datasets.extend(a.grants.iter().map(|g| g.dataset.as_str().to_owned()));
+                }
+            }
+            datasets
+                .into_iter()
+                .filter_map(|d| st.dataset(&d).map(|ds| ds.latest().reg.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::new();
+        for reg in regs {
+            let engine = self.broker.store.engine(&reg, &self.broker.ledger).await?;
+            let ds = engine.dataset();
+            for t in &ds.tables {
+                let Some(tp) = ds.policy.tables.get(&t.name) else {
+                    continue;
+                };
+                let fields: Vec<_> = t
+                    .schema
+                    .fields()
+                    .iter()
+                    .filter(|f| {
+                        tp.columns.get(f.name()).is_some_and(|c| {
+                            c.class != anonymizer::policy::ColumnClass::DirectIdentifier
+                        })
+                    })
+                    .cloned()
+                    .collect();
+                out.push((
+                    reg.dataset.as_str().to_owned(),
+                    t.name.clone(),
+                    Schema::new(fields),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A call header's value, if present and text.
+fn header<T>(req: &Request<T>, name: &str) -> Result<Option<String>, Status> {
+    match req.metadata().get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim().to_owned()))
+            .map_err(|_| Status::invalid_argument(format!("the header {name} is not text"))),
+    }
+}
+
+fn number<T>(req: &Request<T>, name: &str, default: f64) -> Result<f64, Status> {
+    match header(req, name)? {
+        None => Ok(default),
+        Some(s) => s.parse::<f64>().map_err(|_| {
+            Status::invalid_argument(format!("the header {name} must be a number, not {s:?}"))
+        }),
+    }
+}
+
+/// The query a statement and its call headers ask for.
+fn query_request(
+    st: &ledger::State,
+    req: &Request<FlightDescriptor>,
+    sql: String,
+) -> Result<v1::QueryRequest, Status> {
+    let study = header(req, "x-consentry-study")?.unwrap_or_default();
+    let dataset = match header(req, "x-consentry-dataset")? {
+        Some(d) => d,
+        None => {
+            // The study's only approved dataset; otherwise the caller must say.
+            let approved: Vec<String> = st
+                .study(&study)
+                .and_then(|s| s.approval.as_ref())
+                .map(|(_, a)| {
+                    a.grants
+                        .iter()
+                        .map(|g| g.dataset.as_str().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            match approved.as_slice() {
+                [one] => one.clone(),
+                [] => String::new(),
+                many => {
+                    return Err(Status::invalid_argument(format!(
+                        "study {study} is approved for several datasets ({}); set the call \
+                         header x-consentry-dataset",
+                        many.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    let mode = match header(req, "x-consentry-mode")?.as_deref() {
+        None | Some("dp") => v1::Mode::Dp,
+        Some("extract") => v1::Mode::Extract,
+        Some(m) => {
+            return Err(Status::invalid_argument(format!(
+                "the header x-consentry-mode must be dp or extract, not {m:?}"
+            )));
+        }
+    };
+    let (epsilon, delta) = if mode == v1::Mode::Extract {
+        (
+            number(req, "x-consentry-epsilon", 0.0)?,
+            number(req, "x-consentry-delta", 0.0)?,
+        )
+    } else {
+        (
+            number(req, "x-consentry-epsilon", DEFAULT_EPSILON)?,
+            number(req, "x-consentry-delta", 0.0)?,
+        )
+    };
+    Ok(v1::QueryRequest {
+        study,
+        dataset,
+        sql,
+        mode: mode as i32,
+        epsilon,
+        delta,
+    })
+}
+
+/// The header of a released query as JSON (the `FlightInfo`'s `app_metadata`).
+fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
+    let budget = h.budget.as_ref().map(|b| {
+        serde_json::json!({
+            "epsilon_granted": b.epsilon_granted, "delta_granted": b.delta_granted,
+            "epsilon_spent": b.epsilon_spent, "delta_spent": b.delta_spent,
+            "epsilon_left": b.epsilon_left, "delta_left": b.delta_left,
+        })
+    });
+    serde_json::json!({
+        "receipt_index": h.receipt_index,
+        "epsilon_spent": h.epsilon_spent,
+        "delta_spent": h.delta_spent,
+        "repeated": h.repeated,
+        "normalized_sql": h.normalized_sql,
+        "result_digest": h.result_digest,
+        "consent_digest": h.consent_digest,
+        "dataset_version": h.dataset_version,
+        "dataset_digest": h.dataset_digest,
+        "rows_suppressed": h.rows_suppressed,
+        "budget": budget,
+    })
+}
+
+/// Casts string and binary views to their plain types: Flight SQL clients (JDBC, older
+/// pyarrow and ADBC releases) read those everywhere.
+fn without_views(
+    schema: &SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<(SchemaRef, Vec<RecordBatch>), Status> {
+    use arrow::datatypes::{DataType, Field};
+    let plain = |t: &DataType| match t {
+        DataType::Utf8View => DataType::Utf8,
+        DataType::BinaryView => DataType::Binary,
+        t => t.clone(),
+    };
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Utf8View | DataType::BinaryView))
+    {
+        return Ok((schema.clone(), batches));
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_data_type(plain(f.data_type())))
+        .collect();
+    let out_schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let cast = |b: RecordBatch| -> Result<RecordBatch, Status> {
+        let cols = b
+            .columns()
+            .iter()
+            .zip(out_schema.fields())
+            .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("casting the result: {e}")))?;
+        RecordBatch::try_new(out_schema.clone(), cols)
+            .map_err(|e| Status::internal(format!("casting the result: {e}")))
+    };
+    let batches = batches.into_iter().map(cast).collect::<Result<_, _>>()?;
+    Ok((out_schema, batches))
+}
+
+fn flight_info(
+    schema: &Schema,
+    ticket: Vec<u8>,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo, Status> {
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(format!("encoding a schema: {e}")))?
+        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+        .with_descriptor(descriptor))
+}
+
+fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
+    let input = futures::stream::iter(batches.into_iter().map(Ok));
+    Box::pin(
+        FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .build(input)
+            .map_err(Status::from),
+    )
+}
+
+fn one_batch(
+    schema: SchemaRef,
+    batch: Result<RecordBatch, arrow_flight::error::FlightError>,
+) -> Result<DoGetStream, Status> {
+    let batch = batch.map_err(Status::from)?;
+    Ok(batches_stream(schema, vec![batch]))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSql {
+    type FlightService = FlightSql;
+
+    async fn get_flight_info_statement(
+        &self,
+        cmd: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let who = caller(&request)?;
+        let q = {
+            let st = self.broker.ledger.state();
+            query_request(&st, &request, cmd.query)?
+        };
+        let (header, ipc) = self.query.execute(&who, &q).await?;
+        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+            .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+        let schema = reader.schema();
+        let batches = reader
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+        let (schema, batches) = without_views(&schema, batches)?;
+        let mut handle = [0u8; 16];
+        getrandom::fill(&mut handle).map_err(|_| Status::internal("no randomness"))?;
+        {
+            let mut pending = self.pending();
+            pending.retain(|_, p| p.created.elapsed() < RESULT_TTL);
+            if pending.len() >= MAX_PENDING {
+                return Err(Status::resource_exhausted(
+                    "too many results wait to be fetched; fetch (DoGet) earlier results first",
+                ));
+            }
+            pending.insert(
+                handle,
+                Pending {
+                    caller: who.id.clone(),
+                    schema: schema.clone(),
+                    batches,
+                    created: Instant::now(),
+                },
+            );
+        }
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.to_vec().into(),
+        }
+        .as_any()
+        .encode_to_vec();
+        let info = flight_info(&schema, ticket, request.into_inner())?
+            .with_app_metadata(header_json(&header).to_string().into_bytes());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let who = caller(&request)?;
+        let handle: [u8; 16] = ticket.statement_handle.as_ref().try_into().map_err(|_| {
+            Status::invalid_argument("not a ticket of this broker; run the statement again")
+        })?;
+        let found = {
+            let mut pending = self.pending();
+            match pending.get(&handle) {
+                Some(p) if p.caller != who.id => None,
+                Some(p) if p.created.elapsed() >= RESULT_TTL => {
+                    pending.remove(&handle);
+                    None
+                }
+                Some(_) => pending.remove(&handle),
+                None => None,
+            }
+        };
+        let p = found.ok_or_else(|| {
+            Status::not_found(
+                "no result waits under this ticket (fetched already, expired after 10 minutes, \
+                 or another principal's); run the statement again: an identical repeat is free",
+            )
+        })?;
+        Ok(Response::new(batches_stream(p.schema, p.batches)))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let who = caller(&request)?;
+        let mut b = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for (d, _, _) in self.visible_tables(&who).await? {
+            if seen.insert(d.clone()) {
+                b.append(d);
+            }
+        }
+        let schema = b.schema();
+        Ok(Response::new(one_batch(schema, b.build())?))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let who = caller(&request)?;
+        let mut b = query.into_builder();
+        let mut seen = std::collections::BTreeSet::new();
+        for (d, _, _) in self.visible_tables(&who).await? {
+            if seen.insert(d.clone()) {
+                b.append(&d, DB_SCHEMA);
+            }
+        }
+        let schema = b.schema();
+        Ok(Response::new(one_batch(schema, b.build())?))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder().schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let who = caller(&request)?;
+        let mut b = query.into_builder();
+        for (d, t, schema) in self.visible_tables(&who).await? {
+            b.append(&d, DB_SCHEMA, &t, "TABLE", &schema)
+                .map_err(Status::from)?;
+        }
+        let schema = b.schema();
+        Ok(Response::new(one_batch(schema, b.build())?))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        caller(&request)?;
+        let ticket = query.as_any().encode_to_vec();
+        let schema = query.into_builder(&self.info).schema();
+        Ok(Response::new(flight_info(
+            &schema,
+            ticket,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        caller(&request)?;
+        let b = query.into_builder(&self.info);
+        let schema = b.schema();
+        Ok(Response::new(one_batch(schema, b.build())?))
+    }
+
+    async fn get_flight_info_fallback(
+        &self,
+        cmd: arrow_flight::sql::Command,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        Err(Status::unimplemented(format!(
+            "{} is not supported: the broker answers SQL statements (DP aggregates or \
+             extracts) and catalog calls only",
+            cmd.type_url()
+        )))
+    }
+
+    async fn do_get_fallback(
+        &self,
+        _request: Request<Ticket>,
+        message: Any,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        Err(Status::unimplemented(format!(
+            "{} is not supported",
+            message.type_url
+        )))
+    }
+
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        Err(Status::unimplemented(format!(
+            "the action {:?} is not supported",
+            request.get_ref().r#type
+        )))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}

@@ -1,0 +1,128 @@
+"""Arrow Flight SQL with researchers' real tools: the ADBC Flight SQL driver and pyarrow.flight."""
+
+import json
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import adbc_driver_manager
+import pyarrow as pa
+import pyarrow.flight as fl
+import pytest
+
+STUDY_HEADER = "adbc.flight.sql.rpc.call_header.x-consentry-study"
+EPSILON_HEADER = "adbc.flight.sql.rpc.call_header.x-consentry-epsilon"
+
+
+def connect(demo, principal="alice", study=None, epsilon=None):
+    kwargs = {"adbc.flight.sql.authorization_header": f"Bearer {demo.token(principal)}"}
+    if study:
+        kwargs[STUDY_HEADER] = study
+    if epsilon is not None:
+        kwargs[EPSILON_HEADER] = str(epsilon)
+    return flight_sql.connect(demo.info["flight_url"], db_kwargs=kwargs, autocommit=True)
+
+
+def test_adbc_runs_a_dp_query_within_the_study(demo):
+    study = demo.info["study"]["id"]
+    with connect(demo, study=study, epsilon=0.5) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT code, COUNT(*) AS n, AVG(value) AS mean FROM observations "
+            "GROUP BY code ORDER BY code"
+        )
+        table = cur.fetch_arrow_table()
+    codes = table.column("code").to_pylist()
+    # Every LOINC code of the public domain is released, sorted after noise.
+    assert codes == sorted(["4548-4", "2345-7", "2089-1", "8480-6", "39156-5", "33914-3"])
+    hba1c = table.to_pylist()[codes.index("4548-4")]
+    # Noisy, but within a wide multiple of its own 95% accuracy of the true mean (about 6%).
+    assert abs(hba1c["mean"] - 6.0) <= 3 * hba1c["mean_ci95"] + 1.0, hba1c
+    assert hba1c["n_ci95"] > 0 and hba1c["mean_ci95"] > 0
+
+
+def test_adbc_sees_refusals_with_actionable_messages(demo):
+    study = demo.info["study"]["id"]
+    with connect(demo, study=study) as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+            cur.execute("SELECT * FROM patients")
+        assert "it would release rows" in str(e.value)
+        with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+            cur.execute("SELECT ssn, COUNT(*) FROM patients GROUP BY ssn")
+        assert "ssn" in str(e.value)
+    # Without the study header: the message names the header to set.
+    with connect(demo) as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+            cur.execute("SELECT COUNT(*) FROM patients")
+        assert "x-consentry-study" in str(e.value)
+    # bob is not a researcher of the study.
+    with connect(demo, principal="bob", study=study) as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.ProgrammingError) as e:
+            cur.execute("SELECT COUNT(*) FROM patients")
+        assert "not a researcher of study" in str(e.value)
+
+
+def test_adbc_catalog_lists_only_readable_columns(demo):
+    with connect(demo) as conn:
+        objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()
+        schema = conn.adbc_get_table_schema("patients", catalog_filter="ehr", db_schema_filter="public")
+    catalogs = [c["catalog_name"] for c in objects]
+    assert catalogs == ["ehr"]
+    tables = sorted(
+        t["table_name"] for s in objects[0]["catalog_db_schemas"] for t in s["db_schema_tables"]
+    )
+    assert tables == ["conditions", "encounters", "observations", "patients"]
+    assert "ssn" not in schema.names and "first_name" not in schema.names
+    assert "birth_date" in schema.names and "patient_id" in schema.names
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    return _varint((number << 3) | 2) + _varint(len(data)) + data
+
+
+def statement(sql: str) -> bytes:
+    """A Flight SQL CommandStatementQuery packed in a protobuf Any, by hand."""
+    return _field(
+        1, b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    ) + _field(2, _field(1, sql.encode()))
+
+
+def test_pyarrow_flight_statement_with_receipt_metadata(demo):
+    client = fl.FlightClient(demo.info["flight_url"])
+    options = fl.FlightCallOptions(headers=[
+        (b"authorization", f"Bearer {demo.token('alice')}".encode()),
+        (b"x-consentry-study", demo.info["study"]["id"].encode()),
+        (b"x-consentry-epsilon", b"0.25"),
+    ])
+    sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"
+    info = client.get_flight_info(fl.FlightDescriptor.for_command(statement(sql)), options)
+    meta = json.loads(info.app_metadata)
+    assert meta["epsilon_spent"] == 0.25
+    assert meta["budget"]["epsilon_left"] < demo.info["study"]["epsilon"]
+    table = pa.concat_tables(client.do_get(ep.ticket, options).read_all() for ep in info.endpoints)
+    assert table.column("sex").to_pylist() == ["F", "M"]
+
+    # The same statement again is an identical repeat: same answer, nothing spent.
+    again = client.get_flight_info(fl.FlightDescriptor.for_command(statement(sql)), options)
+    meta2 = json.loads(again.app_metadata)
+    assert meta2["repeated"] is True
+    assert meta2["budget"]["epsilon_left"] == meta["budget"]["epsilon_left"]
+    table2 = pa.concat_tables(client.do_get(ep.ticket, options).read_all() for ep in again.endpoints)
+    assert table2.equals(table)
+
+    # A ticket is good once.
+    with pytest.raises(KeyError) as e:  # Flight's NotFound
+        client.do_get(again.endpoints[0].ticket, options).read_all()
+    assert "no result waits" in str(e.value)
+
+    # No token: unauthenticated.
+    with pytest.raises(fl.FlightUnauthenticatedError):
+        client.get_flight_info(fl.FlightDescriptor.for_command(statement(sql)))

@@ -1,0 +1,113 @@
+//! Demo mode: a synthetic hospital built through the broker's own interface is queryable at
+//! once, and its consents on the ledger are exactly the ones it planned.
+
+use std::os::unix::fs::PermissionsExt as _;
+
+use broker::demo;
+use ledger::ids::Timestamp;
+
+use crate::world::World;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
+    let w = World::empty().await;
+    let opts = demo::Options {
+        patients: 300,
+        seed: 11,
+    };
+    let info = demo::populate(w.dir.path(), &w.url, &w.operator, &opts)
+        .await
+        .unwrap();
+
+    // Keys: one per principal, 0600, and the ledger knows each with its role.
+    for p in &info.principals {
+        let mode = std::fs::metadata(&p.key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", p.key_file.display());
+        let key = ledger::keyfile::read_private_key(&p.key_file).unwrap();
+        assert_eq!(key.name(), p.id);
+        let st = w.ledger.state();
+        let principal = st.principal(&p.id).unwrap();
+        assert_eq!(principal.role.to_string(), p.role);
+    }
+    let roles: Vec<&str> = info.principals.iter().map(|p| p.role.as_str()).collect();
+    for r in [
+        "operator",
+        "custodian",
+        "irb",
+        "researcher",
+        "sponsor",
+        "patient",
+    ] {
+        assert!(roles.contains(&r), "{r} in {roles:?}");
+    }
+
+    // The dataset: four tables, registered with the digest the custodian's files have.
+    assert_eq!(
+        info.dataset.tables.keys().collect::<Vec<_>>(),
+        ["conditions", "encounters", "observations", "patients"]
+    );
+    assert_eq!(info.dataset.tables["patients"], 300);
+    let reg = w
+        .ledger
+        .state()
+        .dataset("ehr")
+        .unwrap()
+        .latest()
+        .reg
+        .clone();
+    assert_eq!(reg.digest.to_string(), info.dataset.digest);
+
+    // Consents on the ledger are exactly the planned ones that permit the study today.
+    let ids: Vec<String> = {
+        let f = std::fs::File::open(&info.dataset.source_files["patients"]).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024).unwrap();
+        let mut ids = Vec::new();
+        for b in r {
+            let b = b.unwrap();
+            let a = arrow::array::cast::AsArray::as_string::<i32>(
+                b.column_by_name("patient_id").unwrap(),
+            );
+            ids.extend(a.iter().map(|v| v.unwrap().to_owned()));
+        }
+        ids
+    };
+    let plan = demo::plan_consents(&ids, opts.seed);
+    let now = Timestamp::now();
+    let mut expected: Vec<String> = plan
+        .iter()
+        .flatten()
+        .filter(|c| c.permits_study(&now.to_string()))
+        .map(|c| c.subject.clone())
+        .collect();
+    expected.sort();
+    let filter = w
+        .ledger
+        .state()
+        .consent_filter("ehr", demo::STUDY, now)
+        .unwrap();
+    let ledger::state::ConsentFilter::Include(included) = filter else {
+        panic!("an opt-in dataset gives an include list");
+    };
+    let included: Vec<String> = included.iter().map(|s| s.as_str().to_owned()).collect();
+    assert_eq!(included, expected);
+    assert!(info.consents.revoked > 0 && info.consents.time_limited > 0);
+    assert!(included.len() < info.consents.granted && !included.is_empty());
+
+    // Alice can query at once; bob, not a member of the study, cannot.
+    let alice = ledger::keyfile::read_private_key(&w.dir.path().join("keys/alice.key")).unwrap();
+    let req = proto::v1::QueryRequest {
+        study: demo::STUDY.into(),
+        dataset: "ehr".into(),
+        sql: "SELECT code, AVG(value) AS mean FROM observations GROUP BY code".into(),
+        mode: proto::v1::Mode::Dp as i32,
+        epsilon: 1.0,
+        delta: 0.0,
+    };
+    let (header, batches) = w.run(&alice, req.clone()).await.unwrap();
+    assert_eq!(header.epsilon_spent, 1.0);
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 6, "every LOINC code of the public domain");
+    let bob = ledger::keyfile::read_private_key(&w.dir.path().join("keys/bob.key")).unwrap();
+    let e = w.run(&bob, req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}

@@ -1,0 +1,281 @@
+//! A researcher's existing tools: Arrow Flight SQL on the broker's port, with the study in a
+//! call header and the same bearer token, through the same query path and receipts.
+
+use arrow::array::{Array as _, RecordBatch, StringArray};
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::{
+    CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTables, CommandStatementQuery,
+    ProstMessageExt as _, SqlInfo,
+};
+use arrow_flight::{FlightDescriptor, FlightInfo, Ticket};
+use futures::TryStreamExt as _;
+use ledger::note::SignerKey;
+use prost::Message as _;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+use crate::world::{World, key};
+
+struct Researcher {
+    client: FlightServiceClient<tonic::transport::Channel>,
+    key: SignerKey,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Researcher {
+    fn new(w: &World, who: &str, headers: &[(&'static str, &str)]) -> Researcher {
+        Researcher {
+            client: FlightServiceClient::new(w.channel()),
+            key: key(who),
+            headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        }
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let token = broker::auth::mint(&self.key, std::time::Duration::from_secs(60)).unwrap();
+        let md = req.metadata_mut();
+        md.insert(
+            "authorization",
+            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+        );
+        for (k, v) in &self.headers {
+            md.insert(*k, MetadataValue::try_from(v.as_str()).unwrap());
+        }
+        req
+    }
+
+    async fn info(&mut self, cmd: Vec<u8>) -> Result<FlightInfo, tonic::Status> {
+        let req = self.request(FlightDescriptor::new_cmd(cmd));
+        Ok(self.client.get_flight_info(req).await?.into_inner())
+    }
+
+    async fn statement(&mut self, sql: &str) -> Result<FlightInfo, tonic::Status> {
+        let cmd = CommandStatementQuery {
+            query: sql.into(),
+            transaction_id: None,
+        };
+        self.info(cmd.as_any().encode_to_vec()).await
+    }
+
+    async fn fetch(&mut self, ticket: &Ticket) -> Result<Vec<RecordBatch>, tonic::Status> {
+        let req = self.request(ticket.clone());
+        let stream = self.client.do_get(req).await?.into_inner();
+        let batches = FlightRecordBatchStream::new_from_flight_data(
+            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
+        )
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(tonic::Status::from)?;
+        Ok(batches)
+    }
+}
+
+fn ticket(info: &FlightInfo) -> Ticket {
+    assert_eq!(info.endpoint.len(), 1);
+    info.endpoint[0].ticket.clone().unwrap()
+}
+
+fn strings(b: &RecordBatch, col: &str) -> Vec<String> {
+    let a = b
+        .column_by_name(col)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    (0..a.len()).map(|i| a.value(i).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_is_released_through_the_query_path_with_its_receipt() {
+    let w = World::ready(5.0).await;
+    let mut alice = Researcher::new(
+        &w,
+        "alice",
+        &[("x-consentry-study", "s1"), ("x-consentry-epsilon", "0.5")],
+    );
+    let sql = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex ORDER BY sex";
+    let info = alice.statement(sql).await.unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["epsilon_spent"], 0.5);
+    assert_eq!(meta["budget"]["epsilon_left"], 4.5);
+    let index = meta["receipt_index"].as_u64().unwrap();
+    let receipt = w.receipt(index);
+    assert_eq!(receipt.outcome, ledger::entry::Outcome::Released);
+    assert_eq!(receipt.researcher.as_str(), "alice");
+    assert_eq!(receipt.epsilon, 0.5);
+
+    let schema = info.clone().try_decode_schema().unwrap();
+    let batches = alice.fetch(&ticket(&info)).await.unwrap();
+    assert_eq!(batches[0].schema().fields().len(), schema.fields().len());
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 2, "both keys of the public domain F, M");
+    assert_eq!(strings(&batches[0], "sex"), ["F", "M"]);
+
+    // A ticket is fetched once, by its own caller.
+    let again = alice.fetch(&ticket(&info)).await.unwrap_err();
+    assert_eq!(again.code(), Code::NotFound, "{again:?}");
+    let info = alice.statement(sql).await.unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["repeated"], true, "an identical repeat");
+    assert_eq!(meta["budget"]["epsilon_left"], 4.5, "is free");
+    let mut bob = Researcher::new(&w, "bob", &[("x-consentry-study", "s1")]);
+    let stolen = bob.fetch(&ticket(&info)).await.unwrap_err();
+    assert_eq!(stolen.code(), Code::NotFound, "{stolen:?}");
+    assert_eq!(alice.fetch(&ticket(&info)).await.unwrap().len(), 1);
+
+    // The default epsilon when the header is absent.
+    let mut plain = Researcher::new(&w, "alice", &[("x-consentry-study", "s1")]);
+    let info = plain
+        .statement("SELECT COUNT(*) FROM visits WHERE hba1c > 7")
+        .await
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(
+        meta["epsilon_spent"],
+        broker::server::flight::DEFAULT_EPSILON
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_arrive_as_flight_errors_with_their_codes_and_receipts() {
+    let w = World::ready(1.0).await;
+    let mut alice = Researcher::new(&w, "alice", &[("x-consentry-study", "s1")]);
+
+    let e = alice.statement("SELECT * FROM visits").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("it would release rows"), "{e:?}");
+    let r = w.receipt(World::receipt_of(&e));
+    assert_eq!(r.outcome, ledger::entry::Outcome::Denied);
+
+    let e = alice
+        .statement("SELECT name FROM visits GROUP BY name")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let mut over = Researcher::new(
+        &w,
+        "alice",
+        &[("x-consentry-study", "s1"), ("x-consentry-epsilon", "2")],
+    );
+    let e = over
+        .statement("SELECT COUNT(*) FROM visits")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    let mut nostudy = Researcher::new(&w, "alice", &[]);
+    let e = nostudy
+        .statement("SELECT COUNT(*) FROM visits")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("x-consentry-study"), "{e:?}");
+
+    let mut bob = Researcher::new(&w, "bob", &[("x-consentry-study", "s1")]);
+    let e = bob
+        .statement("SELECT COUNT(*) FROM visits")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let mut bad = Researcher::new(
+        &w,
+        "alice",
+        &[("x-consentry-study", "s1"), ("x-consentry-epsilon", "lots")],
+    );
+    let e = bad
+        .statement("SELECT COUNT(*) FROM visits")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // No token: unauthenticated, before anything runs.
+    let mut anon = FlightServiceClient::new(w.channel());
+    let cmd = CommandStatementQuery {
+        query: "SELECT COUNT(*) FROM visits".into(),
+        transaction_id: None,
+    };
+    let e = anon
+        .get_flight_info(FlightDescriptor::new_cmd(cmd.as_any().encode_to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Statements that would change data are not Flight SQL's business here.
+    let prepared = arrow_flight::sql::ActionCreatePreparedStatementRequest {
+        query: "SELECT 1".into(),
+        transaction_id: None,
+    };
+    let req = alice.request(arrow_flight::Action::new(
+        "CreatePreparedStatement",
+        prepared.as_any().encode_to_vec(),
+    ));
+    let e = alice.client.do_action(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_calls_list_only_what_the_callers_studies_may_query() {
+    let w = World::ready(1.0).await;
+    let mut alice = Researcher::new(&w, "alice", &[]);
+    let cmd = CommandGetTables {
+        catalog: None,
+        db_schema_filter_pattern: None,
+        table_name_filter_pattern: None,
+        table_types: vec![],
+        include_schema: true,
+    };
+    let info = alice.info(cmd.as_any().encode_to_vec()).await.unwrap();
+    let tables = alice.fetch(&ticket(&info)).await.unwrap();
+    assert_eq!(strings(&tables[0], "table_name"), ["visits"]);
+    assert_eq!(strings(&tables[0], "catalog_name"), ["visits"]);
+    let bytes = tables[0]
+        .column_by_name("table_schema")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::BinaryArray>()
+        .unwrap()
+        .value(0)
+        .to_vec();
+    let schema = arrow::ipc::convert::try_schema_from_ipc_buffer(&bytes).unwrap();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    assert!(
+        names.contains(&"hba1c") && names.contains(&"patient_id"),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"name"),
+        "a direct identifier is never listed"
+    );
+
+    let schemas = CommandGetDbSchemas {
+        catalog: None,
+        db_schema_filter_pattern: None,
+    };
+    let info = alice.info(schemas.as_any().encode_to_vec()).await.unwrap();
+    let rows = alice.fetch(&ticket(&info)).await.unwrap();
+    assert_eq!(strings(&rows[0], "db_schema_name"), ["public"]);
+
+    // bob belongs to no study: nothing to list.
+    let mut bob = Researcher::new(&w, "bob", &[]);
+    let info = bob.info(cmd.as_any().encode_to_vec()).await.unwrap();
+    let rows: usize = bob
+        .fetch(&ticket(&info))
+        .await
+        .unwrap()
+        .iter()
+        .map(RecordBatch::num_rows)
+        .sum();
+    assert_eq!(rows, 0);
+
+    let sql_info = CommandGetSqlInfo {
+        info: vec![SqlInfo::FlightSqlServerName as u32],
+    };
+    let info = alice.info(sql_info.as_any().encode_to_vec()).await.unwrap();
+    let rows = alice.fetch(&ticket(&info)).await.unwrap();
+    assert_eq!(rows[0].num_rows(), 1);
+}
