@@ -121,11 +121,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         running.until(shutdown_signal()).await
     })?;
     drop(rt);
-    match Arc::try_unwrap(ledger) {
-        Ok(l) => l.close()?,
-        Err(_) => eprintln!("note: the ledger was still referenced at shutdown"),
-    }
-    Ok(())
+    super::serve::close(ledger)
 }
 
 /// How to use the demo: the principals, then commands to try.

@@ -132,11 +132,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         running.until(shutdown_signal()).await
     })?;
     drop(rt);
+    close(ledger)?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Closes the ledger once the server that shared it has stopped.
+pub fn close(ledger: Arc<Ledger>) -> anyhow::Result<()> {
     match Arc::try_unwrap(ledger) {
         Ok(l) => l.close()?,
         Err(_) => eprintln!("note: the ledger was still referenced at shutdown"),
     }
-    eprintln!("stopped");
     Ok(())
 }
 

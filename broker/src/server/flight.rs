@@ -318,6 +318,19 @@ fn flight_info(
         .with_descriptor(descriptor))
 }
 
+/// The `FlightInfo` of a catalog command: the command itself is the ticket.
+fn command_info(
+    schema: &Schema,
+    ticket: Vec<u8>,
+    request: Request<FlightDescriptor>,
+) -> Result<Response<FlightInfo>, Status> {
+    Ok(Response::new(flight_info(
+        schema,
+        ticket,
+        request.into_inner(),
+    )?))
+}
+
 fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
     let input = futures::stream::iter(batches.into_iter().map(Ok));
     Box::pin(
@@ -425,12 +438,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let ticket = query.as_any().encode_to_vec();
-        let schema = query.into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            ticket,
-            request.into_inner(),
-        )?))
+        command_info(&query.into_builder().schema(), ticket, request)
     }
 
     async fn do_get_catalogs(
@@ -457,12 +465,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let ticket = query.as_any().encode_to_vec();
-        let schema = query.into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            ticket,
-            request.into_inner(),
-        )?))
+        command_info(&query.into_builder().schema(), ticket, request)
     }
 
     async fn do_get_schemas(
@@ -489,12 +492,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let ticket = query.as_any().encode_to_vec();
-        let schema = query.into_builder().schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            ticket,
-            request.into_inner(),
-        )?))
+        command_info(&query.into_builder().schema(), ticket, request)
     }
 
     async fn do_get_tables(
@@ -519,12 +517,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         caller(&request)?;
         let ticket = query.as_any().encode_to_vec();
-        let schema = query.into_builder(&self.info).schema();
-        Ok(Response::new(flight_info(
-            &schema,
-            ticket,
-            request.into_inner(),
-        )?))
+        command_info(&query.into_builder(&self.info).schema(), ticket, request)
     }
 
     async fn do_get_sql_info(
