@@ -41,6 +41,23 @@ fn the_demo_is_deterministic_with_its_seed_and_describes_itself() {
     for p in ia["principals"].as_array().unwrap() {
         assert!(Path::new(p["key_file"].as_str().unwrap()).exists(), "{p}");
     }
+    // A custodian's copy of a file hashes to what the registration recorded.
+    let patients = ia["dataset"]["source_files"]["patients"].as_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["dataset", "hash", patients])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let hashed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hashed[0]["rows"], 150);
+    let sha = hashed[0]["sha256"].as_str().unwrap().to_owned();
+    let entries = std::fs::read(a.path().join("ledger/entries.log")).unwrap();
+    let entries = String::from_utf8_lossy(&entries);
+    assert!(
+        sha.len() == 64 && entries.contains(&sha),
+        "the registered digest of patients"
+    );
+
     // Keys are fresh for each demo.
     assert_ne!(ia["ledger_verifier_key"], ib["ledger_verifier_key"]);
 

@@ -46,11 +46,35 @@ pub enum DatasetCommand {
         #[arg(long, env = "CONSENTRY_INSPECT_JSON", default_value_t = false)]
         json: bool,
     },
+    /// Print each file's SHA-256, size and rows (JSON), as a dataset registration records
+    /// them: compare a local copy with the `sha256` of its file in the registered entry.
+    Hash {
+        /// Parquet or Arrow IPC files.
+        #[arg(required = true, env = "CONSENTRY_HASH_FILES", value_delimiter = ',')]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Runs a dataset command.
 pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
     match args.command {
+        DatasetCommand::Hash { files } => {
+            let pb = indicatif::ProgressBar::new(files.len() as u64);
+            let mut out = Vec::new();
+            for f in &files {
+                let (digest, bytes) = crate::manifest::hash_file(f)
+                    .with_context(|| format!("hashing {}", f.display()))?;
+                let (rows, _) = crate::manifest::file_shape(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                out.push(serde_json::json!({
+                    "file": f, "sha256": digest.to_string(), "bytes": bytes, "rows": rows,
+                }));
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
         DatasetCommand::Inspect {
             file,
             out,
