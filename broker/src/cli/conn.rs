@@ -66,3 +66,12 @@ pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 pub fn appended(a: &proto::v1::Appended) -> serde_json::Value {
     serde_json::json!({"index": a.index, "leaf_hash": a.leaf_hash})
 }
+
+/// Creates `path` for writing; never overwrites an existing file.
+pub fn create_new(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}

@@ -87,11 +87,7 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
             let opts = anonymizer::inspect::Options { sample };
             let proposal = anonymizer::inspect::inspect_file(&file, &opts)?;
             if let Some(path) = &out {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let mut f = super::conn::create_new(path)?;
                 f.write_all(proposal.policy_toml.as_bytes())?;
                 f.sync_all()?;
             }

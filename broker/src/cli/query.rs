@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use arrow::array::RecordBatch;
 use clap::{Args, Subcommand, ValueEnum};
 use proto::v1;
@@ -126,11 +126,7 @@ fn write_batches(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
     let Some(schema) = batches.first().map(RecordBatch::schema) else {
         bail!("the result has no schema to write");
     };
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let f = super::conn::create_new(path)?;
     if ext == "parquet" {
         let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, None)?;
         for b in batches {
@@ -286,11 +282,7 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
                     Some("csv") => "csv",
                     _ => bail!("--out must end in .parquet or .csv"),
                 };
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&out)
-                    .with_context(|| format!("cannot create {}", out.display()))?;
+                let mut f = super::conn::create_new(&out)?;
                 let mut stream = a
                     .export(v1::ExportRequest {
                         filter: Some(filter.request()),
@@ -337,11 +329,7 @@ pub fn bundle(args: BundleArgs) -> anyhow::Result<()> {
             .into_inner();
         match args.out {
             Some(path) => {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let mut f = super::conn::create_new(&path)?;
                 f.write_all(b.bundle_json.as_bytes())?;
                 f.sync_all()?;
                 eprintln!("bundle written to {}", path.display());

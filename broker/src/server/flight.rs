@@ -100,6 +100,18 @@ impl FlightSql {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The datasets `caller`'s active studies are approved for, each once, in order.
+    async fn visible_datasets(&self, caller: &Caller) -> Result<Vec<String>, Status> {
+        let mut ds: Vec<String> = self
+            .visible_tables(caller)
+            .await?
+            .into_iter()
+            .map(|(d, _, _)| d)
+            .collect();
+        ds.dedup();
+        Ok(ds)
+    }
+
     /// The datasets (with their tables' readable schemas) that `caller`'s active studies are
     /// approved for.
     async fn visible_tables(
@@ -448,11 +460,8 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let who = caller(&request)?;
         let mut b = query.into_builder();
-        let mut seen = std::collections::BTreeSet::new();
-        for (d, _, _) in self.visible_tables(&who).await? {
-            if seen.insert(d.clone()) {
-                b.append(d);
-            }
+        for d in self.visible_datasets(&who).await? {
+            b.append(d);
         }
         let schema = b.schema();
         Ok(Response::new(one_batch(schema, b.build())?))
@@ -475,11 +484,8 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let who = caller(&request)?;
         let mut b = query.into_builder();
-        let mut seen = std::collections::BTreeSet::new();
-        for (d, _, _) in self.visible_tables(&who).await? {
-            if seen.insert(d.clone()) {
-                b.append(&d, DB_SCHEMA);
-            }
+        for d in self.visible_datasets(&who).await? {
+            b.append(&d, DB_SCHEMA);
         }
         let schema = b.schema();
         Ok(Response::new(one_batch(schema, b.build())?))
