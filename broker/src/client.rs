@@ -1,7 +1,7 @@
 //! Client-side helpers shared by the CLI and the end-to-end tests: sign entries with the
 //! author's own key, attach a fresh bearer token to every call, upload a dataset version.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ledger::entry::{Body, DatasetRegistered, Entry, SignedEntry, TableManifest};
@@ -76,21 +76,59 @@ pub fn dataset_body(
     policy_toml: &str,
     tables: &[(&str, Vec<(String, &Path)>)],
 ) -> anyhow::Result<DatasetRegistered> {
-    use sha2::Digest as _;
-    let manifests: Vec<TableManifest> = tables
-        .iter()
-        .map(|(name, files)| crate::manifest::table_manifest(name, files))
-        .collect::<anyhow::Result<_>>()?;
-    Ok(DatasetRegistered {
-        dataset: ledger::ids::DatasetId::new(dataset)?,
+    let spec = DatasetSpec {
+        custodian,
+        dataset,
         version,
-        custodian: PrincipalId::new(custodian)?,
-        consent_basis: basis,
-        privacy_unit: privacy_unit.to_owned(),
-        policy_digest: ledger::ids::Digest::from_bytes(sha2::Sha256::digest(policy_toml).into()),
-        digest: DatasetRegistered::compute_digest(&manifests),
-        tables: manifests,
-    })
+        basis,
+        privacy_unit,
+        policy_toml,
+    };
+    spec.body(tables, &mut |_| {})
+}
+
+/// What a `dataset_registered` body says besides its files.
+#[derive(Debug, Clone, Copy)]
+pub struct DatasetSpec<'a> {
+    /// The custodian registering it (the signer).
+    pub custodian: &'a str,
+    /// The dataset id.
+    pub dataset: &'a str,
+    /// The new version.
+    pub version: u32,
+    /// Opt-in or opt-out.
+    pub basis: ledger::entry::ConsentBasis,
+    /// The privacy-unit column.
+    pub privacy_unit: &'a str,
+    /// The column policy (TOML).
+    pub policy_toml: &'a str,
+}
+
+impl DatasetSpec<'_> {
+    /// The body for `tables` (see [`dataset_body`]), calling `progress` with the bytes hashed.
+    pub fn body(
+        &self,
+        tables: &[(&str, Vec<(String, &Path)>)],
+        progress: &mut dyn FnMut(u64),
+    ) -> anyhow::Result<DatasetRegistered> {
+        use sha2::Digest as _;
+        let manifests: Vec<TableManifest> = tables
+            .iter()
+            .map(|(name, files)| crate::manifest::table_manifest(name, files, progress))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(DatasetRegistered {
+            dataset: ledger::ids::DatasetId::new(self.dataset)?,
+            version: self.version,
+            custodian: PrincipalId::new(self.custodian)?,
+            consent_basis: self.basis,
+            privacy_unit: self.privacy_unit.to_owned(),
+            policy_digest: ledger::ids::Digest::from_bytes(
+                sha2::Sha256::digest(self.policy_toml).into(),
+            ),
+            digest: DatasetRegistered::compute_digest(&manifests),
+            tables: manifests,
+        })
+    }
 }
 
 /// The upload stream of a dataset version: header, then every file in chunks. `files` maps
@@ -101,25 +139,125 @@ pub fn upload_messages(
     policy_toml: &str,
     files: &[(String, &Path)],
 ) -> anyhow::Result<Vec<v1::DatasetUpload>> {
-    use v1::dataset_upload::Part;
-    let mut out = vec![v1::DatasetUpload {
-        part: Some(Part::Header(v1::DatasetHeader {
-            entry: Some(sign(key, Body::DatasetRegistered(reg))?),
-            policy_toml: policy_toml.to_owned(),
-        })),
-    }];
-    for (rel, path) in files {
-        let bytes = std::fs::read(path)?;
-        for c in bytes.chunks(UPLOAD_CHUNK) {
-            out.push(v1::DatasetUpload {
-                part: Some(Part::Chunk(v1::FileChunk {
-                    path: rel.clone(),
-                    data: c.to_vec(),
-                })),
-            });
+    let files: Vec<(String, PathBuf)> = files
+        .iter()
+        .map(|(rel, p)| (rel.clone(), p.to_path_buf()))
+        .collect();
+    let mut upload = Upload::new(key, reg, policy_toml, files)?;
+    let msgs: Vec<v1::DatasetUpload> = upload.by_ref().collect();
+    upload.finish()?;
+    Ok(msgs)
+}
+
+/// An upload read lazily, one chunk of [`UPLOAD_CHUNK`] bytes at a time, so a version of any
+/// size streams in constant memory. A read error ends the stream early (the broker then
+/// refuses the incomplete upload) and is kept for [`Upload::finish`].
+pub struct Upload {
+    header: Option<v1::DatasetUpload>,
+    files: std::vec::IntoIter<(String, PathBuf)>,
+    current: Option<(String, std::fs::File)>,
+    error: std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>>,
+    progress: Box<dyn FnMut(u64) + Send>,
+}
+
+impl Upload {
+    /// An upload of `files` (`(manifest path, file on disk)`) under a header signed by `key`.
+    pub fn new(
+        key: &SignerKey,
+        reg: DatasetRegistered,
+        policy_toml: &str,
+        files: Vec<(String, PathBuf)>,
+    ) -> anyhow::Result<Upload> {
+        let header = v1::DatasetUpload {
+            part: Some(v1::dataset_upload::Part::Header(v1::DatasetHeader {
+                entry: Some(sign(key, Body::DatasetRegistered(reg))?),
+                policy_toml: policy_toml.to_owned(),
+            })),
+        };
+        Ok(Upload {
+            header: Some(header),
+            files: files.into_iter(),
+            current: None,
+            error: Default::default(),
+            progress: Box::new(|_| {}),
+        })
+    }
+
+    /// Calls `progress` with the bytes of each chunk read.
+    pub fn with_progress(mut self, progress: impl FnMut(u64) + Send + 'static) -> Upload {
+        self.progress = Box::new(progress);
+        self
+    }
+
+    /// A handle on the read error, to check after the stream was consumed elsewhere.
+    pub fn error_handle(&self) -> std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>> {
+        self.error.clone()
+    }
+
+    /// The read error that ended the stream, if any.
+    pub fn finish(self) -> anyhow::Result<()> {
+        take_error(&self.error)
+    }
+
+    fn fail(&mut self, e: anyhow::Error) -> Option<v1::DatasetUpload> {
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = Some(e);
+        }
+        self.current = None;
+        self.files = Vec::new().into_iter();
+        None
+    }
+}
+
+/// Takes the error out of an [`Upload::error_handle`].
+pub fn take_error(h: &std::sync::Mutex<Option<anyhow::Error>>) -> anyhow::Result<()> {
+    match h.lock() {
+        Ok(mut slot) => slot.take().map_or(Ok(()), Err),
+        Err(_) => anyhow::bail!("the upload's reader panicked"),
+    }
+}
+
+impl Iterator for Upload {
+    type Item = v1::DatasetUpload;
+
+    fn next(&mut self) -> Option<v1::DatasetUpload> {
+        use std::io::Read as _;
+        if let Some(h) = self.header.take() {
+            return Some(h);
+        }
+        loop {
+            if self.current.is_none() {
+                let (rel, path) = self.files.next()?;
+                match std::fs::File::open(&path) {
+                    Ok(f) => self.current = Some((rel, f)),
+                    Err(e) => {
+                        return self.fail(
+                            anyhow::Error::new(e).context(format!("opening {}", path.display())),
+                        );
+                    }
+                }
+            }
+            let (rel, f) = self.current.as_mut()?;
+            let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+            match f.take(UPLOAD_CHUNK as u64).read_to_end(&mut buf) {
+                Ok(0) => self.current = None,
+                Ok(n) => {
+                    let path = rel.clone();
+                    (self.progress)(n as u64);
+                    return Some(v1::DatasetUpload {
+                        part: Some(v1::dataset_upload::Part::Chunk(v1::FileChunk {
+                            path,
+                            data: buf,
+                        })),
+                    });
+                }
+                Err(e) => {
+                    let msg = format!("reading {rel}");
+                    return self.fail(anyhow::Error::new(e).context(msg));
+                }
+            }
         }
     }
-    Ok(out)
 }
 
 /// Collects a query's response stream: the header and the result's record batches.

@@ -12,6 +12,14 @@ use sha2::Digest as _;
 
 /// SHA-256 and size of a file, read in 1 MiB blocks.
 pub fn hash_file(path: &Path) -> anyhow::Result<(Digest, u64)> {
+    hash_file_progress(path, &mut |_| {})
+}
+
+/// [`hash_file`], calling `progress` with the number of bytes of each block read.
+pub fn hash_file_progress(
+    path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<(Digest, u64)> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -23,6 +31,7 @@ pub fn hash_file(path: &Path) -> anyhow::Result<(Digest, u64)> {
         }
         h.update(&buf[..k]);
         n += k as u64;
+        progress(k as u64);
     }
     Ok((Digest::from_bytes(h.finalize().into()), n))
 }
@@ -66,15 +75,20 @@ pub fn check_path(p: &str) -> Result<(), String> {
     }
 }
 
-/// The manifest of one table from its files: `(path as registered, file on disk)`.
-pub fn table_manifest(name: &str, files: &[(String, &Path)]) -> anyhow::Result<TableManifest> {
+/// The manifest of one table from its files: `(path as registered, file on disk)`. `progress`
+/// is called with the bytes hashed.
+pub fn table_manifest(
+    name: &str,
+    files: &[(String, &Path)],
+    progress: &mut dyn FnMut(u64),
+) -> anyhow::Result<TableManifest> {
     anyhow::ensure!(!files.is_empty(), "table {name} has no files");
     let mut out = Vec::new();
     let mut schema: Option<Schema> = None;
     let mut total = 0;
     for (rel, path) in files {
         check_path(rel).map_err(anyhow::Error::msg)?;
-        let (sha256, bytes) = hash_file(path)?;
+        let (sha256, bytes) = hash_file_progress(path, progress)?;
         let (rows, s) = file_shape(path)?;
         if let Some(first) = &schema {
             anyhow::ensure!(

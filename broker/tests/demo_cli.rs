@@ -102,3 +102,202 @@ fn the_demo_refuses_a_directory_with_another_ledger() {
     );
     assert!(!d.path().join("keys").exists());
 }
+
+/// A demo broker serving in the background, stopped when dropped.
+struct Served {
+    child: std::process::Child,
+    info: serde_json::Value,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_demo(data_dir: &Path) -> Served {
+    let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--patients", "120"])
+        .args(["--seed", "9"])
+        .env("CONSENTRY_DATA_DIR", data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut served = Served {
+        child,
+        info: serde_json::Value::Null,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !data_dir.join("demo.json").exists() {
+        assert!(
+            served.child.try_wait().unwrap().is_none(),
+            "broker demo exited early"
+        );
+        assert!(std::time::Instant::now() < deadline, "no demo.json");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    served.info = info(data_dir);
+    served
+}
+
+#[test]
+fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
+    let d = tempfile::tempdir().unwrap();
+    let served = serve_demo(d.path());
+    let info = &served.info.clone();
+    let url = info["url"].as_str().unwrap().to_owned();
+    let key = |who: &str| d.path().join("keys").join(format!("{who}.key"));
+    let client = |who: &str, args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .env("CONSENTRY_URL", &url)
+            .env("CONSENTRY_KEY", key(who))
+            .output()
+            .unwrap()
+    };
+    let versions = || -> Vec<serde_json::Value> {
+        let out = client("hospital", &["dataset", "list"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        all.into_iter().filter(|v| v["dataset"] == "ehr").collect()
+    };
+    assert_eq!(versions().len(), 1);
+
+    // The custodian's copy of the tables, registered as the next version.
+    let copy = tempfile::tempdir().unwrap();
+    let mut tables = Vec::new();
+    for (name, file) in info["dataset"]["source_files"].as_object().unwrap() {
+        let to = copy.path().join(format!("{name}.parquet"));
+        std::fs::copy(file.as_str().unwrap(), &to).unwrap();
+        tables.push(to.to_str().unwrap().to_owned());
+    }
+    let policy = info["dataset"]["policy_file"].as_str().unwrap().to_owned();
+    let register = |who: &str, policy: &str, files: &[String]| {
+        let mut args = vec![
+            "dataset",
+            "register",
+            "--dataset",
+            "ehr",
+            "--policy",
+            policy,
+        ];
+        args.extend(files.iter().map(String::as_str));
+        client(who, &args)
+    };
+
+    // Refused, and nothing changes: a policy that does not classify every column, a
+    // researcher's key, a missing file.
+    let partial = copy.path().join("partial.toml");
+    let text_policy = std::fs::read_to_string(&policy).unwrap();
+    let cut: String = text_policy
+        .lines()
+        .filter(|l| !l.starts_with("ssn "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&partial, cut).unwrap();
+    let out = register("hospital", partial.to_str().unwrap(), &tables);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("column ssn is not classified"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = register("alice", &policy, &tables);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("PermissionDenied"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = register("hospital", &policy, &["nowhere/x.parquet".to_string()]);
+    assert!(!out.status.success());
+    assert_eq!(versions().len(), 1, "nothing registered");
+
+    let out = register("hospital", &policy, &tables);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let reg: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reg["version"], 2);
+    let listed = versions();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["digest"], reg["digest"]);
+    assert_eq!(listed[1]["entry_index"], reg["index"]);
+    assert_eq!(listed[1]["rows"], listed[0]["rows"]);
+
+    // The sponsor fetches the study's bundle and checks it, and local files, offline.
+    let bundle = copy.path().join("bundle.json");
+    let out = client(
+        "pharma",
+        &[
+            "bundle",
+            "--study",
+            "t2d-outcomes",
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(served);
+    let vkey = info["ledger_verifier_key"].as_str().unwrap();
+    let verify = |files: &[&str]| {
+        let mut args = vec![
+            "verify",
+            "--key",
+            vkey,
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ];
+        for f in files {
+            args.extend(["--file", f]);
+        }
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&[&tables[0]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bundle"]["study"], "t2d-outcomes");
+    // The same bytes were registered in both versions, under other paths.
+    let found: Vec<(u64, String)> = v["files"][0]["registered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["dataset"], "ehr");
+            (
+                m["version"].as_u64().unwrap(),
+                m["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found[0].0, 1);
+    assert_eq!(found[1].0, 2);
+    assert!(found[1].1.ends_with(".parquet"), "{found:?}");
+
+    // A changed copy fails, naming the file.
+    let changed = copy.path().join("changed.parquet");
+    let mut bytes = std::fs::read(&tables[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&changed, bytes).unwrap();
+    let out = verify(&[&tables[0], changed.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("match no file") && err.contains("changed.parquet"),
+        "{err}"
+    );
+
+    // Another ledger's key fails the bundle itself.
+    let other = ledger::note::SignerKey::generate("other.example/ledger").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["verify", "--key", &other.verifier().to_text()])
+        .args(["--bundle", bundle.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -186,6 +186,10 @@ pub struct BundleSummary {
     pub datasets: Vec<DatasetUse>,
     /// The older checkpoint proven consistent, if one was given.
     pub consistent_with_size: Option<u64>,
+    /// The dataset registrations in the bundle (verified like every entry), with each file's
+    /// SHA-256: what a local copy of a dataset is checked against.
+    #[serde(skip)]
+    pub registrations: Vec<crate::entry::DatasetRegistered>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -207,6 +211,16 @@ pub fn verify_bundle(
     bundle: &Bundle,
     ledger_key: &VerifierKey,
     old_checkpoint: Option<&str>,
+) -> Result<BundleSummary> {
+    verify_bundle_progress(bundle, ledger_key, old_checkpoint, &mut || {})
+}
+
+/// [`verify_bundle`], calling `progress` once per entry whose signature was checked.
+pub fn verify_bundle_progress(
+    bundle: &Bundle,
+    ledger_key: &VerifierKey,
+    old_checkpoint: Option<&str>,
+    progress: &mut dyn FnMut(),
 ) -> Result<BundleSummary> {
     if bundle.format != FORMAT {
         return Err(bad(format!("unknown format {:?}", bundle.format)));
@@ -247,6 +261,7 @@ pub fn verify_bundle(
         denied: 0,
         datasets: Vec::new(),
         consistent_with_size: None,
+        registrations: Vec::new(),
     };
     let mut versions: HashMap<(DatasetId, u32), Digest> = HashMap::new();
     let mut uses: BTreeMap<(DatasetId, u32), DatasetUse> = BTreeMap::new();
@@ -276,6 +291,7 @@ pub fn verify_bundle(
                 "entry {index}: author signature does not verify"
             )));
         }
+        progress();
         match &signed.entry.body {
             Body::PrincipalRegistered(p) => {
                 keys.insert(p.id.to_string(), (VerifierKey::parse(&p.key)?, false));
@@ -290,6 +306,7 @@ pub fn verify_bundle(
             }
             Body::DatasetRegistered(d) => {
                 versions.insert((d.dataset.clone(), d.version), d.digest.clone());
+                summary.registrations.push(d.clone());
             }
             Body::QueryReceipt(r) if r.study == bundle.study => match r.outcome {
                 Outcome::Denied => summary.denied += 1,

@@ -4,12 +4,21 @@
 //! identifier columns from their names and values. The proposal goes to stdout (or to `--out`),
 //! the findings report to stderr; `--json` prints the findings as JSON instead. Nothing it
 //! prints carries a record value: findings are counts and patterns.
+//!
+//! `register` checks the files against the policy, hashes them, signs the `dataset_registered`
+//! entry with the custodian's key and streams the files to the broker, which checks them
+//! again before it appends the entry. `list` shows the registered versions; `hash` prints what
+//! a registration records of local files.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
+use proto::v1;
+
+use super::conn::{self, Conn};
+use crate::client;
 
 /// Arguments of `broker dataset`.
 #[derive(Debug, Args)]
@@ -46,8 +55,44 @@ pub enum DatasetCommand {
         #[arg(long, env = "CONSENTRY_INSPECT_JSON", default_value_t = false)]
         json: bool,
     },
+    /// Register a new version of a dataset (the caller is its custodian): checks every file
+    /// against the column policy, hashes it, signs the registration and uploads the files.
+    /// Prints the entry's index and the version's digest.
+    Register {
+        /// The broker and the custodian.
+        #[command(flatten)]
+        conn: Conn,
+        /// The dataset id.
+        #[arg(long, env = "CONSENTRY_DATASET")]
+        dataset: String,
+        /// The version to register; without it, one more than the latest registered.
+        #[arg(long = "dataset-version", env = "CONSENTRY_DATASET_VERSION")]
+        version: Option<u32>,
+        /// The column policy (TOML; `broker dataset inspect` proposes one). It names the
+        /// privacy-unit column.
+        #[arg(long, env = "CONSENTRY_POLICY")]
+        policy: PathBuf,
+        /// Whether patients opt in (only those who consented are queried) or opt out.
+        #[arg(long, env = "CONSENTRY_CONSENT_BASIS", value_enum, default_value_t = Basis::OptIn)]
+        basis: Basis,
+        /// The tables' files, Parquet or Arrow IPC: `NAME=FILE`, or `FILE` for a table named
+        /// after the file. Repeat a NAME to give a table several files (same schema).
+        #[arg(
+            required = true,
+            env = "CONSENTRY_REGISTER_FILES",
+            value_delimiter = ','
+        )]
+        tables: Vec<String>,
+    },
+    /// List the registered dataset versions: custodian, digest, rows, tables, entry index.
+    List {
+        /// The broker and the caller.
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print each file's SHA-256, size and rows (JSON), as a dataset registration records
-    /// them: compare a local copy with the `sha256` of its file in the registered entry.
+    /// them: compare a local copy with the `sha256` of its file in the registered entry
+    /// (`broker verify --file` does that against a study's bundle).
     Hash {
         /// Parquet or Arrow IPC files.
         #[arg(required = true, env = "CONSENTRY_HASH_FILES", value_delimiter = ',')]
@@ -55,21 +100,116 @@ pub enum DatasetCommand {
     },
 }
 
+/// A dataset's consent basis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Basis {
+    /// Only patients with a consent in effect are queried.
+    OptIn,
+    /// Every patient is queried unless they revoked.
+    OptOut,
+}
+
+/// A progress bar over `total` bytes, on stderr.
+pub fn bytes_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+/// Total size of files, for a progress bar.
+pub fn total_bytes(files: &[PathBuf]) -> anyhow::Result<u64> {
+    files.iter().try_fold(0u64, |n, f| {
+        let m = std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
+        Ok(n + m.len())
+    })
+}
+
+/// A table's name and its files as `(path inside the dataset, file on disk)`.
+pub type TableFiles = (String, Vec<(String, PathBuf)>);
+
+/// `NAME=FILE` or `FILE` arguments grouped by table, in order of first mention, each file
+/// with its path inside the dataset (`NAME/<file name>`).
+pub fn group_tables(args: &[String]) -> anyhow::Result<Vec<TableFiles>> {
+    let mut out: Vec<TableFiles> = Vec::new();
+    for a in args {
+        let (name, file) = match a.split_once('=') {
+            Some((n, f)) => (n.to_owned(), PathBuf::from(f)),
+            None => {
+                let f = PathBuf::from(a);
+                let stem = f
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .with_context(|| format!("{a}: name the table, as NAME={a}"))?
+                    .to_owned();
+                (stem, f)
+            }
+        };
+        let file_name = file
+            .file_name()
+            .and_then(|s| s.to_str())
+            .with_context(|| format!("{a}: not a file name"))?;
+        let rel = format!("{name}/{file_name}");
+        crate::manifest::check_path(&rel).map_err(anyhow::Error::msg)?;
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, files)) => {
+                if files.iter().any(|(r, _)| *r == rel) {
+                    bail!("table {name} has two files named {file_name}");
+                }
+                files.push((rel, file));
+            }
+            None => out.push((name, vec![(rel, file)])),
+        }
+    }
+    Ok(out)
+}
+
 /// Runs a dataset command.
 pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
     match args.command {
+        DatasetCommand::Register {
+            conn,
+            dataset,
+            version,
+            policy,
+            basis,
+            tables,
+        } => register(conn, &dataset, version, &policy, basis, &tables),
+        DatasetCommand::List { conn } => conn::block_on(async move {
+            let (_, ch) = conn.channel().await?;
+            let r = v1::registry_client::RegistryClient::new(ch)
+                .list_datasets(v1::ListDatasetsRequest {})
+                .await
+                .map_err(conn::status)?
+                .into_inner();
+            let out: Vec<serde_json::Value> = r
+                .datasets
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "dataset": d.dataset, "version": d.version, "custodian": d.custodian,
+                        "digest": d.digest, "consent_basis": d.consent_basis, "rows": d.rows,
+                        "tables": d.tables, "entry_index": d.entry_index,
+                    })
+                })
+                .collect();
+            conn::print_json(&out)
+        }),
         DatasetCommand::Hash { files } => {
-            let pb = indicatif::ProgressBar::new(files.len() as u64);
+            let pb = bytes_bar(total_bytes(&files)?, "hashing");
             let mut out = Vec::new();
             for f in &files {
-                let (digest, bytes) = crate::manifest::hash_file(f)
+                let (digest, bytes) = crate::manifest::hash_file_progress(f, &mut |n| pb.inc(n))
                     .with_context(|| format!("hashing {}", f.display()))?;
                 let (rows, _) = crate::manifest::file_shape(f)
                     .with_context(|| format!("reading {}", f.display()))?;
                 out.push(serde_json::json!({
                     "file": f, "sha256": digest.to_string(), "bytes": bytes, "rows": rows,
                 }));
-                pb.inc(1);
             }
             pb.finish_and_clear();
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -104,5 +244,139 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn register(
+    conn: Conn,
+    dataset: &str,
+    version: Option<u32>,
+    policy_path: &std::path::Path,
+    basis: Basis,
+    table_args: &[String],
+) -> anyhow::Result<()> {
+    let policy_toml = std::fs::read_to_string(policy_path)
+        .with_context(|| format!("reading the policy {}", policy_path.display()))?;
+    let policy = anonymizer::policy::Policy::from_toml(&policy_toml)
+        .with_context(|| format!("the policy {}", policy_path.display()))?;
+    let tables = group_tables(table_args)?;
+    // Refuse locally, before hashing or uploading, what the broker would refuse.
+    for (name, files) in &tables {
+        for (_, f) in files {
+            let (_, schema) = crate::manifest::file_shape(f)
+                .with_context(|| format!("reading {}", f.display()))?;
+            policy
+                .check_schema(name, &schema)
+                .with_context(|| format!("{} (table {name})", f.display()))?;
+        }
+    }
+    let files: Vec<PathBuf> = tables
+        .iter()
+        .flat_map(|(_, fs)| fs.iter().map(|(_, f)| f.clone()))
+        .collect();
+    let total = total_bytes(&files)?;
+    let key = conn.signer()?;
+    let basis = match basis {
+        Basis::OptIn => ledger::entry::ConsentBasis::OptIn,
+        Basis::OptOut => ledger::entry::ConsentBasis::OptOut,
+    };
+    conn::block_on(async move {
+        let (_, ch) = conn.channel().await?;
+        let mut registry = v1::registry_client::RegistryClient::new(ch)
+            .max_encoding_message_size(crate::server::MAX_MESSAGE);
+        let version = match version {
+            Some(v) => v,
+            None => {
+                let listed = registry
+                    .list_datasets(v1::ListDatasetsRequest {})
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let latest = listed
+                    .datasets
+                    .iter()
+                    .filter(|d| d.dataset == dataset)
+                    .map(|d| d.version)
+                    .max();
+                latest.map_or(Ok(1), |v| {
+                    v.checked_add(1).context("the dataset has no next version")
+                })?
+            }
+        };
+        let spec = client::DatasetSpec {
+            custodian: key.name(),
+            dataset,
+            version,
+            basis,
+            privacy_unit: &policy.privacy_unit,
+            policy_toml: &policy_toml,
+        };
+        let refs: Vec<(&str, Vec<(String, &std::path::Path)>)> = tables
+            .iter()
+            .map(|(n, fs)| {
+                let fs = fs.iter().map(|(r, f)| (r.clone(), f.as_path())).collect();
+                (n.as_str(), fs)
+            })
+            .collect();
+        let pb = bytes_bar(total, "hashing");
+        let reg = spec.body(&refs, &mut |n| pb.inc(n))?;
+        pb.finish_and_clear();
+        let digest = reg.digest.to_string();
+        let rows = reg.rows();
+        let pb = bytes_bar(total, "uploading");
+        let bar = pb.clone();
+        let upload = client::Upload::new(
+            &key,
+            reg,
+            &policy_toml,
+            tables.into_iter().flat_map(|(_, fs)| fs).collect(),
+        )?
+        .with_progress(move |n| bar.inc(n));
+        let read_error = upload.error_handle();
+        let result = registry.register_dataset(tokio_stream::iter(upload)).await;
+        pb.finish_and_clear();
+        client::take_error(&read_error)?;
+        let appended = result.map_err(conn::status)?.into_inner();
+        conn::print_json(&serde_json::json!({
+            "dataset": dataset,
+            "version": version,
+            "digest": digest,
+            "rows": rows,
+            "index": appended.index,
+            "leaf_hash": appended.leaf_hash,
+        }))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_arguments_group_by_name() {
+        let args: Vec<String> = ["a/visits.parquet", "p=x/one.parquet", "p=y/two.parquet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let g = group_tables(&args).unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].0, "visits");
+        assert_eq!(g[0].1[0].0, "visits/visits.parquet");
+        assert_eq!(g[1].0, "p");
+        let rels: Vec<&str> = g[1].1.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(rels, ["p/one.parquet", "p/two.parquet"]);
+    }
+
+    #[test]
+    fn bad_table_arguments_are_refused() {
+        let dup = vec!["p=x/one.parquet".to_string(), "p=y/one.parquet".to_string()];
+        assert!(
+            group_tables(&dup)
+                .unwrap_err()
+                .to_string()
+                .contains("two files")
+        );
+        assert!(group_tables(&["../x=a.parquet".to_string()]).is_err());
+        assert!(group_tables(&["t=".to_string()]).is_err());
     }
 }

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use ledger::entry::{Entry, SignedEntry};
 use ledger::ids::{PrincipalId, Timestamp};
-use ledger::note::{SignerKey, VerifierKey};
+use ledger::note::SignerKey;
 use ledger::{Config, Ledger, bundle, keyfile};
 use serde_json::json;
 
@@ -120,18 +120,9 @@ pub enum LedgerCommand {
         #[arg(long, env = "CONSENTRY_OUT")]
         out: Option<PathBuf>,
     },
-    /// Verify a study's evidence bundle offline, with only the ledger's verifier key.
-    VerifyBundle {
-        /// The ledger's verifier key: the key text or a file holding it.
-        #[arg(long, env = "CONSENTRY_VERIFIER_KEY")]
-        key: String,
-        /// The bundle file.
-        #[arg(long, env = "CONSENTRY_BUNDLE")]
-        bundle: PathBuf,
-        /// An older signed checkpoint (file) to prove the log only grew since.
-        #[arg(long, env = "CONSENTRY_OLD_CHECKPOINT")]
-        old_checkpoint: Option<PathBuf>,
-    },
+    /// Verify a study's evidence bundle offline, with only the ledger's verifier key (the
+    /// same as `broker verify`; --file also checks local dataset files).
+    VerifyBundle(super::verify::VerifyArgs),
 }
 
 fn ledger_dir(data_dir: &Path) -> PathBuf {
@@ -220,15 +211,6 @@ fn fill_dataset_digest(obj: &mut serde_json::Map<String, serde_json::Value>) -> 
     let digest = ledger::entry::DatasetRegistered::compute_digest(&tables);
     body.insert("digest".into(), json!(digest.to_string()));
     Ok(())
-}
-
-fn read_verifier_key(arg: &str) -> anyhow::Result<VerifierKey> {
-    if let Ok(k) = VerifierKey::parse(arg.trim()) {
-        return Ok(k);
-    }
-    let text = std::fs::read_to_string(arg)
-        .with_context(|| "--key is neither a verifier key nor a readable file".to_string())?;
-    Ok(VerifierKey::parse(text.trim())?)
 }
 
 /// Runs `broker ledger …`.
@@ -364,24 +346,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 None => println!("{text}"),
             }
         }
-        LedgerCommand::VerifyBundle {
-            key,
-            bundle: path,
-            old_checkpoint,
-        } => {
-            let key = read_verifier_key(&key)?;
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let b: bundle::Bundle =
-                serde_json::from_str(&text).context("the bundle is not valid bundle JSON")?;
-            let old = old_checkpoint
-                .map(|p| {
-                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
-                })
-                .transpose()?;
-            let summary = bundle::verify_bundle(&b, &key, old.as_deref())?;
-            print_json(&serde_json::to_value(&summary)?)?;
-        }
+        LedgerCommand::VerifyBundle(args) => super::verify::run(args)?,
     }
     Ok(())
 }

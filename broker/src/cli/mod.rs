@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod query;
 pub mod serve;
 pub mod study;
+pub mod verify;
 
 /// Consentry: a privacy-preserving research data broker for health data.
 #[derive(Debug, Parser)]
@@ -39,7 +40,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Mint a bearer token (EdDSA JWT, at most 15 minutes) with a principal's key.
     Token(serve::TokenArgs),
-    /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file.
+    /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file,
+    /// register a version (upload), list versions, hash files as a registration records them.
     Dataset(dataset::DatasetArgs),
     /// Build a synthetic hospital (patients with names, SSNs, addresses and birth dates;
     /// encounters; ICD-10 conditions; LOINC lab results), its patients' consents and an approved
@@ -56,8 +58,13 @@ pub enum Command {
     Query(query::QueryArgs),
     /// The IRB's usage log (denied attempts too) and budget burn-down.
     Audit(query::AuditArgs),
-    /// Fetch a study's evidence bundle (check it offline with `broker ledger verify-bundle`).
+    /// Fetch a study's evidence bundle (check it offline with `broker verify`).
     Bundle(query::BundleArgs),
+    /// A sponsor's offline check, with only the ledger's verifier key: a study's evidence
+    /// bundle (checkpoint signature, inclusion proofs, every author's signature, the dataset
+    /// versions its receipts used), and local dataset files against the SHA-256 their
+    /// registration recorded.
+    Verify(verify::VerifyArgs),
 }
 
 /// Runs a parsed command line.
@@ -73,5 +80,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(args) => query::query(args),
         Command::Audit(args) => query::audit(args),
         Command::Bundle(args) => query::bundle(args),
+        Command::Verify(args) => verify::run(args),
     }
 }

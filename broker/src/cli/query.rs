@@ -317,7 +317,7 @@ pub struct BundleArgs {
 }
 
 /// Runs `broker bundle`: fetches a study's evidence bundle (check it offline with
-/// `broker verify bundle`).
+/// `broker verify`).
 pub fn bundle(args: BundleArgs) -> anyhow::Result<()> {
     conn::block_on(async move {
         let (_, auth) = args.conn.channel().await?;
