@@ -3,13 +3,13 @@
 The broker binary comes from CONSENTRY_BROKER (tests/run-all sets it after building).
 """
 
-import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+import demo_server
 
 BROKER = os.environ.get("CONSENTRY_BROKER", "broker")
 
@@ -44,21 +44,6 @@ class Demo:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Demo:
     data_dir = tmp_path_factory.mktemp("demo")
-    proc = subprocess.Popen(
-        [BROKER, "demo", "--data-dir", str(data_dir), "--patients", "400", "--seed", "5",
-         "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    info_file = data_dir / "demo.json"
-    deadline = time.time() + 300
-    while not info_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker demo exited: {proc.stderr.read()}")
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("broker demo did not write demo.json in 5 minutes")
-        time.sleep(0.2)
-    info = json.loads(info_file.read_text())
+    proc, info = demo_server.start(BROKER, data_dir, patients=400, seed=5)
     yield Demo(data_dir, info, proc)
-    proc.terminate()
-    proc.wait(timeout=60)
+    demo_server.stop(proc)
