@@ -16,8 +16,9 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::Column;
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
+use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
-    Expr, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, cast, lit, when,
+    Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, cast, lit, when,
 };
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
@@ -184,13 +185,19 @@ pub fn consent_digest(filter: &ConsentFilter) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The unit column of a plan's rows: the first one (the tables of a join are joined on the
+/// unit, so all of a row's unit columns hold the same unit).
 fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
     let (q, f) = plan
         .schema()
-        .qualified_field_with_unqualified_name(UNIT_COLUMN)
-        .map_err(|_| Error::Engine("the unit column is missing".into()))?;
+        .iter()
+        .find(|(_, f)| f.name() == UNIT_COLUMN)
+        .ok_or_else(|| Error::Engine("the unit column is missing".into()))?;
     Ok(Expr::Column(Column::from((q, f))))
 }
+
+/// The column numbering each unit's joined rows.
+const ROW_NUMBER_COLUMN: &str = "__consentry_row";
 
 /// `arg` clamped to `[lo, hi]` as Float64 (or Int64 for integer sums).
 fn clamp(arg: &Expr, [lo, hi]: [f64; 2], integer: bool) -> Expr {
@@ -498,10 +505,30 @@ impl Engine {
     ) -> Result<RecordBatch> {
         let input = checked.aggregate.input.as_ref().clone();
         let unit = unit_column(&input)?;
+        let input_schema = input.schema().clone();
         let mut builder = LogicalPlanBuilder::from(input);
         if let Some(set) = consented {
             let udf: ScalarUDF = UnitSet::shared_udf(set);
             builder = builder.filter(udf.call(vec![unit.clone()]))?;
+        }
+        if checked.joined {
+            // Each table was bounded at load, but a join multiplies a unit's rows: keep at
+            // most max_rows_per_unit joined rows per unit. Which ones is decided by the rows'
+            // values alone (ordered by every column; tied rows are identical), so adding or
+            // removing a unit changes no other unit's rows.
+            let k = u64::from(self.dataset.policy.max_rows_per_unit);
+            let order: Vec<_> = input_schema
+                .iter()
+                .map(|qf| Expr::Column(Column::from(qf)).sort(true, true))
+                .collect();
+            let number = row_number()
+                .partition_by(vec![unit.clone()])
+                .order_by(order)
+                .build()?
+                .alias(ROW_NUMBER_COLUMN);
+            builder = builder
+                .window(vec![number])?
+                .filter(datafusion::prelude::col(ROW_NUMBER_COLUMN).lt_eq(lit(k)))?;
         }
         let plan = builder
             .aggregate(

@@ -2,7 +2,8 @@
 //!
 //! A query is accepted when its plan is: operators that act on released values (projection,
 //! HAVING filter, ORDER BY, LIMIT) above exactly one aggregate, whose input reads tables
-//! through filters only. Every column the aggregate's input reads is checked against the
+//! through filters and inner joins on the privacy unit only (a join's rows are bounded again
+//! per unit by the engine, so a patient's contribution stays within the policy). Every column the aggregate's input reads is checked against the
 //! policy; every aggregate function is mapped to a statistic we know how to release. Anything
 //! else is refused naming the construct and what to do instead. The plan is inspected, never
 //! the SQL text.
@@ -66,6 +67,8 @@ pub struct Checked {
     pub stats: Vec<Statistic>,
     /// How keys are chosen.
     pub keys: Keys,
+    /// Whether the aggregate's input joins tables (its rows are then bounded per unit again).
+    pub joined: bool,
 }
 
 fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
@@ -83,6 +86,16 @@ struct Tables {
     by_alias: HashMap<String, String>,
     /// WHERE predicates below the aggregate.
     filters: Vec<Expr>,
+    /// The ON condition of every join.
+    joins: Vec<JoinCondition>,
+}
+
+/// A join's ON condition, split into its conjuncts.
+struct JoinCondition {
+    /// `l = r` with `l` a column of one side and `r` of the other.
+    across: Vec<(datafusion::common::Column, datafusion::common::Column)>,
+    /// The other conjuncts.
+    rest: Vec<Expr>,
 }
 
 impl Tables {
@@ -123,6 +136,9 @@ pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked> {
             readable(tables.resolve(policy, c)?.1, &c.name, "WHERE")?;
         }
     }
+    for on in &tables.joins {
+        check_join_condition(on, policy, &tables)?;
+    }
     let mut stats = Vec::with_capacity(aggregate.aggr_expr.len());
     for e in &aggregate.aggr_expr {
         stats.push(statistic(e, policy, &tables)?);
@@ -155,7 +171,77 @@ pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked> {
         aggregate: aggregate.clone(),
         stats,
         keys,
+        joined: !tables.joins.is_empty(),
     })
+}
+
+/// A join condition: it must hold `<unit> = <unit>` between the two sides (so every joined row
+/// belongs to one patient); its other conjuncts may read readable columns only.
+fn check_join_condition(on: &JoinCondition, policy: &Policy, tables: &Tables) -> Result<()> {
+    let is_unit = |c: &datafusion::common::Column| {
+        tables
+            .resolve(policy, c)
+            .is_ok_and(|(_, cp)| cp.class == ColumnClass::PrivacyUnit)
+    };
+    let mut on_unit = false;
+    for (l, r) in &on.across {
+        if is_unit(l) && is_unit(r) {
+            on_unit = true;
+            continue;
+        }
+        for c in [l, r] {
+            readable(tables.resolve(policy, c)?.1, &c.name, "a join condition")?;
+        }
+    }
+    for part in &on.rest {
+        check_no_subquery(part)?;
+        for c in part.column_refs() {
+            readable(tables.resolve(policy, c)?.1, &c.name, "a join condition")?;
+        }
+    }
+    if on_unit {
+        Ok(())
+    } else {
+        Err(refuse(
+            "a join that is not on the privacy unit",
+            "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
+        ))
+    }
+}
+
+/// Splits a join's condition into equalities across its two sides and the rest.
+fn join_condition(j: &datafusion::logical_expr::Join) -> JoinCondition {
+    let mut conjuncts: Vec<Expr> = j.on.iter().map(|(l, r)| l.clone().eq(r.clone())).collect();
+    if let Some(f) = &j.filter {
+        conjuncts.extend(
+            datafusion::logical_expr::utils::split_conjunction(f)
+                .into_iter()
+                .cloned(),
+        );
+    }
+    let (ls, rs) = (j.left.schema(), j.right.schema());
+    let mut out = JoinCondition {
+        across: Vec::new(),
+        rest: Vec::new(),
+    };
+    for part in conjuncts {
+        if let Expr::BinaryExpr(b) = &part
+            && b.op == datafusion::logical_expr::Operator::Eq
+            && let (Expr::Column(x), Expr::Column(y)) =
+                (strip_alias(&b.left), strip_alias(&b.right))
+        {
+            if ls.has_column(x) && rs.has_column(y) {
+                out.across.push((x.clone(), y.clone()));
+                continue;
+            }
+            if rs.has_column(x) && ls.has_column(y) {
+                out.across.push((y.clone(), x.clone()));
+                continue;
+            }
+        }
+        out.rest.push(part);
+    }
+    out
 }
 
 /// Walks down from the root through operators that only see released values, to the one
@@ -205,6 +291,7 @@ fn check_input(plan: &LogicalPlan) -> Result<Tables> {
     let mut tables = Tables {
         by_alias: HashMap::new(),
         filters: Vec::new(),
+        joins: Vec::new(),
     };
     walk_input(plan, None, &mut tables)?;
     Ok(tables)
@@ -226,10 +313,24 @@ fn walk_input(plan: &LogicalPlan, alias: Option<&str>, tables: &mut Tables) -> R
             tables.filters.push(f.predicate.clone());
             walk_input(&f.input, alias, tables)
         }
-        LogicalPlan::Join(_) => Err(refuse(
-            "joins",
-            "joins between a dataset's tables on the privacy unit are not available yet; query one table",
-        )),
+        LogicalPlan::Join(j) => {
+            if j.join_type != datafusion::logical_expr::JoinType::Inner {
+                return Err(refuse(
+                    format!("{} joins", j.join_type),
+                    "use an inner JOIN ... ON a.<privacy unit> = b.<privacy unit>",
+                ));
+            }
+            let on = join_condition(j);
+            if on.across.is_empty() && on.rest.is_empty() {
+                return Err(refuse(
+                    "a join without a condition (a cross join)",
+                    "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
+                ));
+            }
+            tables.joins.push(on);
+            walk_input(&j.left, None, tables)?;
+            walk_input(&j.right, None, tables)
+        }
         LogicalPlan::Aggregate(_) => {
             Err(refuse("nested aggregates", "aggregate once over the rows"))
         }

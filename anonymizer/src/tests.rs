@@ -27,6 +27,11 @@ diagnosis = { class = "sensitive", domain = ["E11", "I10", "J45"] }
 zip3 = { class = "quasi_identifier" }
 hba1c = { class = "sensitive", bounds = [4.0, 14.0] }
 systolic_bp = { class = "sensitive", bounds = [90, 200] }
+
+[tables.patients.columns]
+patient_id = { class = "privacy_unit" }
+smoker = { class = "public", domain = ["no", "yes"] }
+weight = { class = "sensitive", bounds = [40.0, 150.0] }
 "#;
 
 /// A small deterministic visits table: `patients` patients with 1..=12 visits each (some
@@ -81,10 +86,39 @@ pub(crate) fn visits(patients: i64) -> RecordBatch {
     .unwrap()
 }
 
+/// One row per patient of [`visits`]: smoker or not, and weight.
+pub(crate) fn patients_table(patients: i64) -> RecordBatch {
+    let ids: Vec<i64> = (0..patients).map(|p| 1000 + p).collect();
+    let smoker: Vec<&str> = (0..patients)
+        .map(|p| if p % 3 == 0 { "yes" } else { "no" })
+        .collect();
+    let weight: Vec<f64> = (0..patients).map(|p| 50.0 + (p * 7 % 90) as f64).collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("patient_id", DataType::Int64, false),
+        Field::new("smoker", DataType::Utf8, false),
+        Field::new("weight", DataType::Float64, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(StringArray::from(smoker)),
+            Arc::new(Float64Array::from(weight)),
+        ],
+    )
+    .unwrap()
+}
+
 pub(crate) fn engine(patients: i64) -> Engine {
     let policy = Policy::from_toml(POLICY).unwrap();
-    let ds =
-        Dataset::from_batches(policy, vec![("visits".into(), vec![visits(patients)])]).unwrap();
+    let ds = Dataset::from_batches(
+        policy,
+        vec![
+            ("visits".into(), vec![visits(patients)]),
+            ("patients".into(), vec![patients_table(patients)]),
+        ],
+    )
+    .unwrap();
     Engine::new(ds).unwrap()
 }
 
@@ -187,6 +221,23 @@ async fn sql_coverage_golden() {
             &["sex", "diagnosis", "n", "n_ci95"],
             None,
         ),
+        // Joins of a dataset's tables on the privacy unit (one patients row per patient, so
+        // the joined rows are the visits and the exact answer is plain SQL's).
+        (
+            "SELECT p.smoker, AVG(v.hba1c) AS a FROM visits v JOIN patients p ON v.patient_id = p.patient_id GROUP BY p.smoker ORDER BY p.smoker",
+            &["smoker", "a", "a_ci95"],
+            Some(&["no", "yes"]),
+        ),
+        (
+            "SELECT p.smoker, COUNT(*) AS n FROM patients p JOIN visits v USING (patient_id) WHERE v.diagnosis = 'E11' GROUP BY p.smoker ORDER BY p.smoker",
+            &["smoker", "n", "n_ci95"],
+            Some(&["no", "yes"]),
+        ),
+        (
+            "SELECT v.sex, SUM(p.weight) AS w FROM patients p INNER JOIN visits v ON p.patient_id = v.patient_id AND v.systolic_bp > 120 GROUP BY v.sex ORDER BY v.sex",
+            &["sex", "w", "w_ci95"],
+            Some(&["F", "M"]),
+        ),
     ];
     for (i, (sql, cols, keys)) in cases.iter().enumerate() {
         let scope = format!("golden-{i}");
@@ -275,8 +326,29 @@ async fn refusals_name_the_construct() {
             "FILTER",
         ),
         (
-            "SELECT COUNT(*) FROM visits a JOIN visits b ON a.patient_id = b.patient_id",
-            "joins",
+            "SELECT COUNT(*) FROM visits v LEFT JOIN patients p ON v.patient_id = p.patient_id",
+            "Left joins",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits v FULL OUTER JOIN patients p ON v.patient_id = p.patient_id",
+            "Full joins",
+        ),
+        ("SELECT COUNT(*) FROM visits, patients", "cross join"),
+        (
+            "SELECT COUNT(*) FROM visits v JOIN patients p ON v.sex = p.smoker",
+            "not on the privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = v.patient_id",
+            "privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id < p.patient_id",
+            "privacy unit",
+        ),
+        (
+            "SELECT COUNT(*) FROM visits v JOIN visits w ON v.patient_id = w.patient_id AND v.name = w.name",
+            "direct identifier",
         ),
         ("SELECT COUNT(*) FROM nope", "nope"),
         ("SELECT COUNT(*); SELECT 1", "several statements"),
@@ -468,6 +540,10 @@ proptest::proptest! {
             ("SELECT diagnosis, SUM(systolic_bp) FROM visits GROUP BY diagnosis", 1, &[("__s0_sum", k * b_sbp)]),
             ("SELECT diagnosis, AVG(hba1c) FROM visits GROUP BY diagnosis", 1, &[("__s0_n", k), ("__s0_sum", k * h_hba1c)]),
             ("SELECT zip3, VAR(hba1c) FROM visits GROUP BY zip3", 1, &[("__s0_n", k), ("__s0_sum", k * h_hba1c), ("__s0_sum2", k * h_hba1c * h_hba1c)]),
+            // A self-join gives a patient up to 100 joined rows: bounded again to k.
+            ("SELECT a.diagnosis, COUNT(*) FROM visits a JOIN visits b ON a.patient_id = b.patient_id GROUP BY a.diagnosis", 1, &[("__s0_n", k)]),
+            ("SELECT a.sex, SUM(b.systolic_bp) FROM visits a JOIN visits b ON a.patient_id = b.patient_id GROUP BY a.sex", 1, &[("__s0_sum", k * b_sbp)]),
+            ("SELECT p.smoker, AVG(v.hba1c) FROM patients p JOIN visits v ON p.patient_id = v.patient_id GROUP BY p.smoker", 1, &[("__s0_n", k), ("__s0_sum", k * h_hba1c)]),
         ];
         for (sql, n_keys, checks) in cases {
             let a = rt.block_on(e.raw_for_tests(sql, &all)).unwrap();

@@ -107,6 +107,39 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
     assert_eq!(header.epsilon_spent, 1.0);
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 6, "every LOINC code of the public domain");
+
+    // Tables of the dataset join on the privacy unit: HbA1c by sex.
+    let join = proto::v1::QueryRequest {
+        sql: "SELECT p.sex, AVG(o.value) AS hba1c FROM observations o \
+              JOIN patients p ON o.patient_id = p.patient_id \
+              WHERE o.code = '4548-4' GROUP BY p.sex ORDER BY p.sex"
+            .into(),
+        ..req.clone()
+    };
+    let (header, batches) = w.run(&alice, join).await.unwrap();
+    assert_eq!(header.epsilon_spent, 1.0);
+    let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    let names: Vec<&str> = b
+        .schema_ref()
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(names, ["sex", "hba1c", "hba1c_ci95"]);
+    assert_eq!(b.num_rows(), 2, "both sexes of the public domain");
+    // A join on anything but the patient is refused, and receipted.
+    let cross = proto::v1::QueryRequest {
+        sql: "SELECT COUNT(*) FROM observations o JOIN patients p ON o.code = p.sex".into(),
+        ..req.clone()
+    };
+    let e = w.run(&alice, cross).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("not on the privacy unit"),
+        "{}",
+        e.message()
+    );
+
     let bob = ledger::keyfile::read_private_key(&w.dir.path().join("keys/bob.key")).unwrap();
     let e = w.run(&bob, req).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);

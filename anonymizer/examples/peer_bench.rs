@@ -1,0 +1,188 @@
+//! The engine's runner for the DP peers benchmark kit (`bench/run_consentry`, see
+//! `bench/README.md`): loads the kit's visits table from Parquet into memory, runs its four
+//! queries (epsilon 1 each, privacy unit `patient_id`, at most 10 rows per patient, public key
+//! lists) and prints the kit's JSON lines: `load`, `Q1`..`Q4` (seconds and result), `notes`.
+//!
+//! `--plain` runs the same SQL on plain DataFusion over the same in-memory table, without
+//! privacy: the baseline that the DP overhead is measured against.
+//!
+//! usage: peer_bench [--plain] VISITS.parquet
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anonymizer::{ConsentFilter, Dataset, Engine, Policy, Request};
+use arrow::array::{Array, Float64Array, RecordBatch, StringArray};
+use arrow::datatypes::DataType;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+
+const QUERIES: [(&str, &str); 4] = [
+    ("Q1", "SELECT COUNT(*) AS n FROM visits"),
+    (
+        "Q2",
+        "SELECT diagnosis, COUNT(*) AS n FROM visits GROUP BY diagnosis",
+    ),
+    (
+        "Q3",
+        "SELECT sex, AVG(hba1c) AS avg_hba1c FROM visits GROUP BY sex",
+    ),
+    (
+        "Q4",
+        "SELECT site, SUM(systolic_bp) AS sum_sbp FROM visits GROUP BY site",
+    ),
+];
+
+const DIAGNOSES: &str = "E11 I10 E78 J44 I25 N18 E66 F32 J45 K21 M54 I48 E03 G47 F41 M17 I50 \
+    N39 K57 M81 G43 L40 D50 R73 E55 J18 I63 C50 C61 C34 F17 K70 B18 M06 G20 G30 F20 H40 H25 N40 \
+    I70 I21 E10 J30 K29 L20 M10 R10 R07 Z00";
+
+/// The kit's workload as a column policy: public key lists, the kit's bounds, 10 rows per
+/// patient.
+fn policy() -> String {
+    let quoted = |v: Vec<String>| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let diagnoses = quoted(DIAGNOSES.split_whitespace().map(str::to_owned).collect());
+    let sites = quoted((1..=20).map(|i| format!("H{i:02}")).collect());
+    format!(
+        r#"
+privacy_unit = "patient_id"
+max_rows_per_unit = 10
+
+[tables.visits.columns]
+patient_id = {{ class = "privacy_unit" }}
+birth_year = {{ class = "quasi_identifier", generalize = "birth_year" }}
+sex = {{ class = "public", domain = ["F", "M"] }}
+zip3 = {{ class = "quasi_identifier" }}
+diagnosis = {{ class = "public", domain = [{diagnoses}] }}
+hba1c = {{ class = "sensitive", bounds = [4.0, 14.0] }}
+systolic_bp = {{ class = "sensitive", bounds = [90.0, 200.0] }}
+visit_date = {{ class = "quasi_identifier" }}
+site = {{ class = "public", domain = [{sites}] }}
+"#
+    )
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn read_parquet(path: &str) -> anyhow::Result<Vec<RecordBatch>> {
+    let f = std::fs::File::open(path)?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)?
+        .with_batch_size(64 * 1024)
+        .build()?;
+    Ok(reader.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A result as the kit wants it: `{key: value}` when the first column is a text key (the
+/// value is the second column), else the first column's first value.
+fn result_json(batches: &[RecordBatch]) -> anyhow::Result<serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    for b in batches {
+        let keyed = matches!(
+            b.schema().field(0).data_type(),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+        );
+        let value = arrow::compute::cast(b.column(usize::from(keyed)), &DataType::Float64)?;
+        let value = value
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .ok_or_else(|| anyhow::anyhow!("the value column is not numeric"))?;
+        if !keyed {
+            return Ok(value.value(0).into());
+        }
+        let keys = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let keys = keys
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| anyhow::anyhow!("the key column is not text"))?;
+        for i in 0..b.num_rows() {
+            if value.is_valid(i) {
+                map.insert(keys.value(i).to_owned(), value.value(i).into());
+            }
+        }
+    }
+    Ok(map.into())
+}
+
+async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let batches = read_parquet(path)?;
+    let arrow_bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let (engine, ctx) = if plain {
+        let parts = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let schema = batches
+            .first()
+            .map(RecordBatch::schema)
+            .ok_or_else(|| anyhow::anyhow!("empty table"))?;
+        let mut partitions = vec![Vec::new(); parts];
+        for (i, b) in batches.into_iter().enumerate() {
+            partitions[i % parts].push(b);
+        }
+        let ctx = SessionContext::new();
+        ctx.register_table("visits", Arc::new(MemTable::try_new(schema, partitions)?))?;
+        (None, Some(ctx))
+    } else {
+        let policy = Policy::from_toml(&policy())?;
+        let dataset = Dataset::from_batches(policy, vec![("visits".to_owned(), batches)])?;
+        (Some(Engine::new(dataset)?), None)
+    };
+    emit(serde_json::json!({"phase": "load", "s": t.elapsed().as_secs_f64()}));
+
+    let everyone = ConsentFilter::everyone();
+    for (q, sql) in QUERIES {
+        let t = Instant::now();
+        let result = match (&engine, &ctx) {
+            (Some(engine), _) => {
+                let release = engine
+                    .run(&Request {
+                        scope: "peers",
+                        sql,
+                        epsilon: 1.0,
+                        delta: 0.0,
+                        filter: &everyone,
+                        budget_left: (f64::MAX, 1.0),
+                        min_cell_size: None,
+                    })
+                    .await?;
+                result_json(&release.batches)?
+            }
+            (None, Some(ctx)) => result_json(&ctx.sql(sql).await?.collect().await?)?,
+            (None, None) => unreachable!("one of the two is set"),
+        };
+        let s = t.elapsed().as_secs_f64();
+        emit(serde_json::json!({"phase": q, "s": s, "result": result}));
+    }
+    let notes = if plain {
+        "non-private baseline: the same SQL on DataFusion over the same in-memory table"
+    } else {
+        "public key lists; OpenDP noise (Laplace on bounded counts and centred sums); \
+         contribution bounding at load"
+    };
+    emit(serde_json::json!({
+        "phase": "notes",
+        "notes": format!("{notes}; {rows} rows, Arrow size {:.0} MiB", arrow_bytes as f64 / 1048576.0),
+        "arrow_bytes": arrow_bytes,
+        "versions": {"consentry": env!("CARGO_PKG_VERSION"), "datafusion": "55"},
+    }));
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let plain = args.iter().any(|a| a == "--plain");
+    let Some(path) = args.last().filter(|p| p.ends_with(".parquet")) else {
+        anyhow::bail!("usage: peer_bench [--plain] VISITS.parquet");
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(plain, path))
+}
