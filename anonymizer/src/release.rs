@@ -124,6 +124,36 @@ fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result
     })
 }
 
+/// The 95% half-width of a variance from noisy parts: `n` the noisy count, `m1` and `m2` the
+/// noisy mean and mean square of the centred values, `[a_n, a_s, a_q]` the half-widths of the
+/// count, sum and sum of squares (each at 1 - 0.05/3). With N' = n:
+/// `|m1' - m1| <= d1 = (a_s + |m1'| a_n) / (N' - a_n)`, likewise `d2` for `m2`, so
+/// `|V' - V| <= d2 + (2|m1'| + d1) d1`; the sample correction `N / (N - 1)` adds its own
+/// error. `None` when the noisy count is too small for a bound (the caller uses the widest).
+pub(crate) fn var_accuracy(
+    n: f64,
+    m1: f64,
+    m2: f64,
+    [a_n, a_s, a_q]: [f64; 3],
+    sample: bool,
+) -> Option<f64> {
+    if n <= a_n + 1.0 {
+        return None;
+    }
+    let d1 = (a_s + m1.abs() * a_n) / (n - a_n);
+    let d2 = (a_q + m2.abs() * a_n) / (n - a_n);
+    let a_pop = d2 + (2.0 * m1.abs() + d1) * d1;
+    if !sample {
+        return Some(a_pop);
+    }
+    // V_s = f V with f = N / (N - 1): |f' V' - f V| <= f' |V' - V| + |f' - f| (V' + |V' - V|),
+    // |f' - f| = |N - N'| / ((N' - 1)(N - 1)) <= a_n / ((N' - 1)(N' - 1 - a_n)).
+    let var = (m2 - m1 * m1).max(0.0);
+    let f = n / (n - 1.0);
+    let df = a_n / ((n - 1.0) * (n - 1.0 - a_n));
+    Some(f * a_pop + df * (var + a_pop))
+}
+
 /// Adds noise to every statistic and builds the released batch.
 pub fn noise(
     checked: &Checked,
@@ -265,10 +295,16 @@ pub fn noise(
                     sum.scale,
                     sum.epsilon,
                 );
-                // Union bound: each part within its 97.5% interval gives 95% for the ratio.
+                // Union bound: each noisy part within its (1 - 0.05/parts) interval gives 95%
+                // for the statistic built from them.
+                let alpha = if matches!(s, Statistic::Var { .. }) {
+                    0.05 / 3.0
+                } else {
+                    0.025
+                };
                 let (a_cnt, a_sum) = (
-                    acc_at(cnt.scale, 0.025, true)?,
-                    acc_at(sum.scale, 0.025, false)?,
+                    acc_at(cnt.scale, alpha, true)?,
+                    acc_at(sum.scale, alpha, false)?,
                 );
                 let sum2 = if matches!(s, Statistic::Var { .. }) {
                     let n = mechanisms::laplace_f64(
@@ -304,19 +340,30 @@ pub fn noise(
                         }
                         (Some(s2), Statistic::Var { sample, stddev, .. }) => {
                             let mean_y2 = (s2.values[r] / n).clamp(0.0, h * h);
-                            let mut var = (mean_y2 - mean_y * mean_y).max(0.0);
-                            if *sample && n > 1.0 {
-                                var *= n / (n - 1.0);
+                            let var = (mean_y2 - mean_y * mean_y).max(0.0);
+                            let a_sum2 = acc_at(s2.scale, alpha, false)?;
+                            let a =
+                                var_accuracy(n, mean_y, mean_y2, [a_cnt, a_sum, a_sum2], *sample)
+                                    .map_or(h * h, |a| a.min(h * h));
+                            let var = if *sample && n > 1.0 {
+                                var * n / (n - 1.0)
+                            } else {
+                                var
+                            };
+                            // |sqrt(x) - sqrt(y)| <= sqrt(|x - y|).
+                            if *stddev {
+                                out.push(var.sqrt());
+                                acc.push(a.sqrt().min(h));
+                            } else {
+                                out.push(var);
+                                acc.push(a);
                             }
-                            out.push(if *stddev { var.sqrt() } else { var });
-                            acc.push(f64::NAN);
                         }
                         _ => unreachable!("sum2 exists only for VAR"),
                     }
                 }
                 values.push(Arc::new(Float64Array::from(out)));
-                accuracies
-                    .push(matches!(s, Statistic::Avg { .. }).then(|| Float64Array::from(acc)));
+                accuracies.push(Some(Float64Array::from(acc)));
             }
             Statistic::Quantile { bounds, q, .. } => {
                 let list = col(raw, &name("values"))?.as_list::<i32>();

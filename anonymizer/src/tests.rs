@@ -221,6 +221,18 @@ async fn sql_coverage_golden() {
             &["sex", "diagnosis", "n", "n_ci95"],
             None,
         ),
+        // Variances and standard deviations (values within the bounds, so the exact answer
+        // needs no clamping), with their 95% half-widths.
+        (
+            "SELECT sex, VAR(hba1c) AS v FROM visits WHERE hba1c <= 14 GROUP BY sex ORDER BY sex",
+            &["sex", "v", "v_ci95"],
+            Some(&["F", "M"]),
+        ),
+        (
+            "SELECT sex, STDDEV_POP(hba1c) AS sd FROM visits WHERE hba1c <= 14 GROUP BY sex ORDER BY sex",
+            &["sex", "sd", "sd_ci95"],
+            Some(&["F", "M"]),
+        ),
         // Joins of a dataset's tables on the privacy unit (one patients row per patient, so
         // the joined rows are the visits and the exact answer is plain SQL's).
         (
@@ -462,6 +474,57 @@ async fn the_consent_filter_keeps_exactly_the_consented_rows() {
             .as_primitive::<Int64Type>()
             .value(0);
         assert_eq!(n, expected, "{filter:?}");
+    }
+}
+
+/// The 95% half-widths of AVG, VAR and STDDEV cover the exact answer at least 95% of the time
+/// (they are union bounds, so in practice more often). 200 draws each: a coverage below 85%
+/// would have probability < 1e-9 if the intervals held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accuracy_intervals_cover_the_exact_answer() {
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    // With the widest half-width each could fall back to (range 10: AVG 10, VAR 25, SD 5),
+    // a bound the mean half-width must stay well below.
+    for (sql, widest) in [
+        ("SELECT AVG(hba1c) AS x FROM visits WHERE hba1c <= 14", 2.0),
+        ("SELECT VAR(hba1c) AS x FROM visits WHERE hba1c <= 14", 18.0),
+        (
+            "SELECT VAR_POP(hba1c) AS x FROM visits WHERE hba1c <= 14",
+            18.0,
+        ),
+        (
+            "SELECT STDDEV(hba1c) AS x FROM visits WHERE hba1c <= 14",
+            4.0,
+        ),
+    ] {
+        let truth = column_f64(&exact(&e, sql).await, "x")[0];
+        let mut covered = 0;
+        let mut widths = 0.0;
+        for i in 0..200 {
+            let scope = format!("cover-{i}");
+            let mut r = req(sql, &scope, &all);
+            r.epsilon = 0.5;
+            r.budget_left = (f64::MAX, 1.0);
+            let out = e.run(&r).await.unwrap();
+            let x = column_f64(&out.batches, "x")[0];
+            let ci = column_f64(&out.batches, "x_ci95")[0];
+            assert!(ci.is_finite() && ci > 0.0, "{sql}: {ci}");
+            widths += ci;
+            if (x - truth).abs() <= ci {
+                covered += 1;
+            }
+        }
+        eprintln!(
+            "{sql}: covered {covered} of 200, mean half-width {:.3}, exact {truth:.3}",
+            widths / 200.0
+        );
+        assert!(covered >= 170, "{sql}: covered {covered} of 200");
+        assert!(
+            widths / 200.0 < widest,
+            "{sql}: mean half-width {}",
+            widths / 200.0
+        );
     }
 }
 
