@@ -63,49 +63,60 @@ fn calibrate(
 /// Laplace noise on integer counts (or integer sums): one patient changes the vector by at
 /// most `sensitivity` in L1 norm. Uses OpenDP's discrete Laplace sampler.
 pub fn laplace_i64(values: &[i64], sensitivity: i64, epsilon: f64) -> Result<Noisy<i64>> {
-    let domain = VectorDomain::new(AtomDomain::<i64>::default());
-    let build = |scale: f64| {
-        make_laplace::<_, _, MaxDivergence>(
-            domain.clone(),
-            L1Distance::<i64>::default(),
-            scale,
-            None,
-        )
-        .map_err(opendp)
-    };
-    let (scale, spent) = calibrate(sensitivity as f64, epsilon, |s| {
-        build(s)?.map(&sensitivity).map_err(opendp)
-    })?;
-    let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
-    Ok(Noisy {
-        values: out,
-        scale,
-        accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
-        epsilon: spent,
-    })
+    laplace_vector(
+        AtomDomain::<i64>::default(),
+        values,
+        (sensitivity, sensitivity as f64),
+        epsilon,
+        discrete_laplacian_scale_to_accuracy,
+    )
 }
 
 /// Laplace noise on float sums: one patient changes the vector by at most `sensitivity` in L1
 /// norm (the caller includes the floating-point rounding slack).
 pub fn laplace_f64(values: &[f64], sensitivity: f64, epsilon: f64) -> Result<Noisy<f64>> {
-    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
+    laplace_vector(
+        AtomDomain::<f64>::new_non_nan(),
+        values,
+        (sensitivity, sensitivity),
+        epsilon,
+        laplacian_scale_to_accuracy,
+    )
+}
+
+/// OpenDP's `make_laplace` over a vector of `T` with L1 sensitivity `sensitivity` (as `T`
+/// and as f64), calibrated to `epsilon`; `accuracy` turns the scale into the 95% half-width.
+fn laplace_vector<T>(
+    atom: AtomDomain<T>,
+    values: &[T],
+    (sensitivity, sensitivity_f64): (T, f64),
+    epsilon: f64,
+    accuracy: fn(f64, f64) -> opendp::error::Fallible<f64>,
+) -> Result<Noisy<T>>
+where
+    T: opendp::traits::CheckAtom + Clone,
+    opendp::measurements::DiscreteLaplace:
+        opendp::measurements::MakeNoise<VectorDomain<AtomDomain<T>>, L1Distance<T>, MaxDivergence>,
+    (VectorDomain<AtomDomain<T>>, L1Distance<T>): opendp::core::MetricSpace,
+{
+    let domain = VectorDomain::new(atom);
     let build = |scale: f64| {
         make_laplace::<_, _, MaxDivergence>(
             domain.clone(),
-            L1Distance::<f64>::default(),
+            L1Distance::<T>::default(),
             scale,
             None,
         )
         .map_err(opendp)
     };
-    let (scale, spent) = calibrate(sensitivity, epsilon, |s| {
+    let (scale, spent) = calibrate(sensitivity_f64, epsilon, |s| {
         build(s)?.map(&sensitivity).map_err(opendp)
     })?;
     let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
     Ok(Noisy {
         values: out,
         scale,
-        accuracy: laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
+        accuracy: accuracy(scale, ALPHA).map_err(opendp)?,
         epsilon: spent,
     })
 }
