@@ -28,4 +28,4 @@ mkdir -p "$out"
 args=("$@")
 if [ ${#args[@]} -gt 0 ]; then args+=(consentry consentry-plain); fi
 OUT="$out" bash "$kit/run_all.sh" "${args[@]}"
-python3 "$root/bench/ratios.py" "$out/raw/$(date +%F)" "$kit"
+python3 "$root/bench/ratios.py" "$out/raw/$(date +%F)" "$kit" | tee -a "$out/results-$(date +%F).md"
