@@ -18,12 +18,13 @@ use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
-    Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, cast, lit, when,
+    Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, lit,
 };
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
 use sha2::Digest as _;
 
+use crate::clamp::{clamp_f64, clamp_i64};
 use crate::consent::{ConsentFilter, UnitSet};
 use crate::dataset::{Dataset, UNIT_COLUMN};
 use crate::error::{Error, Result};
@@ -199,24 +200,6 @@ fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
 /// The column numbering each unit's joined rows.
 const ROW_NUMBER_COLUMN: &str = "__consentry_row";
 
-/// `arg` clamped to `[lo, hi]` as Float64 (or Int64 for integer sums).
-fn clamp(arg: &Expr, [lo, hi]: [f64; 2], integer: bool) -> Expr {
-    if integer {
-        let x = cast(arg.clone(), arrow::datatypes::DataType::Int64);
-        let (lo, hi) = (lo as i64, hi as i64);
-        when(x.clone().lt(lit(lo)), lit(lo))
-            .when(x.clone().gt(lit(hi)), lit(hi))
-            .otherwise(x)
-            .expect("a CASE with branches builds")
-    } else {
-        let x = cast(arg.clone(), arrow::datatypes::DataType::Float64);
-        when(x.clone().lt(lit(lo)), lit(lo))
-            .when(x.clone().gt(lit(hi)), lit(hi))
-            .otherwise(x)
-            .expect("a CASE with branches builds")
-    }
-}
-
 /// The aggregate expressions computing each statistic's raw (pre-noise) values.
 pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
     let mut out = vec![count(lit(1)).alias("__n")];
@@ -230,10 +213,17 @@ pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
                 arg,
                 bounds,
                 integer,
-            } => out.push(sum(clamp(arg, *bounds, *integer)).alias(name("sum"))),
+            } => {
+                let x = if *integer {
+                    clamp_i64(arg, *bounds)
+                } else {
+                    clamp_f64(arg, *bounds, 0.0)
+                };
+                out.push(sum(x).alias(name("sum")))
+            }
             Statistic::Avg { arg, bounds } | Statistic::Var { arg, bounds, .. } => {
                 let mid = (bounds[0] + bounds[1]) / 2.0;
-                let y = clamp(arg, *bounds, false) - lit(mid);
+                let y = clamp_f64(arg, *bounds, mid);
                 out.push(count(arg.clone()).alias(name("n")));
                 out.push(sum(y.clone()).alias(name("sum")));
                 if matches!(s, Statistic::Var { .. }) {
@@ -241,7 +231,7 @@ pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
                 }
             }
             Statistic::Quantile { arg, bounds, .. } => {
-                out.push(array_agg(clamp(arg, *bounds, false)).alias(name("values")))
+                out.push(array_agg(clamp_f64(arg, *bounds, 0.0)).alias(name("values")))
             }
         }
     }

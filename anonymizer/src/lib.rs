@@ -18,6 +18,7 @@
 //! - [`inspect`]: proposing a policy by detecting identifier columns.
 //! - [`error`]: the error type.
 
+pub mod clamp;
 pub mod consent;
 pub mod dataset;
 pub mod engine;

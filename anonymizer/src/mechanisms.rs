@@ -101,13 +101,8 @@ where
 {
     let domain = VectorDomain::new(atom);
     let build = |scale: f64| {
-        make_laplace::<_, _, MaxDivergence>(
-            domain.clone(),
-            L1Distance::<T>::default(),
-            scale,
-            None,
-        )
-        .map_err(opendp)
+        make_laplace::<_, _, MaxDivergence>(domain.clone(), L1Distance::<T>::default(), scale, None)
+            .map_err(opendp)
     };
     let (scale, spent) = calibrate(sensitivity_f64, epsilon, |s| {
         build(s)?.map(&sensitivity).map_err(opendp)
