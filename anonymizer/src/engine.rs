@@ -495,7 +495,6 @@ impl Engine {
     ) -> Result<RecordBatch> {
         let input = checked.aggregate.input.as_ref().clone();
         let unit = unit_column(&input)?;
-        let input_schema = input.schema().clone();
         let mut builder = LogicalPlanBuilder::from(input);
         if let Some(set) = consented {
             let udf: ScalarUDF = UnitSet::shared_udf(set);
@@ -507,7 +506,8 @@ impl Engine {
             // values alone (ordered by every column; tied rows are identical), so adding or
             // removing a unit changes no other unit's rows.
             let k = u64::from(self.dataset.policy.max_rows_per_unit);
-            let order: Vec<_> = input_schema
+            let order: Vec<_> = builder
+                .schema()
                 .iter()
                 .map(|qf| Expr::Column(Column::from(qf)).sort(true, true))
                 .collect();
