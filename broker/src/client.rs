@@ -143,20 +143,21 @@ pub fn upload_messages(
         .iter()
         .map(|(rel, p)| (rel.clone(), p.to_path_buf()))
         .collect();
-    let mut upload = Upload::new(key, reg, policy_toml, files)?;
-    let msgs: Vec<v1::DatasetUpload> = upload.by_ref().collect();
-    upload.finish()?;
+    let upload = Upload::new(key, reg, policy_toml, files)?;
+    let read_error = upload.read_error();
+    let msgs: Vec<v1::DatasetUpload> = upload.collect();
+    read_error.check()?;
     Ok(msgs)
 }
 
 /// An upload read lazily, one chunk of [`UPLOAD_CHUNK`] bytes at a time, so a version of any
 /// size streams in constant memory. A read error ends the stream early (the broker then
-/// refuses the incomplete upload) and is kept for [`Upload::finish`].
+/// refuses the incomplete upload) and is kept for [`Upload::read_error`].
 pub struct Upload {
     header: Option<v1::DatasetUpload>,
     files: std::vec::IntoIter<(String, PathBuf)>,
     current: Option<(String, std::fs::File)>,
-    error: std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>>,
+    error: ReadError,
     progress: Box<dyn FnMut(u64) + Send>,
 }
 
@@ -189,18 +190,14 @@ impl Upload {
         self
     }
 
-    /// A handle on the read error, to check after the stream was consumed elsewhere.
-    pub fn error_handle(&self) -> std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>> {
+    /// A handle on the read error, to check once the stream was consumed (the upload itself
+    /// is moved into the request).
+    pub fn read_error(&self) -> ReadError {
         self.error.clone()
     }
 
-    /// The read error that ended the stream, if any.
-    pub fn finish(self) -> anyhow::Result<()> {
-        take_error(&self.error)
-    }
-
     fn fail(&mut self, e: anyhow::Error) -> Option<v1::DatasetUpload> {
-        if let Ok(mut slot) = self.error.lock() {
+        if let Ok(mut slot) = self.error.0.lock() {
             *slot = Some(e);
         }
         self.current = None;
@@ -209,11 +206,17 @@ impl Upload {
     }
 }
 
-/// Takes the error out of an [`Upload::error_handle`].
-pub fn take_error(h: &std::sync::Mutex<Option<anyhow::Error>>) -> anyhow::Result<()> {
-    match h.lock() {
-        Ok(mut slot) => slot.take().map_or(Ok(()), Err),
-        Err(_) => anyhow::bail!("the upload's reader panicked"),
+/// The read error that ended an [`Upload`]'s stream early, if any.
+#[derive(Clone, Default)]
+pub struct ReadError(std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>>);
+
+impl ReadError {
+    /// Fails with the read error, if there was one.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.0.lock() {
+            Ok(mut slot) => slot.take().map_or(Ok(()), Err),
+            Err(_) => anyhow::bail!("the upload's reader panicked"),
+        }
     }
 }
 

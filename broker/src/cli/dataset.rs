@@ -332,10 +332,10 @@ fn register(
             tables.into_iter().flat_map(|(_, fs)| fs).collect(),
         )?
         .with_progress(move |n| bar.inc(n));
-        let read_error = upload.error_handle();
+        let read_error = upload.read_error();
         let result = registry.register_dataset(tokio_stream::iter(upload)).await;
         pb.finish_and_clear();
-        client::take_error(&read_error)?;
+        read_error.check()?;
         let appended = result.map_err(conn::status)?.into_inner();
         conn::print_json(&serde_json::json!({
             "dataset": dataset,

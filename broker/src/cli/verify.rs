@@ -81,7 +81,8 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
     let mut matches = Vec::new();
     let mut unmatched = Vec::new();
     for f in &args.files {
-        let (sha, bytes) = broker_hash(f, &pb)?;
+        let (sha, bytes) = crate::manifest::hash_file_progress(f, &mut |n| pb.inc(n))
+            .with_context(|| format!("hashing {}", f.display()))?;
         let mut registered = Vec::new();
         for r in &summary.registrations {
             for t in &r.tables {
@@ -118,12 +119,4 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
         unmatched.join(", ")
     );
     Ok(())
-}
-
-fn broker_hash(
-    f: &std::path::Path,
-    pb: &indicatif::ProgressBar,
-) -> anyhow::Result<(ledger::ids::Digest, u64)> {
-    crate::manifest::hash_file_progress(f, &mut |n| pb.inc(n))
-        .with_context(|| format!("hashing {}", f.display()))
 }
