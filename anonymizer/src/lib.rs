@@ -29,6 +29,7 @@ pub mod mechanisms;
 pub mod plan;
 pub mod policy;
 pub mod pseudonym;
+pub mod quantile;
 pub mod release;
 pub mod safe_harbor;
 

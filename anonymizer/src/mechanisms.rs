@@ -60,6 +60,11 @@ fn calibrate(
     ))
 }
 
+/// The half-width of (continuous) Laplace noise of `scale` at confidence `1 - alpha`.
+pub fn accuracy(scale: f64, alpha: f64) -> Result<f64> {
+    laplacian_scale_to_accuracy(scale, alpha).map_err(opendp)
+}
+
 /// Laplace noise on integer counts (or integer sums): one patient changes the vector by at
 /// most `sensitivity` in L1 norm. Uses OpenDP's discrete Laplace sampler.
 pub fn laplace_i64(values: &[i64], sensitivity: i64, epsilon: f64) -> Result<Noisy<i64>> {
@@ -182,32 +187,53 @@ pub fn laplace_threshold(
 
 /// A private quantile (`alpha` = 0.5 for the median) of one group's values, chosen among
 /// `candidates` by OpenDP's exponential-mechanism quantile. One patient adds or removes at
-/// most `max_rows` values.
+/// most `max_rows` values. Returns the value, the epsilon spent and the score noise scale
+/// (the scores are, in rows, how far a candidate's rank is from the quantile's).
 pub fn quantile(
     values: Vec<f64>,
-    candidates: Vec<f64>,
+    candidates: &[f64],
+    alpha: f64,
+    max_rows: u32,
+    epsilon: f64,
+) -> Result<(f64, f64, f64)> {
+    let (scale, spent) = quantile_scale(candidates, alpha, max_rows, epsilon)?;
+    let value = private_quantile(candidates, alpha, scale)?
+        .invoke(&values)
+        .map_err(opendp)?;
+    Ok((value, spent, scale))
+}
+
+/// The score noise scale of [`quantile`] for this budget, and the epsilon it spends.
+pub fn quantile_scale(
+    candidates: &[f64],
     alpha: f64,
     max_rows: u32,
     epsilon: f64,
 ) -> Result<(f64, f64)> {
-    let domain = VectorDomain::new(AtomDomain::<f64>::new_non_nan());
-    let build = |scale: f64| {
-        make_private_quantile(
-            domain.clone(),
-            SymmetricDistance,
-            MaxDivergence,
-            candidates.clone(),
-            alpha,
-            scale,
-        )
-        .map_err(opendp)
-    };
     // The score's sensitivity is handled inside OpenDP's map; calibrate on it directly.
-    let (scale, spent) = calibrate(max_rows as f64, epsilon, |s| {
-        build(s)?.map(&max_rows).map_err(opendp)
-    })?;
-    let value = build(scale)?.invoke(&values).map_err(opendp)?;
-    Ok((value, spent))
+    calibrate(max_rows as f64, epsilon, |s| {
+        private_quantile(candidates, alpha, s)?
+            .map(&max_rows)
+            .map_err(opendp)
+    })
+}
+
+fn private_quantile(
+    candidates: &[f64],
+    alpha: f64,
+    scale: f64,
+) -> Result<
+    opendp::core::Measurement<VectorDomain<AtomDomain<f64>>, SymmetricDistance, MaxDivergence, f64>,
+> {
+    make_private_quantile(
+        VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+        SymmetricDistance,
+        MaxDivergence,
+        candidates.to_vec(),
+        alpha,
+        scale,
+    )
+    .map_err(opendp)
 }
 
 #[cfg(test)]
@@ -245,7 +271,8 @@ mod tests {
     fn quantiles_come_from_the_candidates() {
         let values: Vec<f64> = (0..1000).map(|i| (i % 100) as f64).collect();
         let candidates: Vec<f64> = (0..=100).map(f64::from).collect();
-        let (m, eps) = quantile(values, candidates.clone(), 0.5, 1, 1.0).unwrap();
+        let (m, eps, scale) = quantile(values, &candidates, 0.5, 1, 1.0).unwrap();
+        assert!(scale > 0.0);
         assert!(candidates.contains(&m));
         assert!(eps <= 1.0);
         assert!((30.0..=70.0).contains(&m), "{m}");

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::mechanisms;
 use crate::plan::{Checked, Keys, Statistic};
 use crate::policy::Domain;
+use crate::quantile;
 
 /// The noisy aggregate, ready for the operators above it.
 pub struct Noised {
@@ -372,6 +373,7 @@ pub fn noise(
                     .collect();
                 let per_group = share / f64::from(g).min(m.max(1) as f64);
                 let mut out = Vec::with_capacity(m);
+                let mut acc = Vec::with_capacity(m);
                 let mut eps_q: f64 = 0.0;
                 for r in rows {
                     let vals: Vec<f64> = match r {
@@ -381,25 +383,32 @@ pub fn noise(
                         }
                         _ => Vec::new(),
                     };
-                    let (v, e) = mechanisms::quantile(
+                    let c = quantile::cell(
                         vals,
-                        candidates.clone(),
+                        &candidates,
+                        *bounds,
                         *q,
                         policy.max_rows_per_unit,
                         per_group,
                     )?;
-                    eps_q = eps_q.max(e);
-                    out.push(v);
+                    eps_q = eps_q.max(c.epsilon);
+                    out.push(c.value);
+                    acc.push(c.half_width);
                 }
                 let total = eps_q * f64::from(g).min(m.max(1) as f64);
                 record(
-                    &format!("quantile {i} (q = {q}, 1001 candidates)"),
+                    &format!(
+                        "quantile {i} (q = {q}, 1001 candidates; 95% interval from a noisy \
+                         count, two bracketing quantiles and noisy counts outside them, budget \
+                         split {:?})",
+                        quantile::SPLIT
+                    ),
                     "private_quantile",
                     0.0,
                     total,
                 );
                 values.push(Arc::new(Float64Array::from(out)));
-                accuracies.push(None);
+                accuracies.push(Some(Float64Array::from(acc)));
             }
         }
     }

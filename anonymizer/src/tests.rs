@@ -528,6 +528,43 @@ async fn accuracy_intervals_cover_the_exact_answer() {
     }
 }
 
+/// Quantile intervals through the engine: 20,000 patients (about 100,000 values), epsilon 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantile_intervals_cover_the_exact_answer() {
+    let e = engine(20_000);
+    let all = ConsentFilter::everyone();
+    for sql in [
+        "SELECT MEDIAN(hba1c) AS x FROM visits WHERE hba1c <= 14",
+        "SELECT PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY hba1c) AS x FROM visits \
+         WHERE hba1c <= 14",
+    ] {
+        let truth = column_f64(&exact(&e, sql).await, "x")[0];
+        let (mut covered, mut widths, mut errors) = (0, 0.0, 0.0);
+        let draws = 60;
+        for i in 0..draws {
+            let scope = format!("cover-{i}");
+            let r = req(sql, &scope, &all);
+            let out = e.run(&r).await.unwrap();
+            let x = column_f64(&out.batches, "x")[0];
+            let ci = column_f64(&out.batches, "x_ci95")[0];
+            assert!(ci.is_finite() && ci > 0.0, "{sql}: {ci}");
+            assert!(out.epsilon <= 1.0 + 1e-9, "{}", out.epsilon);
+            widths += ci;
+            errors += (x - truth).abs();
+            covered += usize::from((x - truth).abs() <= ci);
+        }
+        let (widths, errors) = (widths / draws as f64, errors / draws as f64);
+        eprintln!(
+            "{sql}: covered {covered} of {draws}, mean half-width {widths:.3}, mean error \
+             {errors:.3}, exact {truth:.3}"
+        );
+        // 95% per draw: more than 9 misses in 60 has probability below 1e-3.
+        assert!(covered >= draws - 9, "{sql}: covered {covered} of {draws}");
+        // Falling back to the bounds [4, 14] would give at least 5.
+        assert!(widths < 2.5, "{sql}: mean half-width {widths}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn noise_has_the_calibrated_scale() {
     // COUNT(*) with k = 10 and epsilon 1: discrete Laplace with scale 10, variance ~ 2·10².
