@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::Column;
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
@@ -304,6 +304,55 @@ fn replace_aggregate(
     }
 }
 
+/// The released batch built directly, without planning a second query, when the plan above
+/// the aggregate is one projection releasing aggregate columns as they are, possibly renamed
+/// (`SELECT k, COUNT(*) AS n ... GROUP BY k`, the common shape). The same columns, names and
+/// order as [`Engine::finish_planned`]; `None` for anything else (HAVING, ORDER BY, LIMIT,
+/// expressions over aggregates).
+fn finish_direct(checked: &Checked, noised: &Noised) -> Result<Option<RecordBatch>> {
+    let LogicalPlan::Projection(p) = &checked.plan else {
+        return Ok(None);
+    };
+    if !matches!(p.input.as_ref(), LogicalPlan::Aggregate(_)) {
+        return Ok(None);
+    }
+    let agg_schema = checked.aggregate.schema.as_ref();
+    let batch = &noised.batch;
+    let mut fields = Vec::new();
+    let mut cols = Vec::new();
+    let mut released = Vec::new();
+    for e in &p.expr {
+        let Some((column, out)) = released_column(e) else {
+            return Ok(None);
+        };
+        let Some(i) = agg_schema.fields().iter().position(|f| *f.name() == column) else {
+            return Ok(None);
+        };
+        let f = batch.schema_ref().field(i);
+        fields.push(Field::new(&out, f.data_type().clone(), f.is_nullable()));
+        cols.push(batch.column(i).clone());
+        released.push((column, out));
+    }
+    let n_keys = checked.aggregate.group_expr.len();
+    for (j, name) in noised.accuracy_columns.iter().enumerate() {
+        let Some(acc_name) = name else { continue };
+        let agg_name = agg_schema.field(n_keys + j).name();
+        let Some(acc) = batch.column_by_name(acc_name) else {
+            return Err(Error::Engine(format!("missing column {acc_name}")));
+        };
+        for (column, out) in &released {
+            if column == agg_name {
+                fields.push(Field::new(format!("{out}_ci95"), DataType::Float64, true));
+                cols.push(acc.clone());
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new(fields));
+    Ok(Some(
+        RecordBatch::try_new(schema, cols).map_err(|e| Error::Engine(e.to_string()))?,
+    ))
+}
+
 impl Engine {
     /// An engine over `dataset`.
     pub fn new(dataset: Dataset) -> Result<Engine> {
@@ -537,6 +586,14 @@ impl Engine {
 
     /// Runs the operators above the aggregate over the noisy values.
     async fn finish(&self, checked: &Checked, noised: &Noised) -> Result<Vec<RecordBatch>> {
+        match finish_direct(checked, noised)? {
+            Some(batch) => Ok(vec![batch]),
+            None => self.finish_planned(checked, noised).await,
+        }
+    }
+
+    /// [`Engine::finish`] through DataFusion: any operators above the aggregate.
+    async fn finish_planned(&self, checked: &Checked, noised: &Noised) -> Result<Vec<RecordBatch>> {
         let batch = &noised.batch;
         let mem = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])?;
         let scan = LogicalPlanBuilder::scan("__released", provider_as_source(Arc::new(mem)), None)?;
@@ -573,6 +630,22 @@ impl Engine {
 
 #[cfg(test)]
 impl Engine {
+    /// A query's released batches built directly (if its shape allows) and through
+    /// DataFusion, from the same noisy values.
+    pub(crate) async fn both_finishes(
+        &self,
+        sql: &str,
+    ) -> Result<(Option<RecordBatch>, Vec<RecordBatch>)> {
+        let plan = self.ctx.state().create_logical_plan(sql).await?;
+        let checked = plan::check(&plan, &self.dataset.policy)?;
+        let raw = self.aggregate(&checked, None).await?;
+        let noised = release::noise(&checked, &raw, &self.dataset, 1.0, 1e-6, None)?;
+        Ok((
+            finish_direct(&checked, &noised)?,
+            self.finish_planned(&checked, &noised).await?,
+        ))
+    }
+
     /// The raw (pre-noise) statistics of a query: for tests of bounding and consent.
     pub(crate) async fn raw_for_tests(
         &self,

@@ -528,6 +528,55 @@ async fn accuracy_intervals_cover_the_exact_answer() {
     }
 }
 
+/// The released batch built without a second query is the one DataFusion builds, and only
+/// plain projections take that path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_release_matches_the_planned_one() {
+    let e = engine(300);
+    for (sql, direct) in [
+        ("SELECT COUNT(*) FROM visits", true),
+        ("SELECT COUNT(*) AS n, AVG(hba1c) AS a FROM visits", true),
+        (
+            "SELECT sex, COUNT(*) AS n, SUM(systolic_bp) AS s FROM visits GROUP BY sex",
+            true,
+        ),
+        (
+            "SELECT SUM(systolic_bp) AS s, sex AS who, STDDEV(hba1c) FROM visits GROUP BY sex",
+            true,
+        ),
+        (
+            "SELECT zip3, COUNT(*) AS n, MEDIAN(hba1c) AS m FROM visits GROUP BY zip3",
+            true,
+        ),
+        (
+            "SELECT v.sex, AVG(p.weight) AS w FROM visits v JOIN patients p \
+             ON v.patient_id = p.patient_id GROUP BY v.sex",
+            true,
+        ),
+        (
+            "SELECT sex, COUNT(*) * 2 AS n FROM visits GROUP BY sex",
+            false,
+        ),
+        (
+            "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex ORDER BY n",
+            false,
+        ),
+        (
+            "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex HAVING COUNT(*) > 10",
+            false,
+        ),
+        ("SELECT COUNT(*) AS n FROM visits LIMIT 1", false),
+    ] {
+        let (fast, planned) = e.both_finishes(sql).await.unwrap();
+        assert_eq!(fast.is_some(), direct, "{sql}");
+        if let Some(fast) = fast {
+            assert_eq!(planned.len(), 1, "{sql}");
+            assert_eq!(fast.schema(), planned[0].schema(), "{sql}");
+            assert_eq!(fast, planned[0], "{sql}");
+        }
+    }
+}
+
 /// Quantile intervals through the engine: 20,000 patients (about 100,000 values), epsilon 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quantile_intervals_cover_the_exact_answer() {
