@@ -358,6 +358,10 @@ impl Engine {
     pub fn new(dataset: Dataset) -> Result<Engine> {
         let ctx = SessionContext::new();
         dataset.register(&ctx)?;
+        // Warm the noise path once (OpenDP's measurement construction and OpenSSL's random
+        // source), so the first query does not pay for it. No data is involved.
+        crate::mechanisms::laplace_i64(&[0], 1, 1.0)?;
+        crate::mechanisms::laplace_f64(&[0.0], 1.0, 1.0)?;
         Ok(Engine {
             dataset: Arc::new(dataset),
             ctx,
