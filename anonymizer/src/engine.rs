@@ -493,6 +493,7 @@ impl Engine {
         }
         if req.epsilon > req.budget_left.0 + 1e-12 {
             return Err(Error::BudgetExhausted {
+                what: "epsilon",
                 needed: req.epsilon,
                 left: req.budget_left.0,
             });
@@ -507,8 +508,9 @@ impl Engine {
         };
         if delta > req.budget_left.1 + 1e-15 {
             return Err(Error::BudgetExhausted {
-                needed: req.epsilon,
-                left: req.budget_left.0,
+                what: "delta",
+                needed: delta,
+                left: req.budget_left.1,
             });
         }
         let raw = self.aggregate(&checked, prepared.set.as_ref()).await?;

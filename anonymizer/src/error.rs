@@ -13,11 +13,13 @@ pub enum Error {
         advice: String,
     },
     /// The query would spend more than the budget left.
-    #[error("privacy budget exhausted: the query needs epsilon {needed}, {left} left")]
+    #[error("privacy budget exhausted: the query needs {what} {needed}, {left} left")]
     BudgetExhausted {
-        /// Epsilon the query needs.
+        /// Which part of the budget: `epsilon` or `delta`.
+        what: &'static str,
+        /// What the query needs of it.
         needed: f64,
-        /// Epsilon left.
+        /// What is left of it.
         left: f64,
     },
     /// The SQL does not parse or plan (unknown table or column, syntax).

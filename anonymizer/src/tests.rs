@@ -408,8 +408,31 @@ async fn budget_is_checked_before_running_and_repeats_are_free() {
     r.budget_left = (0.5, 0.0);
     assert!(matches!(
         e.run(&r).await,
-        Err(Error::BudgetExhausted { .. })
+        Err(Error::BudgetExhausted {
+            what: "epsilon",
+            ..
+        })
     ));
+    // Partition selection spends delta: with none left, the query is refused naming delta.
+    let selected = req(
+        "SELECT zip3, COUNT(*) FROM visits GROUP BY zip3",
+        "s0",
+        &all,
+    );
+    let mut selected = Request {
+        budget_left: (10.0, 1e-9),
+        ..selected
+    };
+    selected.delta = 1e-6;
+    let refused = e.run(&selected).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::BudgetExhausted { what: "delta", .. }),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("needs delta 0.000001"),
+        "{refused}"
+    );
     r.budget_left = (1.0, 0.0);
     let first = e.run(&r).await.unwrap();
     assert!(!first.repeated && first.epsilon > 0.0);
