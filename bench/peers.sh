@@ -16,8 +16,8 @@ out=${OUT:-$root/bench/results}
 [ -f "$peers/run_all.sh" ] || { echo "no peer kit at $peers (set PEERS)" >&2; exit 2; }
 command -v /usr/bin/time > /dev/null || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 2; }
 
-echo "== building the runner (release)"
-(cd "$root" && cargo build --release --locked --workspace --example peer_bench)
+echo "== building the runner (profile peer: release with link-time optimization)"
+(cd "$root" && cargo build --profile peer --locked --workspace --example peer_bench)
 
 kit=$(mktemp -d)
 trap 'rm -rf "$kit"' EXIT

@@ -5,7 +5,8 @@ usage: ratios.py RAW_DIR KIT_DIR     (bench/peers.sh calls it)
 For each size: Consentry's DP query time (Q1-Q4 summed, from inside the runner) over plain
 DataFusion's on the same in-memory table (`consentry-plain`, same run), per query and in total;
 the fastest DP peer's total over Consentry's; and Consentry's peak RSS over the table's Arrow
-size. Goals: DP overhead at most 1.5x plain DataFusion, peak memory at most 2x the Arrow size.
+size (and, since at 1M the binary's code pages weigh as much as the data, the same less the
+runner's file-backed resident memory at its end). Goals: DP overhead at most 1.5x plain DataFusion, peak memory at most 2x the Arrow size.
 """
 import os
 import sys
@@ -14,6 +15,15 @@ QS = ["Q1", "Q2", "Q3", "Q4"]
 DP_PEERS = ["opendp-polars", "opendp-polars-mem", "smartnoise-sql", "tumult-analytics",
             "pipelinedp-local"]
 PLAIN = ["duckdb", "polars", "datafusion"]
+
+
+def code_pages(dp, arrow_mib):
+    """The runner's file-backed resident MiB at its end, and the peak less it over Arrow."""
+    code = dp["phases"].get("notes", {}).get("rss_file_bytes")
+    if not (code and arrow_mib):
+        return " | |"
+    code_mib = code / 2**20
+    return f" {code_mib:.0f} | {(dp['peak'] - code_mib) / arrow_mib:.2f}x |"
 
 
 def main(raw, kit):
@@ -33,8 +43,9 @@ def main(raw, kit):
 
     print("\n## Consentry: ratios (same run)\n")
     print("| rows | DP total s | plain DataFusion s | DP / plain | per query DP / plain "
-          "| fastest DP peer | peer / DP | peak RSS MiB | Arrow MiB | RSS / Arrow |")
-    print("|" + "---|" * 10)
+          "| fastest DP peer | peer / DP | peak RSS MiB | Arrow MiB | RSS / Arrow "
+          "| code pages MiB | (RSS - code) / Arrow |")
+    print("|" + "---|" * 12)
     for size in ["1m", "10m"]:
         dp, plain = run("consentry", size), run("consentry-plain", size)
         if not dp:
@@ -55,7 +66,8 @@ def main(raw, kit):
               + (f"{best[0]} {best[1]['total']:.2f} s | {best[1]['total'] / dp['total']:.0f}x | "
                  if best else "not run | | ")
               + f"{dp['peak']:.0f} | "
-              + (f"{arrow_mib:.0f} | {dp['peak'] / arrow_mib:.2f}x |" if arrow_mib else " | |"))
+              + (f"{arrow_mib:.0f} | {dp['peak'] / arrow_mib:.2f}x |" if arrow_mib else " | |")
+              + code_pages(dp, arrow_mib))
     others = []
     for size in ["1m", "10m"]:
         dp = run("consentry", size)

@@ -68,6 +68,14 @@ site = {{ class = "public", domain = [{sites}] }}
     )
 }
 
+/// A field of `/proc/self/status` in bytes (Linux; `None` elsewhere).
+fn status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn emit(v: serde_json::Value) {
     println!("{v}");
 }
@@ -170,6 +178,10 @@ async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
         "phase": "notes",
         "notes": format!("{notes}; {rows} rows, Arrow size {:.0} MiB", arrow_bytes as f64 / 1048576.0),
         "arrow_bytes": arrow_bytes,
+        // The process's own peak, and how much of its resident memory is file-backed (the
+        // binary's code pages, shared and reclaimable) at the end.
+        "peak_rss_bytes": status_bytes("VmHWM:"),
+        "rss_file_bytes": status_bytes("RssFile:"),
         "versions": {"consentry": env!("CARGO_PKG_VERSION"), "datafusion": "55"},
     }));
     Ok(())
