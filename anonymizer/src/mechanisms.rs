@@ -190,7 +190,7 @@ pub fn laplace_threshold(
 /// most `max_rows` values. Returns the value, the epsilon spent and the score noise scale
 /// (the scores are, in rows, how far a candidate's rank is from the quantile's).
 pub fn quantile(
-    values: Vec<f64>,
+    values: &Vec<f64>,
     candidates: &[f64],
     alpha: f64,
     max_rows: u32,
@@ -198,7 +198,7 @@ pub fn quantile(
 ) -> Result<(f64, f64, f64)> {
     let (scale, spent) = quantile_scale(candidates, alpha, max_rows, epsilon)?;
     let value = private_quantile(candidates, alpha, scale)?
-        .invoke(&values)
+        .invoke(values)
         .map_err(opendp)?;
     Ok((value, spent, scale))
 }
@@ -271,7 +271,7 @@ mod tests {
     fn quantiles_come_from_the_candidates() {
         let values: Vec<f64> = (0..1000).map(|i| (i % 100) as f64).collect();
         let candidates: Vec<f64> = (0..=100).map(f64::from).collect();
-        let (m, eps, scale) = quantile(values, &candidates, 0.5, 1, 1.0).unwrap();
+        let (m, eps, scale) = quantile(&values, &candidates, 0.5, 1, 1.0).unwrap();
         assert!(scale > 0.0);
         assert!(candidates.contains(&m));
         assert!(eps <= 1.0);

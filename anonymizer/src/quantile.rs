@@ -55,8 +55,7 @@ pub fn cell(
     let [e_value, e_count, e_low, e_high, e_check] = SPLIT.map(|f| f * epsilon);
     let k = f64::from(max_rows);
     let alpha = mechanisms::ALPHA / 2.0;
-    let (value, mut spent, _) =
-        mechanisms::quantile(values.clone(), candidates, q, max_rows, e_value)?;
+    let (value, mut spent, _) = mechanisms::quantile(&values, candidates, q, max_rows, e_value)?;
 
     let n = mechanisms::laplace_i64(&[values.len() as i64], i64::from(max_rows), e_count)?;
     spent += n.epsilon;
@@ -75,7 +74,7 @@ pub fn cell(
         if !(0.0..=1.0).contains(&target) {
             return Ok(None);
         }
-        let (v, e, _) = mechanisms::quantile(values.clone(), candidates, target, max_rows, e)?;
+        let (v, e, _) = mechanisms::quantile(&values, candidates, target, max_rows, e)?;
         // One candidate further out: values tied between two candidates (say at 10.05 with
         // candidates 10.0 and 10.1) must fall inside the bracket to count as bracketed.
         let i = candidates.partition_point(|&c| c < v);
