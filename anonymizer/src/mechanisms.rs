@@ -187,23 +187,23 @@ pub fn laplace_threshold(
 
 /// A private quantile (`alpha` = 0.5 for the median) of one group's values, chosen among
 /// `candidates` by OpenDP's exponential-mechanism quantile. One patient adds or removes at
-/// most `max_rows` values. Returns the value, the epsilon spent and the score noise scale
-/// (the scores are, in rows, how far a candidate's rank is from the quantile's).
+/// most `max_rows` values. Returns the value and the epsilon spent.
 pub fn quantile(
     values: &Vec<f64>,
     candidates: &[f64],
     alpha: f64,
     max_rows: u32,
     epsilon: f64,
-) -> Result<(f64, f64, f64)> {
+) -> Result<(f64, f64)> {
     let (scale, spent) = quantile_scale(candidates, alpha, max_rows, epsilon)?;
     let value = private_quantile(candidates, alpha, scale)?
         .invoke(values)
         .map_err(opendp)?;
-    Ok((value, spent, scale))
+    Ok((value, spent))
 }
 
-/// The score noise scale of [`quantile`] for this budget, and the epsilon it spends.
+/// The score noise scale of [`quantile`] for this budget (the scores are, in rows, how far a
+/// candidate's rank is from the quantile's), and the epsilon it spends.
 pub fn quantile_scale(
     candidates: &[f64],
     alpha: f64,
@@ -271,8 +271,9 @@ mod tests {
     fn quantiles_come_from_the_candidates() {
         let values: Vec<f64> = (0..1000).map(|i| (i % 100) as f64).collect();
         let candidates: Vec<f64> = (0..=100).map(f64::from).collect();
-        let (m, eps, scale) = quantile(&values, &candidates, 0.5, 1, 1.0).unwrap();
-        assert!(scale > 0.0);
+        let (m, eps) = quantile(&values, &candidates, 0.5, 1, 1.0).unwrap();
+        let (scale, scale_eps) = quantile_scale(&candidates, 0.5, 1, 1.0).unwrap();
+        assert!(scale > 0.0 && scale_eps == eps);
         assert!(candidates.contains(&m));
         assert!(eps <= 1.0);
         assert!((30.0..=70.0).contains(&m), "{m}");

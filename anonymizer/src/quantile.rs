@@ -55,7 +55,7 @@ pub fn cell(
     let [e_value, e_count, e_low, e_high, e_check] = SPLIT.map(|f| f * epsilon);
     let k = f64::from(max_rows);
     let alpha = mechanisms::ALPHA / 2.0;
-    let (value, mut spent, _) = mechanisms::quantile(&values, candidates, q, max_rows, e_value)?;
+    let (value, mut spent) = mechanisms::quantile(&values, candidates, q, max_rows, e_value)?;
 
     let n = mechanisms::laplace_i64(&[values.len() as i64], i64::from(max_rows), e_count)?;
     spent += n.epsilon;
@@ -64,17 +64,19 @@ pub fn cell(
     // The checking sums' sensitivity (with slack for rounding in `count - q n`).
     let len = values.len() as f64;
     let sensitivity = 2.0 * k * q.max(1.0 - q) + 4.0 * len * f64::EPSILON;
-    let a_check = sensitivity / e_check * (1.0 / alpha).ln();
     // The rank margin the proposals need to pass the checks: their typical rank error at the
-    // PROPOSAL_MISS level, and the checking noise.
+    // PROPOSAL_MISS level (the two brackets have equal shares), and the checking noise on
+    // both sides of the comparison.
+    let (proposal_scale, _) = mechanisms::quantile_scale(candidates, q, max_rows, e_low)?;
+    let margin = proposal_scale * (1.0 / PROPOSAL_MISS).ln()
+        + 2.0 * sensitivity / e_check * (1.0 / alpha).ln()
+        + 1.0;
     let bracket = |side: f64, e: f64| -> Result<Option<(f64, f64)>> {
-        let (scale, _) = mechanisms::quantile_scale(candidates, q, max_rows, e)?;
-        let margin = scale * (1.0 / PROPOSAL_MISS).ln() + 2.0 * a_check + 1.0;
         let target = q + side * margin / n_low.max(1.0);
         if !(0.0..=1.0).contains(&target) {
             return Ok(None);
         }
-        let (v, e, _) = mechanisms::quantile(&values, candidates, target, max_rows, e)?;
+        let (v, e) = mechanisms::quantile(&values, candidates, target, max_rows, e)?;
         // One candidate further out: values tied between two candidates (say at 10.05 with
         // candidates 10.0 and 10.1) must fall inside the bracket to count as bracketed.
         let i = candidates.partition_point(|&c| c < v);
