@@ -3,7 +3,8 @@
 //! `__consentry_clamp(x)` maps each value to `clamp(x, lo, hi) - shift` (floats) or
 //! `clamp(x, lo, hi)` (integers) with a single pass over the array, keeping nulls null. It
 //! replaces `CASE WHEN x < lo THEN lo WHEN x > hi THEN hi ELSE x END`, which evaluates two
-//! comparisons and a selection per row; the result is the same.
+//! comparisons and a selection per row; the result is the same. A NaN is NULL (it would make
+//! every sum it enters NaN); infinities clamp to the bounds.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -96,10 +97,16 @@ impl ScalarUDFImpl for ClampUdf {
         };
         let arr = arg.to_array(args.number_rows)?;
         let out: arrow::array::ArrayRef = match self.clamp {
-            Clamp::Float { lo, hi, shift } => Arc::new(
-                arr.as_primitive::<Float64Type>()
-                    .unary::<_, Float64Type>(|v| v.clamp(lo, hi) - shift),
-            ),
+            Clamp::Float { lo, hi, shift } => {
+                let a = arr.as_primitive::<Float64Type>();
+                if a.values().iter().any(|v| v.is_nan()) {
+                    Arc::new(a.unary_opt::<_, Float64Type>(|v| {
+                        (!v.is_nan()).then(|| v.clamp(lo, hi) - shift)
+                    }))
+                } else {
+                    Arc::new(a.unary::<_, Float64Type>(|v| v.clamp(lo, hi) - shift))
+                }
+            }
             Clamp::Int { lo, hi } => Arc::new(
                 arr.as_primitive::<Int64Type>()
                     .unary::<_, Int64Type>(|v| v.clamp(lo, hi)),
@@ -126,11 +133,20 @@ mod tests {
                     None,
                     Some(5.0),
                     Some(20.0),
+                    Some(f64::NAN),
+                    Some(f64::NEG_INFINITY),
                 ])) as arrow::array::ArrayRef,
             ),
             (
                 "n",
-                Arc::new(Int64Array::from(vec![Some(-3), Some(7), None, Some(300)])),
+                Arc::new(Int64Array::from(vec![
+                    Some(-3),
+                    Some(7),
+                    None,
+                    Some(300),
+                    Some(1),
+                    Some(1),
+                ])),
             ),
         ])
         .unwrap();
@@ -148,6 +164,8 @@ mod tests {
         assert_eq!(y.value(0), -5.0);
         assert!(y.is_null(1));
         assert_eq!((y.value(2), y.value(3)), (-4.0, 5.0));
+        assert!(y.is_null(4), "NaN is NULL");
+        assert_eq!(y.value(5), -5.0, "-inf clamps to the lower bound");
         let m = out[0].column(1).as_primitive::<Int64Type>();
         assert_eq!((m.value(0), m.value(1), m.value(3)), (0, 7, 200));
         assert!(m.is_null(2));

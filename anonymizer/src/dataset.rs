@@ -113,7 +113,7 @@ pub struct Dataset {
     /// The column policy.
     pub policy: Policy,
     /// Tables by name.
-    pub tables: Vec<Table>,
+    pub tables: Vec<Arc<Table>>,
     /// Privacy units.
     pub units: UnitIndex,
 }
@@ -170,9 +170,9 @@ impl Dataset {
             };
             let schema = first.schema();
             policy.check_schema(&src.name, &schema)?;
-            tables.push(Self::prepare(
+            tables.push(Arc::new(Self::prepare(
                 &policy, &src.name, &schema, batches, &mut units,
-            )?);
+            )?));
         }
         Ok(Dataset {
             policy,
@@ -195,7 +195,9 @@ impl Dataset {
                 .map(|b| b.schema())
                 .ok_or_else(|| Error::Dataset(format!("table {name} has no rows")))?;
             policy.check_schema(&name, &schema)?;
-            out.push(Self::prepare(&policy, &name, &schema, batches, &mut units)?);
+            out.push(Arc::new(Self::prepare(
+                &policy, &name, &schema, batches, &mut units,
+            )?));
         }
         Ok(Dataset {
             policy,
@@ -272,6 +274,16 @@ impl Dataset {
             ctx.register_table(t.name.as_str(), Arc::new(mem))?;
         }
         Ok(())
+    }
+
+    /// Rows of table `name` after bounding (0 for an unknown table).
+    pub fn table_rows(&self, name: &str) -> u64 {
+        self.tables
+            .iter()
+            .filter(|t| t.name == name)
+            .flat_map(|t| &t.batches)
+            .map(|b| b.num_rows() as u64)
+            .sum()
     }
 
     /// Total rows after bounding.

@@ -1,27 +1,47 @@
 //! The engine: runs a query over a loaded dataset and releases differentially private results.
 //!
-//! The query path: normalize the SQL; return the cached release of an identical repeat (same
-//! scope, SQL, budget and consent snapshot) without spending; refuse what the budget left
-//! cannot pay for; plan with DataFusion and check the plan against the policy
-//! ([`crate::plan`]); run the aggregate over consented, bounded rows with values clamped to
-//! their bounds; add OpenDP noise to the per-group statistics and choose the released keys
-//! ([`crate::release`]); run the operators above the aggregate (HAVING, ORDER BY, LIMIT,
-//! projections) over the noisy values only.
+//! The query path is three stages, each the one place where its invariant holds:
+//!
+//! 1. **prepare** ([`Engine::prepare`]), data-independent: normalize the SQL (size and depth
+//!    limits before DataFusion plans it), plan it against a catalog of schema-only tables,
+//!    let DataFusion's analyzer coerce types, check the plan against the policy and make every
+//!    expression total ([`crate::plan`], [`crate::total`]), and compute what it costs. Every
+//!    refusal happens here and names the construct only: it depends on the SQL, the policy and
+//!    the budget, never on a row.
+//! 2. **draw** ([`Engine::draw`]), the only stage that reads rows: the aggregate's input runs
+//!    over [`crate::scan::GuardedTable`]s (consented, bounded rows, filtered inside the scan,
+//!    before any researcher expression), each unit's groups and joined rows are bounded by a
+//!    rule on that unit's rows alone, values are clamped (NaN is NULL), and OpenDP's noise is
+//!    added ([`crate::release`]). It runs under the operator's memory pool and deadline.
+//! 3. **finish** ([`Engine::finish`]): HAVING, ORDER BY, LIMIT and the projections above the
+//!    aggregate run in a context that holds nothing but the noisy batch. An empty result is a
+//!    result.
+//!
+//! Once a query has passed stage 1 it is charged: any failure of stages 2 and 3 (a limit, an
+//! engine error, a panic) is [`Error::Failed`] with the query's whole spend, and says nothing
+//! else. Identical queries in flight share one draw: the second waits for the first and is
+//! then an identical repeat, free.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::Column;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::execution::TaskContext;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_aggregate::expr_fn::{array_agg, count, count_distinct, sum};
-use datafusion::functions_window::expr_fn::row_number;
+use datafusion::functions_window::expr_fn::{dense_rank, row_number};
 use datafusion::logical_expr::{
-    Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, ScalarUDF, lit,
+    Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, lit,
 };
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::DFParser;
+use futures::FutureExt as _;
 use sha2::Digest as _;
 
 use crate::clamp::{clamp_f64, clamp_i64};
@@ -30,6 +50,7 @@ use crate::dataset::{Dataset, UNIT_COLUMN};
 use crate::error::{Error, Result};
 use crate::plan::{self, Checked, Statistic};
 use crate::release::{self, Noised};
+use crate::scan::{GuardedTable, catalog_table};
 
 /// One query.
 #[derive(Debug, Clone)]
@@ -76,12 +97,58 @@ pub struct Release {
     pub repeated: bool,
 }
 
+/// What one query may cost, set by the operator. Exceeding a limit while running is a charged
+/// failure ([`Error::Failed`]); the broker keeps serving other queries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Memory one query's operators (aggregates, joins, sorts) may hold, in bytes. Nothing
+    /// spills to disk: a query that needs more fails.
+    pub memory: usize,
+    /// How long one query may run.
+    pub deadline: Duration,
+    /// The most rows a join may produce in the worst case that the policy's bounds and the
+    /// tables' sizes allow; a join that could produce more is refused when planned.
+    pub join_rows: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            memory: 1 << 30,
+            deadline: Duration::from_secs(60),
+            join_rows: 50_000_000,
+        }
+    }
+}
+
 /// The engine over one loaded dataset version.
 pub struct Engine {
     dataset: Arc<Dataset>,
-    ctx: SessionContext,
+    /// Schema-only tables: queries are planned here, and nothing here holds a row.
+    catalog: SessionContext,
+    /// An empty context: the operators above the aggregate run here, over the noisy batch.
+    upper: SessionContext,
+    limits: Limits,
     cache: Mutex<HashMap<[u8; 32], Release>>,
     consents: Mutex<Vec<(ConsentFilter, Arc<Consent>)>>,
+    flights: Mutex<HashMap<[u8; 32], Weak<tokio::sync::Mutex<()>>>>,
+}
+
+/// Held while a query is in flight: an identical query waits for it (single flight). Drop it
+/// once the release is remembered (or refused).
+pub struct Flight(#[allow(dead_code)] Option<tokio::sync::OwnedMutexGuard<()>>);
+
+/// A query checked against the policy, with what it costs. Nothing in it depends on a row.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The normalized SQL.
+    pub sql: String,
+    /// The checked plan.
+    pub checked: Checked,
+    /// Epsilon it spends.
+    pub epsilon: f64,
+    /// Delta it spends (only partition selection spends delta).
+    pub delta: f64,
 }
 
 /// A consent filter prepared for this engine: its snapshot digest and its set of units.
@@ -135,6 +202,12 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
         }
     }
 
+    if sql.len() > MAX_SQL {
+        return Err(Error::Refused {
+            construct: format!("a query of {} bytes", sql.len()),
+            advice: format!("keep queries under {MAX_SQL} bytes"),
+        });
+    }
     let mut stmts = DFParser::parse_sql(sql).map_err(|e| Error::InvalidQuery(e.to_string()))?;
     match stmts.len() {
         1 => {}
@@ -147,6 +220,9 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
         }
     }
     let mut stmt = stmts.pop_front().expect("one statement");
+    if let DFStatement::Statement(inner) = &stmt {
+        check_size(inner)?;
+    }
     if let DFStatement::Statement(inner) = &mut stmt {
         let _ = visit_expressions_mut(inner.as_mut(), |e| {
             match e {
@@ -165,6 +241,57 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
         });
     }
     Ok(stmt.to_string())
+}
+
+/// Largest SQL text accepted.
+pub const MAX_SQL: usize = 64 << 10;
+/// Deepest nesting of expressions accepted (a chain of 200 ORs is 200 deep: use IN lists).
+pub const MAX_DEPTH: usize = 128;
+/// Most expression nodes in one query.
+pub const MAX_EXPRESSIONS: usize = 4096;
+
+/// Refuses a statement whose expressions nest deeper than [`MAX_DEPTH`] or number more than
+/// [`MAX_EXPRESSIONS`], before DataFusion's planner (which recurses on them) sees it.
+fn check_size(stmt: &datafusion::sql::sqlparser::ast::Statement) -> Result<()> {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct Size {
+        depth: usize,
+        deepest: usize,
+        nodes: usize,
+    }
+    impl Visitor for Size {
+        type Break = ();
+        fn pre_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
+            self.depth += 1;
+            self.nodes += 1;
+            self.deepest = self.deepest.max(self.depth);
+            if self.depth > MAX_DEPTH || self.nodes > MAX_EXPRESSIONS {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+        fn post_visit_expr(&mut self, _: &SqlExpr) -> ControlFlow<()> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut size = Size {
+        depth: 0,
+        deepest: 0,
+        nodes: 0,
+    };
+    if stmt.visit(&mut size).is_break() {
+        return Err(Error::Refused {
+            construct: if size.depth > MAX_DEPTH {
+                format!("expressions nested more than {MAX_DEPTH} deep")
+            } else {
+                format!("more than {MAX_EXPRESSIONS} expressions")
+            },
+            advice: "use IN lists instead of long chains of OR, and shorter queries".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The digest of a consent snapshot, the same formula as the ledger's: SHA-256 over
@@ -199,6 +326,8 @@ fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
 
 /// The column numbering each unit's joined rows.
 const ROW_NUMBER_COLUMN: &str = "__consentry_row";
+/// The column ranking each unit's groups.
+const GROUP_RANK_COLUMN: &str = "__consentry_group";
 
 /// The aggregate expressions computing each statistic's raw (pre-noise) values.
 pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
@@ -224,7 +353,8 @@ pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
             Statistic::Avg { arg, bounds } | Statistic::Var { arg, bounds, .. } => {
                 let mid = (bounds[0] + bounds[1]) / 2.0;
                 let y = clamp_f64(arg, *bounds, mid);
-                out.push(count(arg.clone()).alias(name("n")));
+                // Counted on the clamped values: a NaN (NULL once clamped) is in neither.
+                out.push(count(y.clone()).alias(name("n")));
                 out.push(sum(y.clone()).alias(name("sum")));
                 if matches!(s, Statistic::Var { .. }) {
                     out.push(sum(y.clone() * y).alias(name("sum2")));
@@ -353,20 +483,61 @@ fn finish_direct(checked: &Checked, noised: &Noised) -> Result<Option<RecordBatc
     ))
 }
 
+/// Points every table scan of `plan` at the rows this query may see.
+fn guarded(
+    plan: LogicalPlan,
+    dataset: &Dataset,
+    consented: Option<&Arc<UnitSet>>,
+) -> Result<LogicalPlan> {
+    Ok(plan
+        .transform_up(|node| match node {
+            LogicalPlan::TableScan(s) => {
+                let table = dataset
+                    .tables
+                    .iter()
+                    .find(|t| t.name == s.table_name.table())
+                    .ok_or_else(|| {
+                        datafusion::error::DataFusionError::Plan(format!(
+                            "unknown table {}",
+                            s.table_name
+                        ))
+                    })?;
+                let source = provider_as_source(Arc::new(GuardedTable::new(
+                    table.clone(),
+                    consented.cloned(),
+                )));
+                let scan = LogicalPlanBuilder::scan(s.table_name.clone(), source, None)?.build()?;
+                Ok(Transformed::yes(scan))
+            }
+            other => Ok(Transformed::yes(other.recompute_schema()?)),
+        })?
+        .data)
+}
+
 impl Engine {
-    /// An engine over `dataset`.
+    /// An engine over `dataset`, with the default [`Limits`].
     pub fn new(dataset: Dataset) -> Result<Engine> {
-        let ctx = SessionContext::new();
-        dataset.register(&ctx)?;
+        Self::with_limits(dataset, Limits::default())
+    }
+
+    /// An engine over `dataset` whose queries run within `limits`.
+    pub fn with_limits(dataset: Dataset, limits: Limits) -> Result<Engine> {
+        let catalog = SessionContext::new();
+        for t in &dataset.tables {
+            catalog.register_table(t.name.as_str(), catalog_table(t))?;
+        }
         // Warm the noise path once (OpenDP's measurement construction and OpenSSL's random
         // source), so the first query does not pay for it. No data is involved.
         crate::mechanisms::laplace_i64(&[0], 1, 1.0)?;
         crate::mechanisms::laplace_f64(&[0.0], 1.0, 1.0)?;
         Ok(Engine {
             dataset: Arc::new(dataset),
-            ctx,
+            catalog,
+            upper: SessionContext::new(),
+            limits,
             cache: Mutex::new(HashMap::new()),
             consents: Mutex::new(Vec::new()),
+            flights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -396,9 +567,48 @@ impl Engine {
         &self.dataset
     }
 
-    /// The session the dataset's tables are registered in (extracts run there too).
-    pub(crate) fn context(&self) -> &SessionContext {
-        &self.ctx
+    /// The limits queries run within.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Plans `sql` (normalized) against the schema-only catalog and runs DataFusion's analyzer
+    /// (type coercion), so that every cast the query will run is in the plan checked.
+    pub(crate) async fn analyzed(&self, sql: &str) -> Result<LogicalPlan> {
+        let state = self.catalog.state();
+        // Planning reads no row (the catalog holds none): whatever fails here is the query's
+        // own doing, and says so in DataFusion's words, minus the lists of valid fields.
+        let plan = state
+            .create_logical_plan(sql)
+            .await
+            .map_err(Error::planning)?;
+        state
+            .analyzer()
+            .execute_and_check(plan, state.config_options(), |_, _| {})
+            .map_err(Error::planning)
+    }
+
+    /// `plan` with its table scans reading only the rows `consented` admits.
+    pub(crate) fn guarded(
+        &self,
+        plan: LogicalPlan,
+        consented: Option<&Arc<UnitSet>>,
+    ) -> Result<LogicalPlan> {
+        guarded(plan, &self.dataset, consented)
+    }
+
+    /// Runs a plan over guarded tables under the memory limit (nothing spills to disk).
+    pub(crate) async fn collect(&self, plan: LogicalPlan) -> Result<Vec<RecordBatch>> {
+        let state = self.catalog.state();
+        let physical = state.create_physical_plan(&plan).await?;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.limits.memory, 1.0)
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
+        let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
+        Ok(datafusion::physical_plan::collect(physical, task).await?)
     }
 
     /// What identifies an identical repeat: the scope, the normalized SQL, the epsilon and
@@ -440,13 +650,13 @@ impl Engine {
     pub fn restore(&self, key: [u8; 32], release: Release) {
         self.cache
             .lock()
-            .expect("the cache lock is never held across a panic")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key, release);
     }
 
     /// Runs a query and releases its noisy result, remembering it for identical repeats.
     pub async fn run(&self, req: &Request<'_>) -> Result<Release> {
-        let release = self.run_pending(req).await?;
+        let (release, _flight) = self.run_pending(req).await?;
         self.remember(req, &release);
         Ok(release)
     }
@@ -461,31 +671,103 @@ impl Engine {
         let key = Self::cache_key(req, &release.sql, &release.consent_digest);
         self.cache
             .lock()
-            .expect("the cache lock is never held across a panic")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key, release.clone());
     }
 
+    /// Waits for an identical query in flight, then holds the key until the returned
+    /// [`Flight`] is dropped.
+    async fn fly(&self, key: [u8; 32]) -> Flight {
+        let lock = {
+            let mut flights = self
+                .flights
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            flights.retain(|_, w| w.strong_count() > 0);
+            match flights.get(&key).and_then(Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(tokio::sync::Mutex::new(()));
+                    flights.insert(key, Arc::downgrade(&l));
+                    l
+                }
+            }
+        };
+        Flight(Some(lock.lock_owned().await))
+    }
+
     /// Runs a query and computes its noisy result without remembering it (see
-    /// [`Engine::remember`]). An identical repeat of a remembered release returns it again,
-    /// spending nothing.
-    pub async fn run_pending(&self, req: &Request<'_>) -> Result<Release> {
+    /// [`Engine::remember`]); hold the [`Flight`] until then, so that an identical query
+    /// waits and is answered as a repeat. An identical repeat of a remembered release
+    /// returns it again, spending nothing.
+    pub async fn run_pending(&self, req: &Request<'_>) -> Result<(Release, Flight)> {
         let sql = normalize_sql(req.sql)?;
         let prepared = self.consent(req.filter);
         let consent = prepared.digest;
         let key = Self::cache_key(req, &sql, &consent);
+        let flight = self.fly(key).await;
         if let Some(r) = self
             .cache
             .lock()
-            .expect("the cache lock is never held across a panic")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&key)
         {
-            return Ok(Release {
+            let repeat = Release {
                 epsilon: 0.0,
                 delta: 0.0,
                 repeated: true,
                 ..r.clone()
-            });
+            };
+            return Ok((repeat, flight));
         }
+        let p = self.prepare(req, sql).await?;
+        // From here on the query is charged, whatever happens: a failure says only that.
+        let charged = Error::Failed {
+            epsilon: p.epsilon,
+            delta: p.delta,
+        };
+        let run = async {
+            let noised = self
+                .draw(&p, prepared.set.as_ref(), req.min_cell_size)
+                .await?;
+            let batches = self.finish(&p.checked, &noised).await?;
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .ok_or_else(|| Error::Engine("no output".into()))?;
+            Ok::<_, Error>(Release {
+                result_digest: release::digest(&schema, &batches)?,
+                schema,
+                batches,
+                epsilon: noised.epsilon,
+                delta: noised.delta,
+                sql: p.sql.clone(),
+                consent_digest: consent,
+                mechanism: noised.mechanism.clone(),
+                repeated: false,
+            })
+        };
+        let bounded = tokio::time::timeout(self.limits.deadline, run);
+        match std::panic::AssertUnwindSafe(bounded).catch_unwind().await {
+            Ok(Ok(Ok(release))) => Ok((release, flight)),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(kind = e.kind(), "a query failed while running");
+                Err(charged)
+            }
+            Ok(Err(_)) => {
+                tracing::warn!("a query ran past its deadline");
+                Err(charged)
+            }
+            Err(_) => {
+                tracing::error!("a query panicked while running");
+                Err(charged)
+            }
+        }
+    }
+
+    /// Stage 1: checks the request and the query, and what it costs. Depends on the SQL, the
+    /// policy, the request and the budget only.
+    pub async fn prepare(&self, req: &Request<'_>, sql: String) -> Result<Prepared> {
         if !(req.epsilon.is_finite() && req.epsilon > 0.0 && (0.0..1.0).contains(&req.delta)) {
             return Err(Error::InvalidQuery(
                 "epsilon must be positive and delta in [0, 1)".into(),
@@ -498,10 +780,19 @@ impl Engine {
                 left: req.budget_left.0,
             });
         }
-        let plan = self.ctx.state().create_logical_plan(&sql).await?;
-        let checked = plan::check(&plan, &self.dataset.policy)?;
+        let plan = self.analyzed(&sql).await?;
+        let checked = plan::check(plan, &self.dataset.policy)?;
+        self.check_join_size(&checked)?;
         // Delta is spent only by partition selection.
         let delta = if checked.keys == plan::Keys::Selected {
+            if req.delta <= 0.0 {
+                return Err(Error::Refused {
+                    construct: "GROUP BY a column without a public domain".into(),
+                    advice: "partition selection needs delta > 0; declare the column's domain \
+                             in the policy, or ask the IRB for a delta"
+                        .into(),
+                });
+            }
             req.delta
         } else {
             0.0
@@ -513,32 +804,58 @@ impl Engine {
                 left: req.budget_left.1,
             });
         }
-        let raw = self.aggregate(&checked, prepared.set.as_ref()).await?;
-        let noised = release::noise(
-            &checked,
+        Ok(Prepared {
+            sql,
+            checked,
+            epsilon: req.epsilon,
+            delta,
+        })
+    }
+
+    /// Refuses a join whose output could exceed [`Limits::join_rows`]: each unit has at most
+    /// `k` rows per table, so the join of tables t1..tn has at most
+    /// `min_i(rows(ti) · k^(n-1))` rows, whatever the consents and the data's values.
+    fn check_join_size(&self, checked: &Checked) -> Result<()> {
+        if !checked.joined {
+            return Ok(());
+        }
+        let k = f64::from(self.dataset.policy.max_rows_per_unit);
+        let n = checked.tables.len() as i32;
+        let smallest = checked
+            .tables
+            .iter()
+            .map(|t| self.dataset.table_rows(t) as f64)
+            .fold(f64::INFINITY, f64::min);
+        let worst = smallest * k.powi(n - 1);
+        if worst > self.limits.join_rows as f64 {
+            return Err(Error::Refused {
+                construct: format!("a join of {n} tables"),
+                advice: format!(
+                    "its rows could reach {worst:.0} (each patient's rows multiply), over the \
+                     broker's limit of {}; join fewer tables",
+                    self.limits.join_rows
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stage 2: the aggregate over consented, bounded, clamped rows, then the noise.
+    pub(crate) async fn draw(
+        &self,
+        p: &Prepared,
+        consented: Option<&Arc<UnitSet>>,
+        min_cell: Option<u64>,
+    ) -> Result<Noised> {
+        let raw = self.aggregate(&p.checked, consented).await?;
+        release::noise(
+            &p.checked,
             &raw,
             &self.dataset,
-            req.epsilon,
-            delta,
-            req.min_cell_size,
-        )?;
-        let batches = self.finish(&checked, &noised).await?;
-        let schema = batches
-            .first()
-            .map(|b| b.schema())
-            .ok_or_else(|| Error::Engine("no output".into()))?;
-        let release = Release {
-            result_digest: release::digest(&schema, &batches)?,
-            schema,
-            batches,
-            epsilon: noised.epsilon,
-            delta: noised.delta,
-            sql,
-            consent_digest: consent,
-            mechanism: noised.mechanism.clone(),
-            repeated: false,
-        };
-        Ok(release)
+            p.epsilon,
+            p.delta,
+            min_cell,
+        )
     }
 
     /// Runs the aggregate over consented, bounded, clamped rows: one row per group with the
@@ -548,19 +865,30 @@ impl Engine {
         checked: &Checked,
         consented: Option<&Arc<UnitSet>>,
     ) -> Result<RecordBatch> {
-        let input = checked.aggregate.input.as_ref().clone();
+        let plan = self.lower_plan(checked, consented)?;
+        // No group at all (every row filtered out) is zero rows, not an error.
+        let schema = plan.schema().inner().clone();
+        let batches = self.collect(plan).await?;
+        arrow::compute::concat_batches(&schema, &batches).map_err(|e| Error::Engine(e.to_string()))
+    }
+
+    /// The plan of the aggregate: guarded scans, the researcher's filters and joins, each
+    /// unit's joined rows and groups bounded, then the raw statistics.
+    fn lower_plan(
+        &self,
+        checked: &Checked,
+        consented: Option<&Arc<UnitSet>>,
+    ) -> Result<LogicalPlan> {
+        let input = self.guarded(checked.aggregate.input.as_ref().clone(), consented)?;
         let unit = unit_column(&input)?;
+        let policy = &self.dataset.policy;
+        let k = u64::from(policy.max_rows_per_unit);
         let mut builder = LogicalPlanBuilder::from(input);
-        if let Some(set) = consented {
-            let udf: ScalarUDF = UnitSet::shared_udf(set);
-            builder = builder.filter(udf.call(vec![unit.clone()]))?;
-        }
         if checked.joined {
             // Each table was bounded at load, but a join multiplies a unit's rows: keep at
             // most max_rows_per_unit joined rows per unit. Which ones is decided by the rows'
             // values alone (ordered by every column; tied rows are identical), so adding or
             // removing a unit changes no other unit's rows.
-            let k = u64::from(self.dataset.policy.max_rows_per_unit);
             let order: Vec<_> = builder
                 .schema()
                 .iter()
@@ -575,30 +903,48 @@ impl Engine {
                 .window(vec![number])?
                 .filter(datafusion::prelude::col(ROW_NUMBER_COLUMN).lt_eq(lit(k)))?;
         }
-        let plan = builder
+        let g = u64::from(policy.max_groups());
+        if !checked.aggregate.group_expr.is_empty() && g < k {
+            // Each unit's rows fall in at most g groups: its g first group keys in the keys'
+            // order (nulls last) are kept, its other rows dropped; a rule on that unit's rows
+            // alone.
+            let order: Vec<_> = checked
+                .aggregate
+                .group_expr
+                .iter()
+                .map(|e| strip_alias(e).clone().sort(true, false))
+                .collect();
+            let rank = dense_rank()
+                .partition_by(vec![unit.clone()])
+                .order_by(order)
+                .build()?
+                .alias(GROUP_RANK_COLUMN);
+            builder = builder
+                .window(vec![rank])?
+                .filter(datafusion::prelude::col(GROUP_RANK_COLUMN).lt_eq(lit(g)))?;
+        }
+        Ok(builder
             .aggregate(
                 checked.aggregate.group_expr.clone(),
                 stat_exprs(&checked.stats, &unit),
             )?
-            .build()?;
-        let batches = self.ctx.execute_logical_plan(plan).await?.collect().await?;
-        let schema = batches.first().map(|b| b.schema());
-        match schema {
-            Some(s) => Ok(arrow::compute::concat_batches(&s, &batches)
-                .map_err(|e| Error::Engine(e.to_string()))?),
-            None => Err(Error::Engine("the aggregate returned no batch".into())),
-        }
+            .build()?)
     }
 
-    /// Runs the operators above the aggregate over the noisy values.
-    async fn finish(&self, checked: &Checked, noised: &Noised) -> Result<Vec<RecordBatch>> {
+    /// Stage 3: the operators above the aggregate, over the noisy values only.
+    pub(crate) async fn finish(
+        &self,
+        checked: &Checked,
+        noised: &Noised,
+    ) -> Result<Vec<RecordBatch>> {
         match finish_direct(checked, noised)? {
             Some(batch) => Ok(vec![batch]),
             None => self.finish_planned(checked, noised).await,
         }
     }
 
-    /// [`Engine::finish`] through DataFusion: any operators above the aggregate.
+    /// [`Engine::finish`] through DataFusion: any operators above the aggregate, in a context
+    /// holding nothing but the noisy batch. An empty result is a result.
     async fn finish_planned(&self, checked: &Checked, noised: &Noised) -> Result<Vec<RecordBatch>> {
         let batch = &noised.batch;
         let mem = MemTable::try_new(batch.schema(), vec![vec![batch.clone()]])?;
@@ -625,12 +971,25 @@ impl Engine {
         }
         let released = scan.project(exprs)?.build()?;
         let upper = replace_aggregate(&checked.plan, &released, &acc, true)?;
-        Ok(self
-            .ctx
+        let schema = upper.schema().inner().clone();
+        let mut batches = self
+            .upper
             .execute_logical_plan(upper)
             .await?
             .collect()
-            .await?)
+            .await?;
+        batches.retain(|b| b.num_rows() > 0);
+        if batches.is_empty() {
+            batches.push(RecordBatch::new_empty(schema));
+        }
+        Ok(batches)
+    }
+}
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(&a.expr),
+        other => other,
     }
 }
 
@@ -642,8 +1001,8 @@ impl Engine {
         &self,
         sql: &str,
     ) -> Result<(Option<RecordBatch>, Vec<RecordBatch>)> {
-        let plan = self.ctx.state().create_logical_plan(sql).await?;
-        let checked = plan::check(&plan, &self.dataset.policy)?;
+        let plan = self.analyzed(sql).await?;
+        let checked = plan::check(plan, &self.dataset.policy)?;
         let raw = self.aggregate(&checked, None).await?;
         let noised = release::noise(&checked, &raw, &self.dataset, 1.0, 1e-6, None)?;
         Ok((
@@ -652,14 +1011,27 @@ impl Engine {
         ))
     }
 
+    /// The optimized physical plan of a query's aggregate: for tests of where rows are read.
+    pub(crate) async fn lower_physical_for_tests(
+        &self,
+        sql: &str,
+        filter: &ConsentFilter,
+    ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let plan = self.analyzed(sql).await?;
+        let checked = plan::check(plan, &self.dataset.policy)?;
+        let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
+        let lower = self.lower_plan(&checked, set.as_ref())?;
+        Ok(self.catalog.state().create_physical_plan(&lower).await?)
+    }
+
     /// The raw (pre-noise) statistics of a query: for tests of bounding and consent.
     pub(crate) async fn raw_for_tests(
         &self,
         sql: &str,
         filter: &ConsentFilter,
     ) -> Result<RecordBatch> {
-        let plan = self.ctx.state().create_logical_plan(sql).await?;
-        let checked = plan::check(&plan, &self.dataset.policy)?;
+        let plan = self.analyzed(sql).await?;
+        let checked = plan::check(plan, &self.dataset.policy)?;
         let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
         self.aggregate(&checked, set.as_ref()).await
     }

@@ -49,6 +49,53 @@ pub enum Error {
     /// An error inside the query engine.
     #[error("query engine: {0}")]
     Engine(String),
+    /// The query passed its checks and was charged, then failed while running (a limit of
+    /// the broker, or an internal error). The message is the same whatever the cause: how a
+    /// query fails must not depend on the rows it read.
+    #[error("the query failed while running; its privacy spend was charged")]
+    Failed {
+        /// Epsilon charged.
+        epsilon: f64,
+        /// Delta charged.
+        delta: f64,
+    },
+}
+
+impl Error {
+    /// An error of DataFusion's while planning a query against the schema-only catalog (no row
+    /// is read there): the query is invalid. The message keeps DataFusion's first line,
+    /// without the list of valid fields it appends (it would name hidden columns).
+    pub fn planning(e: datafusion::error::DataFusionError) -> Error {
+        match Error::from(e) {
+            Error::InvalidQuery(m) | Error::Engine(m) => {
+                let m = m.split("Valid fields are").next().unwrap_or("");
+                let m = m.split("This issue was likely caused").next().unwrap_or("");
+                let last = m.lines().map(str::trim).rfind(|l| !l.is_empty());
+                Error::InvalidQuery(
+                    last.unwrap_or("the query could not be planned")
+                        .trim_end_matches('.')
+                        .to_string(),
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// The variant's name, for logs that must not carry a message (it may hold values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Refused { .. } => "refused",
+            Error::BudgetExhausted { .. } => "budget exhausted",
+            Error::InvalidQuery(_) => "invalid query",
+            Error::Policy(_) => "policy",
+            Error::Dataset(_) => "dataset",
+            Error::Mechanism(_) => "mechanism",
+            Error::BadValue { .. } => "bad value",
+            Error::Secret(_) => "secret",
+            Error::Engine(_) => "engine",
+            Error::Failed { .. } => "failed",
+        }
+    }
 }
 
 impl From<datafusion::error::DataFusionError> for Error {
@@ -66,7 +113,14 @@ impl From<datafusion::error::DataFusionError> for Error {
         match e {
             D::Internal(m) => Error::InvalidQuery(clean(m)),
             D::Plan(m) | D::SQL(_, Some(m)) => Error::InvalidQuery(clean(m)),
-            D::SchemaError(e, _) => Error::InvalidQuery(e.to_string()),
+            // Named without the list of valid fields DataFusion appends (it would show
+            // columns the catalog hides).
+            D::SchemaError(e, _) => match *e {
+                datafusion::common::SchemaError::FieldNotFound { field, .. } => {
+                    Error::InvalidQuery(format!("unknown column {}", field.name))
+                }
+                other => Error::InvalidQuery(other.to_string()),
+            },
             other => Error::Engine(other.to_string()),
         }
     }

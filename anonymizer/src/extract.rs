@@ -9,12 +9,17 @@
 //!
 //! The query runs over the consented rows only (the consent bitmap of [`crate::consent`],
 //! applied right above the table scan, as in the DP path). Its output then goes through:
-//! 1. domain checks (a value outside a column's declared domain refuses the whole extract);
+//! 1. domain checks (a value outside a column's declared domain is released as NULL);
 //! 2. Safe Harbor and the policy's quasi-identifier generalizations ([`crate::safe_harbor`]);
-//! 3. study pseudonyms for the privacy unit ([`crate::pseudonym`]);
-//! 4. k-anonymity over the quasi-identifiers present in the output: a row is released only if
-//!    at least k distinct patients share its quasi-identifier values; the other rows are
+//! 3. pseudonyms for the privacy unit, fresh for each extract ([`crate::pseudonym`]), so two
+//!    extracts cannot be joined on them;
+//! 4. k-anonymity over every released column that is not sensitive (quasi-identifiers and
+//!    public columns alike: sex or race single patients out in combination too): a row is
+//!    released only if at least k distinct patients share those values; the other rows are
 //!    suppressed and counted in [`Extract::suppressed_rows`], which the broker receipts.
+//!
+//! The query's expressions are made total ([`crate::total`]) and it reads only guarded rows
+//! ([`crate::scan`]), as in the DP path.
 //!
 //! Any error releases nothing. [`MinCellSize`] is the small-cell rule for aggregate outputs
 //! that a study releases outside differential privacy.
@@ -27,10 +32,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt32Type};
 use arrow::row::{RowConverter, SortField};
 use chrono::NaiveDate;
 use datafusion::common::Column;
-use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, Projection};
-use datafusion::prelude::SessionContext;
+use datafusion::logical_expr::{Expr, LogicalPlan, Projection};
 
-use crate::consent::{ConsentFilter, UnitSet};
+use crate::consent::ConsentFilter;
 use crate::dataset::{Dataset, UNIT_COLUMN};
 use crate::engine::{Engine, normalize_sql};
 use crate::error::{Error, Result};
@@ -74,7 +78,7 @@ pub struct Extract {
     pub suppressed_rows: u64,
     /// The k applied.
     pub k: u32,
-    /// The output columns k-anonymity was computed over.
+    /// The output columns k-anonymity was computed over (every non-sensitive one).
     pub quasi_identifiers: Vec<String>,
 }
 
@@ -316,22 +320,13 @@ fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
     Ok(Expr::Column(Column::from((q, f))))
 }
 
-/// The plan to run: the consent filter right above the scan, and the unit column carried up
-/// through every projection (as the last output column) for pseudonyms and k-anonymity.
-fn rewrite(
-    plan: &LogicalPlan,
-    consent: Option<&datafusion::logical_expr::ScalarUDF>,
-) -> Result<LogicalPlan> {
+/// The plan to run (its scans already guarded): the unit column carried up through every
+/// projection (as the last output column) for pseudonyms and k-anonymity.
+fn rewrite(plan: &LogicalPlan) -> Result<LogicalPlan> {
     match plan {
-        LogicalPlan::TableScan(_) => {
-            let mut b = LogicalPlanBuilder::from(plan.clone());
-            if let Some(udf) = consent {
-                b = b.filter(udf.call(vec![unit_column(plan)?]))?;
-            }
-            Ok(b.build()?)
-        }
+        LogicalPlan::TableScan(_) => Ok(plan.clone()),
         LogicalPlan::Projection(p) => {
-            let child = rewrite(&p.input, consent)?;
+            let child = rewrite(&p.input)?;
             let mut exprs = p.expr.clone();
             exprs.push(unit_column(&child)?);
             Ok(LogicalPlan::Projection(Projection::try_new(
@@ -344,65 +339,86 @@ fn rewrite(
             let [input] = inputs.as_slice() else {
                 return Err(Error::Engine("unexpected plan shape in an extract".into()));
             };
-            let child = rewrite(input, consent)?;
+            let child = rewrite(input)?;
             Ok(other.with_new_exprs(other.expressions(), vec![child])?)
         }
     }
 }
 
+/// What an extract's pseudonyms are keyed with besides the study secret: its normalized SQL
+/// and consent snapshot (see [`StudySecret::pseudonymizer_for`]).
+pub fn pseudonym_context(sql: &str, consent_digest: &[u8; 32]) -> Vec<u8> {
+    let mut c = (sql.len() as u64).to_le_bytes().to_vec();
+    c.extend_from_slice(sql.as_bytes());
+    c.extend_from_slice(consent_digest);
+    c
+}
+
 impl Engine {
     /// Runs a de-identified, k-anonymous extract. Nothing is released on any error.
     pub async fn extract(&self, req: &ExtractRequest<'_>) -> Result<Extract> {
-        let consent = self.consent(req.filter);
-        run(self.dataset(), self.context(), &consent, req).await
+        if req.k == 0 {
+            return Err(Error::InvalidQuery("k must be at least 1".into()));
+        }
+        let sql = normalize_sql(req.sql)?;
+        let prepared = self.consent(req.filter);
+        let consent = prepared.digest;
+        let plan = crate::plan::make_total(self.analyzed(&sql).await?)?;
+        let checked = check(&plan, self.dataset())?;
+        let run = async {
+            let plan = rewrite(&self.guarded(checked.plan.clone(), prepared.set.as_ref())?)?;
+            let out_schema = plan.schema().inner().clone();
+            let mut batches = self.collect(plan).await?;
+            if batches.is_empty() {
+                batches.push(RecordBatch::new_empty(out_schema));
+            }
+            let pseudonyms = req
+                .secret
+                .pseudonymizer_for(&pseudonym_context(&sql, &consent));
+            let released = generalize(&checked.columns, &batches, req, &pseudonyms)?;
+            let qi: Vec<usize> = checked
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    matches!(c.class, ColumnClass::QuasiIdentifier | ColumnClass::Public)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let (batches, suppressed) = k_anonymize(&released, &qi, req.k)?;
+            let schema = released[0].0.schema();
+            let result_digest = crate::release::digest(&schema, &batches)?;
+            Ok::<_, Error>(Extract {
+                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+                schema,
+                batches,
+                sql: sql.clone(),
+                consent_digest: consent,
+                result_digest,
+                suppressed_rows: suppressed,
+                k: req.k,
+                quasi_identifiers: qi
+                    .iter()
+                    .map(|&i| checked.columns[i].name.clone())
+                    .collect(),
+            })
+        };
+        let bounded = tokio::time::timeout(self.limits().deadline, run);
+        match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(bounded)).await {
+            Ok(Ok(Ok(x))) => Ok(x),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(kind = e.kind(), "an extract failed while running");
+                Err(Error::Failed {
+                    epsilon: 0.0,
+                    delta: 0.0,
+                })
+            }
+            Ok(Err(_)) | Err(_) => Err(Error::Failed {
+                epsilon: 0.0,
+                delta: 0.0,
+            }),
+        }
     }
-}
-
-async fn run(
-    dataset: &Dataset,
-    ctx: &SessionContext,
-    prepared: &crate::engine::Consent,
-    req: &ExtractRequest<'_>,
-) -> Result<Extract> {
-    if req.k == 0 {
-        return Err(Error::InvalidQuery("k must be at least 1".into()));
-    }
-    let sql = normalize_sql(req.sql)?;
-    let consent = prepared.digest;
-    let plan = ctx.state().create_logical_plan(&sql).await?;
-    let checked = check(&plan, dataset)?;
-    let udf = prepared.set.as_ref().map(UnitSet::shared_udf);
-    let plan = rewrite(&checked.plan, udf.as_ref())?;
-    let out_schema = plan.schema().inner().clone();
-    let mut batches = ctx.execute_logical_plan(plan).await?.collect().await?;
-    if batches.is_empty() {
-        batches.push(RecordBatch::new_empty(out_schema));
-    }
-    let released = generalize(&checked.columns, &batches, req)?;
-    let qi: Vec<usize> = checked
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.class == ColumnClass::QuasiIdentifier)
-        .map(|(i, _)| i)
-        .collect();
-    let (batches, suppressed) = k_anonymize(&released, &qi, req.k)?;
-    let schema = released[0].0.schema();
-    let result_digest = crate::release::digest(&schema, &batches)?;
-    Ok(Extract {
-        rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
-        schema,
-        batches,
-        sql,
-        consent_digest: consent,
-        result_digest,
-        suppressed_rows: suppressed,
-        k: req.k,
-        quasi_identifiers: qi
-            .iter()
-            .map(|&i| checked.columns[i].name.clone())
-            .collect(),
-    })
 }
 
 /// Domain checks, generalizations and pseudonyms: each output batch in its released form,
@@ -411,8 +427,8 @@ fn generalize(
     columns: &[OutColumn],
     batches: &[RecordBatch],
     req: &ExtractRequest<'_>,
+    pseudonyms: &crate::pseudonym::Pseudonymizer,
 ) -> Result<Vec<(RecordBatch, UInt32Array)>> {
-    let pseudonyms = req.secret.pseudonymizer();
     let mut out = Vec::with_capacity(batches.len());
     let mut schema: Option<SchemaRef> = None;
     for b in batches {
@@ -425,9 +441,9 @@ fn generalize(
         let units = b.column(unit_idx).as_primitive::<UInt32Type>().clone();
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(columns.len());
         for (i, c) in columns.iter().enumerate() {
-            let a = crate::safe_harbor::plain_text(b.column(i))?;
+            let mut a = crate::safe_harbor::plain_text(b.column(i))?;
             if let Some(d) = &c.domain {
-                crate::safe_harbor::check_domain(&c.source, &a, d)?;
+                a = crate::safe_harbor::within_domain(&a, d)?;
             }
             arrays.push(match c.class {
                 ColumnClass::PrivacyUnit => pseudonyms.pseudonymize(&a, &units)?,

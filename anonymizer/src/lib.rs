@@ -9,6 +9,8 @@
 //! - [`dataset`]: loading a dataset version: unit numbering and contribution bounding, once.
 //! - [`consent`]: the consent filter as a bitmap semi-join on the privacy unit.
 //! - [`plan`]: checking a query's logical plan against the policy.
+//! - [`total`]: researcher expressions made total (an allow-list; no failure on data).
+//! - [`scan`]: rows first: the guarded scan, the only way a query reaches rows.
 //! - [`mechanisms`]: noise from OpenDP, with privacy loss read from OpenDP's privacy maps.
 //! - [`release`]: keys, noise and accuracy for each statistic.
 //! - [`engine`]: [`Engine::run`], the query path.
@@ -32,12 +34,16 @@ pub mod pseudonym;
 pub mod quantile;
 pub mod release;
 pub mod safe_harbor;
+pub mod scan;
+pub mod total;
 
+#[cfg(test)]
+mod attacks;
 #[cfg(test)]
 mod tests;
 
 pub use consent::ConsentFilter;
 pub use dataset::Dataset;
-pub use engine::{Engine, Release, Request};
+pub use engine::{Engine, Flight, Limits, Release, Request};
 pub use error::{Error, Result};
 pub use policy::Policy;

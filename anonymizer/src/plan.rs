@@ -8,10 +8,10 @@
 //! else is refused naming the construct and what to do instead. The plan is inspected, never
 //! the SQL text.
 
-use std::collections::HashMap;
-
-use datafusion::common::tree_node::TreeNode;
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema};
+use datafusion::logical_expr::expr_rewriter::NamePreserver;
+use datafusion::logical_expr::{Aggregate, Expr, ExprSchemable, LogicalPlan};
 use datafusion::scalar::ScalarValue;
 
 use crate::error::{Error, Result};
@@ -69,6 +69,8 @@ pub struct Checked {
     pub keys: Keys,
     /// Whether the aggregate's input joins tables (its rows are then bounded per unit again).
     pub joined: bool,
+    /// The tables the aggregate's input scans, in order (a self-join lists one twice).
+    pub tables: Vec<String>,
 }
 
 fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
@@ -81,78 +83,117 @@ fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
 const ROWS_ADVICE: &str =
     "use aggregates (COUNT, SUM, AVG, ...), or an extract within a study approved for extracts";
 
-/// Resolves column qualifiers (table names or aliases) to tables.
-struct Tables {
-    by_alias: HashMap<String, String>,
-    /// WHERE predicates below the aggregate.
-    filters: Vec<Expr>,
-    /// The ON condition of every join.
-    joins: Vec<JoinCondition>,
+/// Where each column of a plan node's output comes from: the table and column a scan read,
+/// by position. Columns are resolved through this, never through their qualifiers, so an
+/// alias can never make one table's column pass for another's.
+type Sources = Vec<(String, String)>;
+
+/// What the walk over the aggregate's input found.
+struct Input {
+    /// Tables scanned, in order (a self-join lists a table twice).
+    tables: Vec<String>,
+    /// Number of joins.
+    joins: usize,
 }
 
-/// A join's ON condition, split into its conjuncts.
-struct JoinCondition {
-    /// `l = r` with `l` a column of one side and `r` of the other.
-    across: Vec<(datafusion::common::Column, datafusion::common::Column)>,
-    /// The other conjuncts.
-    rest: Vec<Expr>,
+/// The policy of the column `c` of a node whose output is described by `schema` and
+/// `sources`.
+fn resolve<'a>(
+    policy: &'a Policy,
+    schema: &DFSchema,
+    sources: &[(String, String)],
+    c: &Column,
+) -> Result<(&'a str, &'a ColumnPolicy)> {
+    let i = schema
+        .index_of_column(c)
+        .map_err(|_| Error::InvalidQuery(format!("unknown column {}", c.name)))?;
+    let (t, col) = sources
+        .get(i)
+        .ok_or_else(|| Error::Engine("plan schema mismatch".into()))?;
+    if col == crate::dataset::UNIT_COLUMN {
+        return Err(refuse(
+            "the internal unit column",
+            "query the dataset's own columns",
+        ));
+    }
+    let (tname, tp) = policy
+        .tables
+        .get_key_value(t.as_str())
+        .ok_or_else(|| Error::InvalidQuery(format!("unknown table {t}")))?;
+    tp.columns
+        .get(col.as_str())
+        .map(|cp| (tname.as_str(), cp))
+        .ok_or_else(|| Error::InvalidQuery(format!("unknown column {}", c.name)))
 }
 
-impl Tables {
-    fn resolve<'a>(
-        &'a self,
-        policy: &'a Policy,
-        col: &datafusion::common::Column,
-    ) -> Result<(&'a str, &'a ColumnPolicy)> {
-        let candidates: Vec<&str> = match &col.relation {
-            Some(r) => self
-                .by_alias
-                .get(r.table())
-                .map(|t| vec![t.as_str()])
-                .unwrap_or_default(),
-            None => self.by_alias.values().map(String::as_str).collect(),
-        };
-        for t in candidates {
-            if let Some(cp) = policy.column(t, &col.name) {
-                return Ok((t, cp));
+/// Makes every expression of `plan` total ([`crate::total`]), keeping output names.
+pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let mut failure: Option<Error> = None;
+    let out = plan
+        .transform_up(|node| {
+            let schema = match &node {
+                LogicalPlan::Join(_) => node.schema().clone(),
+                other => match other.inputs().first() {
+                    Some(i) => i.schema().clone(),
+                    None => return Ok(Transformed::no(node)),
+                },
+            };
+            let keep_names = matches!(node, LogicalPlan::Projection(_) | LogicalPlan::Aggregate(_));
+            let preserver = NamePreserver::new_for_projection();
+            let rewritten = node.map_expressions(|e| {
+                let saved = keep_names.then(|| preserver.save(&e));
+                match crate::total::total(e, &schema) {
+                    Ok(t) => Ok(Transformed::yes(match saved {
+                        Some(s) => s.restore(t),
+                        None => t,
+                    })),
+                    Err(err) => {
+                        failure.get_or_insert(err);
+                        Ok(Transformed::no(Expr::Literal(ScalarValue::Null, None)))
+                    }
+                }
+            })?;
+            if failure.is_some() {
+                return Ok(Transformed::new(
+                    rewritten.data,
+                    false,
+                    datafusion::common::tree_node::TreeNodeRecursion::Stop,
+                ));
             }
-        }
-        if col.name == crate::dataset::UNIT_COLUMN {
-            return Err(refuse(
-                "the internal unit column",
-                "query the dataset's own columns",
-            ));
-        }
-        Err(Error::InvalidQuery(format!("unknown column {}", col.name)))
+            let data = rewritten.data.recompute_schema()?;
+            Ok(Transformed::yes(data))
+        })
+        .map_err(Error::from)?;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out.data),
     }
 }
 
-/// Checks `plan` against `policy`.
-pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked> {
-    let aggregate = find_aggregate(plan)?;
-    let tables = check_input(&aggregate.input)?;
-    for f in &tables.filters {
-        for c in f.column_refs() {
-            readable(tables.resolve(policy, c)?.1, &c.name, "WHERE")?;
-        }
-    }
-    for on in &tables.joins {
-        check_join_condition(on, policy, &tables)?;
-    }
+/// Checks `plan` (analyzed by DataFusion) against `policy`; returns it made total.
+pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
+    let plan = make_total(plan)?;
+    let aggregate = find_aggregate(&plan)?.clone();
+    let mut input = Input {
+        tables: Vec::new(),
+        joins: 0,
+    };
+    let sources = walk_input(&aggregate.input, policy, &mut input)?;
+    let schema = aggregate.input.schema().as_ref();
+    let resolve = |c: &Column| resolve(policy, schema, &sources, c);
     let mut stats = Vec::with_capacity(aggregate.aggr_expr.len());
     for e in &aggregate.aggr_expr {
-        stats.push(statistic(e, policy, &tables)?);
+        stats.push(statistic(e, schema, &resolve)?);
     }
     let mut domains = Vec::new();
     let mut all_public = true;
     for g in &aggregate.group_expr {
-        check_no_subquery(g)?;
         for c in g.column_refs() {
-            let (_, cp) = tables.resolve(policy, c)?;
+            let (_, cp) = resolve(c)?;
             readable(cp, &c.name, "GROUP BY")?;
         }
         match strip_alias(g) {
-            Expr::Column(c) => match &tables.resolve(policy, c)?.1.domain {
+            Expr::Column(c) => match &resolve(c)?.1.domain {
                 Some(d) => domains.push(d.clone()),
                 None => all_public = false,
             },
@@ -167,81 +208,13 @@ pub fn check(plan: &LogicalPlan, policy: &Policy) -> Result<Checked> {
         Keys::Selected
     };
     Ok(Checked {
-        plan: plan.clone(),
-        aggregate: aggregate.clone(),
+        joined: input.joins > 0,
+        tables: input.tables,
+        plan,
+        aggregate,
         stats,
         keys,
-        joined: !tables.joins.is_empty(),
     })
-}
-
-/// A join condition: it must hold `<unit> = <unit>` between the two sides (so every joined row
-/// belongs to one patient); its other conjuncts may read readable columns only.
-fn check_join_condition(on: &JoinCondition, policy: &Policy, tables: &Tables) -> Result<()> {
-    let is_unit = |c: &datafusion::common::Column| {
-        tables
-            .resolve(policy, c)
-            .is_ok_and(|(_, cp)| cp.class == ColumnClass::PrivacyUnit)
-    };
-    let mut on_unit = false;
-    for (l, r) in &on.across {
-        if is_unit(l) && is_unit(r) {
-            on_unit = true;
-            continue;
-        }
-        for c in [l, r] {
-            readable(tables.resolve(policy, c)?.1, &c.name, "a join condition")?;
-        }
-    }
-    for part in &on.rest {
-        check_no_subquery(part)?;
-        for c in part.column_refs() {
-            readable(tables.resolve(policy, c)?.1, &c.name, "a join condition")?;
-        }
-    }
-    if on_unit {
-        Ok(())
-    } else {
-        Err(refuse(
-            "a join that is not on the privacy unit",
-            "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
-        ))
-    }
-}
-
-/// Splits a join's condition into equalities across its two sides and the rest.
-fn join_condition(j: &datafusion::logical_expr::Join) -> JoinCondition {
-    let mut conjuncts: Vec<Expr> = j.on.iter().map(|(l, r)| l.clone().eq(r.clone())).collect();
-    if let Some(f) = &j.filter {
-        conjuncts.extend(
-            datafusion::logical_expr::utils::split_conjunction(f)
-                .into_iter()
-                .cloned(),
-        );
-    }
-    let (ls, rs) = (j.left.schema(), j.right.schema());
-    let mut out = JoinCondition {
-        across: Vec::new(),
-        rest: Vec::new(),
-    };
-    for part in conjuncts {
-        if let Expr::BinaryExpr(b) = &part
-            && b.op == datafusion::logical_expr::Operator::Eq
-            && let (Expr::Column(x), Expr::Column(y)) =
-                (strip_alias(&b.left), strip_alias(&b.right))
-        {
-            if ls.has_column(x) && rs.has_column(y) {
-                out.across.push((x.clone(), y.clone()));
-                continue;
-            }
-            if rs.has_column(x) && ls.has_column(y) {
-                out.across.push((y.clone(), x.clone()));
-                continue;
-            }
-        }
-        out.rest.push(part);
-    }
-    out
 }
 
 /// Walks down from the root through operators that only see released values, to the one
@@ -249,18 +222,17 @@ fn join_condition(j: &datafusion::logical_expr::Join) -> JoinCondition {
 fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
     match plan {
         LogicalPlan::Aggregate(a) => Ok(a),
-        LogicalPlan::Projection(p) => {
-            for e in &p.expr {
-                check_no_subquery(e)?;
-            }
-            find_aggregate(&p.input)
-        }
-        LogicalPlan::Filter(f) => {
-            check_no_subquery(&f.predicate)?;
-            find_aggregate(&f.input)
-        }
+        LogicalPlan::Projection(p) => find_aggregate(&p.input),
+        LogicalPlan::Filter(f) => find_aggregate(&f.input),
         LogicalPlan::Sort(s) => find_aggregate(&s.input),
-        LogicalPlan::Limit(l) => find_aggregate(&l.input),
+        LogicalPlan::Limit(l) => {
+            for e in [&l.skip, &l.fetch].into_iter().flatten() {
+                if !matches!(e.as_ref(), Expr::Literal(..)) {
+                    return Err(refuse("LIMIT or OFFSET by an expression", "write a number"));
+                }
+            }
+            find_aggregate(&l.input)
+        }
         LogicalPlan::SubqueryAlias(s) => find_aggregate(&s.input),
         LogicalPlan::TableScan(_) => Err(refuse(
             "a SELECT that returns rows (such as SELECT *)",
@@ -279,6 +251,10 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
             "a join above the aggregate",
             "join the tables inside the aggregated query",
         )),
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(refuse(
+            "a query that reads no table",
+            "aggregate over the dataset's tables",
+        )),
         other => Err(refuse(
             format!("the {} operator", other.display()),
             "use a single SELECT with aggregates over one dataset's tables",
@@ -286,32 +262,33 @@ fn find_aggregate(plan: &LogicalPlan) -> Result<&Aggregate> {
     }
 }
 
-/// The aggregate's input: table scans under filters (WHERE). Returns the tables it reads.
-fn check_input(plan: &LogicalPlan) -> Result<Tables> {
-    let mut tables = Tables {
-        by_alias: HashMap::new(),
-        filters: Vec::new(),
-        joins: Vec::new(),
-    };
-    walk_input(plan, None, &mut tables)?;
-    Ok(tables)
-}
-
-fn walk_input(plan: &LogicalPlan, alias: Option<&str>, tables: &mut Tables) -> Result<()> {
+/// The aggregate's input: table scans under filters (WHERE) and inner joins on the privacy
+/// unit. Checks every expression's columns against the policy; returns the sources of the
+/// node's output columns.
+fn walk_input(plan: &LogicalPlan, policy: &Policy, input: &mut Input) -> Result<Sources> {
     match plan {
         LogicalPlan::TableScan(s) => {
             let name = s.table_name.table().to_string();
-            tables
-                .by_alias
-                .insert(alias.unwrap_or(&name).to_string(), name.clone());
-            tables.by_alias.insert(name.clone(), name);
-            Ok(())
+            if !s.filters.is_empty() || s.fetch.is_some() {
+                return Err(Error::Engine(
+                    "a table scan with filters before checking".into(),
+                ));
+            }
+            input.tables.push(name.clone());
+            Ok(s.projected_schema
+                .fields()
+                .iter()
+                .map(|f| (name.clone(), f.name().clone()))
+                .collect())
         }
-        LogicalPlan::SubqueryAlias(s) => walk_input(&s.input, Some(s.alias.table()), tables),
+        LogicalPlan::SubqueryAlias(s) => walk_input(&s.input, policy, input),
         LogicalPlan::Filter(f) => {
-            check_no_subquery(&f.predicate)?;
-            tables.filters.push(f.predicate.clone());
-            walk_input(&f.input, alias, tables)
+            let sources = walk_input(&f.input, policy, input)?;
+            let schema = f.input.schema();
+            for c in f.predicate.column_refs() {
+                readable(resolve(policy, schema, &sources, c)?.1, &c.name, "WHERE")?;
+            }
+            Ok(sources)
         }
         LogicalPlan::Join(j) => {
             if j.join_type != datafusion::logical_expr::JoinType::Inner {
@@ -320,16 +297,11 @@ fn walk_input(plan: &LogicalPlan, alias: Option<&str>, tables: &mut Tables) -> R
                     "use an inner JOIN ... ON a.<privacy unit> = b.<privacy unit>",
                 ));
             }
-            let on = join_condition(j);
-            if on.across.is_empty() && on.rest.is_empty() {
-                return Err(refuse(
-                    "a join without a condition (a cross join)",
-                    "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
-                ));
-            }
-            tables.joins.push(on);
-            walk_input(&j.left, None, tables)?;
-            walk_input(&j.right, None, tables)
+            let mut sources = walk_input(&j.left, policy, input)?;
+            sources.extend(walk_input(&j.right, policy, input)?);
+            input.joins += 1;
+            check_join(j, policy, &sources)?;
+            Ok(sources)
         }
         LogicalPlan::Aggregate(_) => {
             Err(refuse("nested aggregates", "aggregate once over the rows"))
@@ -342,6 +314,68 @@ fn walk_input(plan: &LogicalPlan, alias: Option<&str>, tables: &mut Tables) -> R
             format!("the {} operator", other.display()),
             "aggregate directly over the tables",
         )),
+    }
+}
+
+/// A join's condition must hold `<unit> = <unit>` between its two sides (so every joined row
+/// belongs to one patient); its other parts may read readable columns only.
+fn check_join(
+    j: &datafusion::logical_expr::Join,
+    policy: &Policy,
+    sources: &[(String, String)],
+) -> Result<()> {
+    let schema = j.schema.as_ref();
+    let n_left = j.left.schema().fields().len();
+    let class = |e: &Expr| -> Result<Option<(usize, ColumnClass)>> {
+        match strip_alias(e) {
+            Expr::Column(c) => {
+                let i = schema
+                    .index_of_column(c)
+                    .map_err(|_| Error::InvalidQuery(format!("unknown column {}", c.name)))?;
+                Ok(Some((i, resolve(policy, schema, sources, c)?.1.class)))
+            }
+            _ => Ok(None),
+        }
+    };
+    let mut conjuncts: Vec<Expr> = j.on.iter().map(|(l, r)| l.clone().eq(r.clone())).collect();
+    if let Some(f) = &j.filter {
+        conjuncts.extend(
+            datafusion::logical_expr::utils::split_conjunction(f)
+                .into_iter()
+                .cloned(),
+        );
+    }
+    let mut on_unit = false;
+    for part in &conjuncts {
+        if let Expr::BinaryExpr(b) = part
+            && b.op == datafusion::logical_expr::Operator::Eq
+            && let (Some((li, ColumnClass::PrivacyUnit)), Some((ri, ColumnClass::PrivacyUnit))) =
+                (class(&b.left)?, class(&b.right)?)
+            && ((li < n_left) != (ri < n_left))
+        {
+            on_unit = true;
+            continue;
+        }
+        for c in part.column_refs() {
+            readable(
+                resolve(policy, schema, sources, c)?.1,
+                &c.name,
+                "a join condition",
+            )?;
+        }
+    }
+    if on_unit {
+        Ok(())
+    } else if conjuncts.is_empty() {
+        Err(refuse(
+            "a join without a condition (a cross join)",
+            "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
+        ))
+    } else {
+        Err(refuse(
+            "a join that is not on the privacy unit",
+            "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
+        ))
     }
 }
 
@@ -391,14 +425,18 @@ fn readable(cp: &ColumnPolicy, name: &str, place: &str) -> Result<()> {
 }
 
 /// The bounds of an aggregated column.
-fn bounded(arg: &Expr, policy: &Policy, tables: &Tables, func: &str) -> Result<(Expr, [f64; 2])> {
+fn bounded<'a>(
+    arg: &Expr,
+    resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
+    func: &str,
+) -> Result<(Expr, [f64; 2])> {
     let Expr::Column(c) = strip_alias(arg) else {
         return Err(refuse(
             format!("{func} of an expression"),
             "aggregate a column; its bounds come from the policy",
         ));
     };
-    let (_, cp) = tables.resolve(policy, c)?;
+    let (_, cp) = resolve(c)?;
     readable(cp, &c.name, func)?;
     let bounds = cp.bounds.ok_or_else(|| {
         refuse(
@@ -409,7 +447,11 @@ fn bounded(arg: &Expr, policy: &Policy, tables: &Tables, func: &str) -> Result<(
     Ok((arg.clone(), bounds))
 }
 
-fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
+fn statistic<'a>(
+    e: &Expr,
+    schema: &DFSchema,
+    resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
+) -> Result<Statistic> {
     let Expr::AggregateFunction(f) = strip_alias(e) else {
         return Err(refuse(
             "this aggregate expression",
@@ -428,22 +470,28 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
         check_no_subquery(a)?;
     }
     for c in p.args.iter().flat_map(|a| a.column_refs()) {
-        let (_, cp) = tables.resolve(policy, c)?;
+        let (_, cp) = resolve(c)?;
         if cp.class == ColumnClass::DirectIdentifier {
             readable(cp, &c.name, &name)?;
         }
     }
     let arg0 = p.args.first();
-    let is_unit = |a: &Expr| matches!(strip_alias(a), Expr::Column(c) if tables.resolve(policy, c).is_ok_and(|(_, cp)| cp.class == ColumnClass::PrivacyUnit));
+    let is_unit = |a: &Expr| matches!(strip_alias(a), Expr::Column(c) if resolve(c).is_ok_and(|(_, cp)| cp.class == ColumnClass::PrivacyUnit));
     let literal = |a: &Expr| matches!(strip_alias(a), Expr::Literal(..));
+    // The integer path only for integer columns with integral bounds: a float column's sum is
+    // never truncated.
     let integer_arg = |a: &Expr| -> bool {
         let Expr::Column(c) = strip_alias(a) else {
             return false;
         };
-        tables.resolve(policy, c).is_ok_and(|(_, cp)| {
-            cp.bounds
-                .is_some_and(|[lo, hi]| lo.fract() == 0.0 && hi.fract() == 0.0)
-        })
+        let integer_type = Expr::Column(c.clone())
+            .get_type(schema)
+            .is_ok_and(|t| t.is_integer());
+        integer_type
+            && resolve(c).is_ok_and(|(_, cp)| {
+                cp.bounds
+                    .is_some_and(|[lo, hi]| lo.fract() == 0.0 && hi.fract() == 0.0)
+            })
     };
     match name.as_str() {
         "count" => match (p.distinct, arg0) {
@@ -461,7 +509,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
                 let Expr::Column(c) = strip_alias(a) else {
                     return Err(refuse("COUNT of an expression", "count a column or rows"));
                 };
-                readable(tables.resolve(policy, c)?.1, &c.name, "COUNT")?;
+                readable(resolve(c)?.1, &c.name, "COUNT")?;
                 Ok(Statistic::CountValues(a.clone()))
             }
         },
@@ -472,7 +520,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
         "sum" => {
             let a = arg0.ok_or_else(|| Error::InvalidQuery("SUM needs an argument".into()))?;
             let integer = integer_arg(a);
-            let (arg, bounds) = bounded(a, policy, tables, "SUM")?;
+            let (arg, bounds) = bounded(a, resolve, "SUM")?;
             Ok(Statistic::Sum {
                 arg,
                 bounds,
@@ -482,8 +530,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
         "avg" | "mean" => {
             let (arg, bounds) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("AVG needs an argument".into()))?,
-                policy,
-                tables,
+                resolve,
                 "AVG",
             )?;
             Ok(Statistic::Avg { arg, bounds })
@@ -492,8 +539,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
         | "stddev_samp" | "stddev_pop" => {
             let (arg, bounds) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("VAR needs an argument".into()))?,
-                policy,
-                tables,
+                resolve,
                 "VAR/STDDEV",
             )?;
             Ok(Statistic::Var {
@@ -506,8 +552,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
         "median" => {
             let (arg, bounds) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("MEDIAN needs an argument".into()))?,
-                policy,
-                tables,
+                resolve,
                 "MEDIAN",
             )?;
             Ok(Statistic::Quantile {
@@ -539,7 +584,7 @@ fn statistic(e: &Expr, policy: &Policy, tables: &Tables) -> Result<Statistic> {
                     "a percentile must be between 0 and 1".into(),
                 ));
             }
-            let (arg, bounds) = bounded(&col, policy, tables, "PERCENTILE_CONT")?;
+            let (arg, bounds) = bounded(&col, resolve, "PERCENTILE_CONT")?;
             Ok(Statistic::Quantile { arg, bounds, q })
         }
         other => Err(refuse(

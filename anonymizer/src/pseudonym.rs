@@ -1,9 +1,12 @@
 //! Study pseudonyms: in any output, the privacy-unit id becomes the lowercase hex of
 //! HMAC-SHA256(study secret, id).
 //!
-//! The same id gets the same pseudonym throughout a study (a researcher can follow a patient
-//! across extracts), and nothing links pseudonyms of two studies, whose secrets differ
-//! (RFC 2104: without the key, HMAC outputs are indistinguishable from random). The id is
+//! Extracts use [`StudySecret::pseudonymizer_for`]: a key derived from the study secret and
+//! the extract itself (its SQL and consent snapshot), so the same id gets the same pseudonym
+//! within an extract and unrelated ones in two different extracts: two k-anonymous extracts
+//! cannot be joined on the pseudonym into classes smaller than k. Nothing links pseudonyms of
+//! two studies, whose secrets differ (RFC 2104: without the key, HMAC outputs are
+//! indistinguishable from random). The id is
 //! hashed as text: an integer id as its decimal digits, a text id as its UTF-8 bytes.
 //!
 //! A [`StudySecret`] is wiped from memory when dropped, prints as `StudySecret(<redacted>)`
@@ -36,6 +39,19 @@ impl StudySecret {
             )));
         }
         Ok(StudySecret(Zeroizing::new(bytes.to_vec())))
+    }
+
+    /// The pseudonymizer of one extract: keyed with HMAC-SHA256(secret, label || `extract`),
+    /// where `extract` identifies it (its normalized SQL and consent snapshot).
+    pub fn pseudonymizer_for(&self, extract: &[u8]) -> Pseudonymizer {
+        let mut derive =
+            HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        derive.update(b"consentry extract pseudonyms\n");
+        derive.update(extract);
+        let key = Zeroizing::new(derive.finalize().into_bytes().to_vec());
+        Pseudonymizer {
+            mac: HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length"),
+        }
     }
 
     /// The pseudonymizer keyed with this secret.

@@ -155,6 +155,20 @@ pub(crate) fn var_accuracy(
     Some(f * a_pop + df * (var + a_pop))
 }
 
+/// A released 95% half-width is finite and positive: a non-finite or non-positive value from
+/// an accuracy formula (a huge or a vanishing noise scale) is replaced by the conservative
+/// end (`f64::MAX` for a huge or undefined width, the smallest positive float for a width
+/// that rounds to nothing).
+pub fn half_width(a: f64) -> f64 {
+    if a.is_nan() || a == f64::INFINITY {
+        f64::MAX
+    } else if a <= 0.0 {
+        f64::MIN_POSITIVE
+    } else {
+        a
+    }
+}
+
 /// Adds noise to every statistic and builds the released batch.
 pub fn noise(
     checked: &Checked,
@@ -172,6 +186,21 @@ pub fn noise(
     let n_keys = checked.aggregate.group_expr.len();
     let selected = checked.keys == Keys::Selected;
 
+    // The study's minimum cell size needs a noisy size per group: a count the query releases,
+    // or else one more noisy row count (one more share of the budget).
+    let suppressing = min_cell.is_some_and(|m| m > 1);
+    let gauged = selected
+        || checked.stats.iter().any(|s| {
+            matches!(
+                s,
+                Statistic::CountRows
+                    | Statistic::CountValues(_)
+                    | Statistic::CountUnits
+                    | Statistic::Avg { .. }
+                    | Statistic::Var { .. }
+            )
+        });
+    let extra_gauge = suppressing && !gauged;
     // Budget: one equal share per noisy vector.
     let draws: usize = checked
         .stats
@@ -183,13 +212,16 @@ pub fn noise(
             _ => 1,
         })
         .sum::<usize>()
-        + usize::from(selected);
+        + usize::from(selected)
+        + usize::from(extra_gauge);
     let share = epsilon / draws.max(1) as f64;
     let mut spent_eps = 0.0;
     let mut spent_delta = 0.0;
     let mut mech = Vec::new();
 
     let mut threshold_counts: Option<(Vec<i64>, f64)> = None;
+    // Each released group's noisy size, for the minimum cell size.
+    let mut gauge: Option<Vec<i64>> = None;
     let groups = match &checked.keys {
         Keys::None => Groups {
             rows: vec![(raw.num_rows() > 0).then_some(0)],
@@ -208,6 +240,7 @@ pub fn noise(
             let mut rows: Vec<(u64, i64)> = kept.into_iter().collect();
             rows.sort_unstable();
             threshold_counts = Some((rows.iter().map(|r| r.1.max(0)).collect(), info.accuracy));
+            gauge = threshold_counts.as_ref().map(|t| t.0.clone());
             Groups {
                 rows: rows.iter().map(|r| Some(r.0 as usize)).collect(),
                 public: None,
@@ -251,6 +284,7 @@ pub fn noise(
                 };
                 let n = mechanisms::laplace_i64(&ints(col(raw, &name("n"))?, rows)?, sens, share)?;
                 record(&format!("count {i}"), "laplace", n.scale, n.epsilon);
+                gauge.get_or_insert_with(|| n.values.clone());
                 values.push(Arc::new(Int64Array::from(
                     n.values.iter().map(|v| (*v).max(0)).collect::<Vec<_>>(),
                 )));
@@ -285,6 +319,7 @@ pub fn noise(
                 let (mid, h) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
                 let cnt = mechanisms::laplace_i64(&ints(col(raw, &name("n"))?, rows)?, k, share)?;
                 record(&format!("count {i}"), "laplace", cnt.scale, cnt.epsilon);
+                gauge.get_or_insert_with(|| cnt.values.clone());
                 let sum = mechanisms::laplace_f64(
                     &floats(col(raw, &name("sum"))?, rows)?,
                     k as f64 * h + slack(h),
@@ -414,21 +449,17 @@ pub fn noise(
     }
 
     // The study's minimum cell size (post-processing of noisy values, no privacy cost): a
-    // group whose noisy count is from 1 to `min - 1` has every statistic suppressed.
+    // group whose noisy size is from 1 to `min - 1` has every statistic suppressed.
     let mut cells_suppressed = 0u64;
     if let Some(min) = min_cell.filter(|&m| m > 1) {
-        let mut small = vec![false; rows.len()];
-        for (s, v) in checked.stats.iter().zip(&values) {
-            if matches!(
-                s,
-                Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits
-            ) {
-                let v = arrow::compute::cast(v, &DataType::Int64).map_err(eng)?;
-                for (r, x) in v.as_primitive::<Int64Type>().iter().enumerate() {
-                    small[r] |= x.is_some_and(|x| x >= 1 && (x as u64) < min);
-                }
-            }
+        if gauge.is_none() {
+            let n = mechanisms::laplace_i64(&ints(col(raw, "__n")?, rows)?, k, share)?;
+            spent_eps += n.epsilon;
+            mech.push(json!({"statistic": "group size (for the minimum cell size)", "mechanism": "laplace", "scale": n.scale, "epsilon": n.epsilon}));
+            gauge = Some(n.values);
         }
+        let sizes = gauge.as_ref().ok_or_else(|| eng("no group sizes"))?;
+        let small: Vec<bool> = sizes.iter().map(|&x| x >= 1 && (x as u64) < min).collect();
         cells_suppressed = small.iter().filter(|&&b| b).count() as u64;
         if cells_suppressed > 0 {
             let mask = arrow::array::BooleanArray::from(small);
@@ -471,7 +502,7 @@ pub fn noise(
     }
     let mut accuracy_columns = Vec::new();
     for (j, a) in accuracies.into_iter().enumerate() {
-        match a {
+        match a.map(|a| a.unary_opt::<_, Float64Type>(|x| Some(half_width(x)))) {
             Some(a) => {
                 let name = format!("__acc{j}");
                 fields.push(Field::new(&name, DataType::Float64, true));

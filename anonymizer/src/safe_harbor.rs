@@ -368,6 +368,38 @@ pub fn check_domain(column: &str, a: &ArrayRef, domain: &crate::policy::Domain) 
     Ok(())
 }
 
+/// The column with every value outside its declared domain made NULL (a value the custodian
+/// did not declare is never released; and whether one exists must not refuse a query).
+pub fn within_domain(a: &ArrayRef, domain: &crate::policy::Domain) -> Result<ArrayRef> {
+    use crate::policy::Domain;
+    let outside: arrow::array::BooleanArray = match domain {
+        Domain::Text(keys) => {
+            let keys: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+            match a.as_string_opt::<i32>() {
+                Some(s) => s
+                    .iter()
+                    .map(|v| Some(v.is_some_and(|v| !keys.contains(v))))
+                    .collect(),
+                None => return Ok(arrow::array::new_null_array(a.data_type(), a.len())),
+            }
+        }
+        Domain::Int(keys) => {
+            let keys: std::collections::HashSet<i64> = keys.iter().copied().collect();
+            match to_i64(a) {
+                Ok(y) => y
+                    .iter()
+                    .map(|v| Some(v.is_some_and(|v| !keys.contains(&v))))
+                    .collect(),
+                Err(_) => return Ok(arrow::array::new_null_array(a.data_type(), a.len())),
+            }
+        }
+    };
+    if outside.true_count() == 0 {
+        return Ok(a.clone());
+    }
+    arrow::compute::nullif(a, &outside).map_err(|e| Error::Engine(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use arrow::array::{Date32Array, Float64Array, Int32Array, Int64Array, StringArray};

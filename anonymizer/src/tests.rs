@@ -15,7 +15,7 @@ use crate::engine::{Engine, Request};
 use crate::error::Error;
 use crate::policy::Policy;
 
-const POLICY: &str = r#"
+pub(crate) const POLICY: &str = r#"
 privacy_unit = "patient_id"
 max_rows_per_unit = 10
 
@@ -720,6 +720,41 @@ proptest::proptest! {
         for (sql, n_keys, checks) in cases {
             let a = rt.block_on(e.raw_for_tests(sql, &all)).unwrap();
             let b = rt.block_on(e.raw_for_tests(sql, &without)).unwrap();
+            for (col, sens) in *checks {
+                let d = l1(&a, &b, *n_keys, col);
+                proptest::prop_assert!(d <= sens + 1e-6, "{} {}: moved {} > {}", sql, col, d, sens);
+            }
+        }
+        // With a declared bound of 2 groups per patient, enforced on the data: a patient's
+        // rows (up to 10) fall in at most 2 groups, also through joins and expression keys.
+        let policy = Policy::from_toml(&POLICY.replace(
+            "max_rows_per_unit = 10",
+            "max_rows_per_unit = 10\nmax_groups_per_unit = 2",
+        ))
+        .unwrap();
+        let eg = Engine::new(
+            Dataset::from_batches(
+                policy,
+                vec![
+                    ("visits".into(), vec![visits(patients)]),
+                    ("patients".into(), vec![patients_table(patients)]),
+                ],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let g = 2.0;
+        let cases: &[Case] = &[
+            ("SELECT zip3, COUNT(DISTINCT patient_id) FROM visits GROUP BY zip3", 1, &[("__s0_n", g)]),
+            ("SELECT zip3, COUNT(*) FROM visits GROUP BY zip3", 1, &[("__s0_n", k)]),
+            ("SELECT diagnosis, zip3, COUNT(DISTINCT patient_id) FROM visits GROUP BY diagnosis, zip3", 2, &[("__s0_n", g)]),
+            ("SELECT substr(zip3, 1, 2), COUNT(DISTINCT patient_id) FROM visits GROUP BY substr(zip3, 1, 2)", 1, &[("__s0_n", g)]),
+            ("SELECT a.zip3, COUNT(DISTINCT a.patient_id) FROM visits a JOIN visits b ON a.patient_id = b.patient_id GROUP BY a.zip3", 1, &[("__s0_n", g)]),
+            ("SELECT v.zip3, COUNT(DISTINCT p.patient_id) FROM patients p JOIN visits v ON p.patient_id = v.patient_id GROUP BY v.zip3", 1, &[("__s0_n", g)]),
+        ];
+        for (sql, n_keys, checks) in cases {
+            let a = rt.block_on(eg.raw_for_tests(sql, &all)).unwrap();
+            let b = rt.block_on(eg.raw_for_tests(sql, &without)).unwrap();
             for (col, sens) in *checks {
                 let d = l1(&a, &b, *n_keys, col);
                 proptest::prop_assert!(d <= sens + 1e-6, "{} {}: moved {} > {}", sql, col, d, sens);

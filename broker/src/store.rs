@@ -35,6 +35,7 @@ pub struct Store {
     kept: crate::kept::Kept,
     engines: tokio::sync::Mutex<HashMap<(String, u32), Arc<Engine>>>,
     filters: Mutex<HashMap<(String, String), Converted>>,
+    limits: anonymizer::Limits,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Status {
@@ -43,8 +44,8 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Status {
 }
 
 impl Store {
-    /// Opens (creating) `<data_dir>/datasets`.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Store> {
+    /// Opens (creating) `<data_dir>/datasets`; engines run their queries within `limits`.
+    pub fn open(data_dir: &Path, limits: anonymizer::Limits) -> anyhow::Result<Store> {
         let root = data_dir.join("datasets");
         std::fs::create_dir_all(&root)?;
         Ok(Store {
@@ -52,6 +53,7 @@ impl Store {
             kept: crate::kept::Kept::open(data_dir)?,
             engines: Default::default(),
             filters: Default::default(),
+            limits,
         })
     }
 
@@ -83,7 +85,9 @@ impl Store {
             .await
             .map_err(|e| internal("a dataset check failed", e))??;
         let dataset = load(&dir, reg).await?;
-        let engine = Arc::new(Engine::new(dataset).map_err(|e| internal("loading", e))?);
+        let engine = Arc::new(
+            Engine::with_limits(dataset, self.limits).map_err(|e| internal("loading", e))?,
+        );
         let restored = tokio::task::block_in_place(|| self.kept.restore(reg, &engine, ledger));
         if restored > 0 {
             tracing::info!(dataset = %reg.dataset, version = reg.version, restored,

@@ -182,7 +182,10 @@ pub struct BundleSummary {
     pub released: u64,
     /// Denied receipts.
     pub denied: u64,
-    /// Dataset versions used by released queries.
+    /// Failed receipts (charged, nothing released).
+    #[serde(default)]
+    pub failed: u64,
+    /// Dataset versions used by released (and charged failed) queries.
     pub datasets: Vec<DatasetUse>,
     /// The older checkpoint proven consistent, if one was given.
     pub consistent_with_size: Option<u64>,
@@ -259,6 +262,7 @@ pub fn verify_bundle_progress(
         entries: decoded.len(),
         released: 0,
         denied: 0,
+        failed: 0,
         datasets: Vec::new(),
         consistent_with_size: None,
         registrations: Vec::new(),
@@ -310,8 +314,12 @@ pub fn verify_bundle_progress(
             }
             Body::QueryReceipt(r) if r.study == bundle.study => match r.outcome {
                 Outcome::Denied => summary.denied += 1,
-                Outcome::Released => {
-                    summary.released += 1;
+                Outcome::Released | Outcome::Failed => {
+                    if r.outcome == Outcome::Released {
+                        summary.released += 1;
+                    } else {
+                        summary.failed += 1;
+                    }
                     let (Some(d), Some(v), Some(dg)) = (&r.dataset, r.version, &r.dataset_digest)
                     else {
                         return Err(bad(format!("receipt {index} names no dataset version")));

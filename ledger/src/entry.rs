@@ -345,6 +345,9 @@ pub enum Outcome {
     Released,
     /// Refused; the receipt says why.
     Denied,
+    /// Charged, then failed while running: nothing released, the spend debited (how a query
+    /// fails must not be a free oracle). The reason is fixed words.
+    Failed,
 }
 
 /// Body of `query_receipt`.

@@ -200,6 +200,48 @@ fn budgets_are_never_overspent() {
 }
 
 #[test]
+fn a_failed_query_is_charged_and_releases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let failed = |epsilon: f64, reason: Option<&str>, result: bool| match receipt(&w, epsilon) {
+        Body::QueryReceipt(r) => Body::QueryReceipt(QueryReceipt {
+            outcome: Outcome::Failed,
+            reason: reason.map(str::to_owned),
+            result_digest: if result {
+                r.result_digest.clone()
+            } else {
+                None
+            },
+            ..r
+        }),
+        other => panic!("{other:?}"),
+    };
+    w.ledger
+        .append_as_operator(failed(0.4, Some("the query failed while running"), false))
+        .unwrap();
+    let (eps, _) = w.ledger.state().budget_left("t2d", "ehr").unwrap();
+    assert!((eps - 0.6).abs() < 1e-9, "debited: {eps}");
+    for bad in [
+        failed(0.1, None, false),
+        failed(0.1, Some("failed"), true),
+        failed(0.7, Some("failed"), false),
+    ] {
+        let size = w.ledger.size();
+        assert!(w.ledger.append_as_operator(bad).is_err());
+        assert_eq!(w.ledger.size(), size);
+    }
+    // A denied receipt still spends nothing.
+    assert!(
+        w.ledger
+            .append_as_operator(Body::QueryReceipt(match denied(receipt(&w, 0.0)) {
+                Body::QueryReceipt(r) => QueryReceipt { epsilon: 0.1, ..r },
+                _ => unreachable!(),
+            }))
+            .is_err()
+    );
+}
+
+#[test]
 fn concurrent_receipts_respect_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let w = world(dir.path());

@@ -168,6 +168,7 @@ async fn run() -> anyhow::Result<()> {
         tls_key: None,
         origin: "bench.consentry/ledger".into(),
         operator: "operator".into(),
+        limits: Default::default(),
     };
     let ledger = Arc::new(broker::cli::serve::open_or_init(&args)?);
     let operator = ledger::keyfile::read_private_key(&dir.path().join("ledger/ledger.key"))?;

@@ -181,6 +181,8 @@ pub enum OutcomeArg {
     Released,
     /// Denied.
     Denied,
+    /// Charged, then failed while running.
+    Failed,
 }
 
 impl Filter {
@@ -194,6 +196,7 @@ impl Filter {
                 None => String::new(),
                 Some(OutcomeArg::Released) => "released".into(),
                 Some(OutcomeArg::Denied) => "denied".into(),
+                Some(OutcomeArg::Failed) => "failed".into(),
             },
         }
     }

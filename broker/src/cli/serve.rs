@@ -38,6 +38,77 @@ pub struct ServeArgs {
     /// Operator id of a ledger created by this command (the ledger key's name).
     #[arg(long, env = "CONSENTRY_OPERATOR", default_value = "operator")]
     pub operator: String,
+    /// What one query may cost.
+    #[command(flatten)]
+    pub limits: QueryLimits,
+}
+
+/// What one query may cost. A query that exceeds a limit while running fails, is charged its
+/// privacy spend (how a query fails must not be a free oracle) and is receipted `failed`; the
+/// broker keeps serving the others.
+#[derive(Debug, Args, Clone)]
+pub struct QueryLimits {
+    /// Memory one query's aggregates, joins and sorts may hold, e.g. `1GiB`, `512MiB` (nothing
+    /// spills to disk).
+    #[arg(long, env = "CONSENTRY_QUERY_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub query_memory: u64,
+    /// How long one query may run, e.g. `60s`, `2m`.
+    #[arg(long, env = "CONSENTRY_QUERY_DEADLINE", default_value = "60s", value_parser = parse_duration)]
+    pub query_deadline: Duration,
+    /// The most rows a join may produce in the worst case the policy's bounds allow; a join
+    /// that could produce more is refused before it runs.
+    #[arg(long, env = "CONSENTRY_QUERY_JOIN_ROWS", default_value_t = 50_000_000)]
+    pub query_join_rows: u64,
+}
+
+impl Default for QueryLimits {
+    fn default() -> QueryLimits {
+        let d = anonymizer::Limits::default();
+        QueryLimits {
+            query_memory: d.memory as u64,
+            query_deadline: d.deadline,
+            query_join_rows: d.join_rows,
+        }
+    }
+}
+
+impl QueryLimits {
+    /// The engine's form.
+    pub fn engine(&self) -> anonymizer::Limits {
+        anonymizer::Limits {
+            memory: usize::try_from(self.query_memory).unwrap_or(usize::MAX),
+            deadline: self.query_deadline,
+            join_rows: self.query_join_rows,
+        }
+    }
+}
+
+/// Parses `1GiB`, `512MiB`, `64KiB` or a number of bytes; at least 1 MiB.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size like 1GiB, 512MiB or 1048576");
+    let (num, mult) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        .iter()
+        .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+        .unwrap_or((s, 1));
+    let n = num
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(bad)?;
+    if n < 1 << 20 {
+        return Err(format!("{s:?}: a query needs at least 1MiB"));
+    }
+    Ok(n)
+}
+
+/// Parses a positive duration: `90`, `90s`, `10m`, `2h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_ttl(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: a duration must be positive"));
+    }
+    Ok(d)
 }
 
 /// Arguments of `broker token`.
@@ -51,15 +122,18 @@ pub struct TokenArgs {
     pub ttl: Duration,
 }
 
-/// Parses `90`, `90s`, `10m`.
+/// Parses `90`, `90s`, `10m`, `2h`.
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let (num, mult) = match s.strip_suffix('m') {
-        Some(n) => (n, 60),
-        None => (s.strip_suffix('s').unwrap_or(s), 1),
+    let (num, mult) = match (s.strip_suffix('h'), s.strip_suffix('m')) {
+        (Some(n), _) => (n, 3600),
+        (_, Some(n)) => (n, 60),
+        _ => (s.strip_suffix('s').unwrap_or(s), 1),
     };
     num.parse::<u64>()
-        .map(|n| Duration::from_secs(n * mult))
-        .map_err(|_| format!("{s:?} is not a duration like 10m or 90s"))
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is not a duration like 10m or 90s"))
 }
 
 /// Opens the data directory's ledger, creating it when the directory has none.
@@ -118,7 +192,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     let ledger = Arc::new(open_or_init(&args)?);
     rt.block_on(async {
-        let broker = Broker::new(ledger.clone(), &args.data_dir)?;
+        let broker = Broker::with_limits(ledger.clone(), &args.data_dir, args.limits.engine())?;
         let tls = args.tls_cert.clone().zip(args.tls_key.clone());
         let running = server::serve(
             broker,
@@ -165,5 +239,18 @@ mod tests {
         assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
         assert!(parse_ttl("ten").is_err());
         assert!(parse_ttl("-1m").is_err());
+        assert!(parse_ttl("99999999999999999999m").is_err());
+        assert!(
+            parse_ttl("999999999999999999m").is_err(),
+            "overflow is an error"
+        );
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2097152"), Ok(2 << 20));
+        for bad in ["1KiB", "lots", "-1MiB", "99999999999GiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
     }
 }

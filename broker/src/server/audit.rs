@@ -46,9 +46,10 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         "" => None,
         "released" => Some(Outcome::Released),
         "denied" => Some(Outcome::Denied),
+        "failed" => Some(Outcome::Failed),
         o => {
             return Err(Status::invalid_argument(format!(
-                "outcome {o:?}: use released, denied or nothing"
+                "outcome {o:?}: use released, denied, failed or nothing"
             )));
         }
     };
@@ -115,6 +116,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
             outcome: match r.outcome {
                 Outcome::Released => "released",
                 Outcome::Denied => "denied",
+                Outcome::Failed => "failed",
             }
             .into(),
             reason: r.reason.unwrap_or_default(),

@@ -52,14 +52,17 @@ pub const DEFAULT_EPSILON: f64 = 0.1;
 const RESULT_TTL: Duration = Duration::from_secs(600);
 /// Released results waiting for their `DoGet`, at most.
 const MAX_PENDING: usize = 1024;
+/// Results one caller may have waiting for their `DoGet` (or running), at most: checked
+/// before a statement runs, so that no caller can fill the broker's map and have everyone
+/// else's statements charged and then refused.
+const MAX_PENDING_PER_CALLER: usize = 16;
 /// The schema name under every dataset's catalog.
 pub const DB_SCHEMA: &str = "public";
 
-/// A released result waiting for its caller's `DoGet`.
+/// A released result waiting for its caller's `DoGet` (`None` while its statement runs).
 struct Pending {
     caller: String,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
+    result: Option<(SchemaRef, Vec<RecordBatch>)>,
     created: Instant,
 }
 
@@ -375,33 +378,51 @@ impl FlightSqlService for FlightSql {
             let st = self.broker.ledger.state();
             query_request(&st, &request, cmd.query)?
         };
-        let (header, ipc) = self.query.execute(&who, &q).await?;
-        let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
-            .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
-        let schema = reader.schema();
-        let batches = reader
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
-        let (schema, batches) = without_views(&schema, batches)?;
+        // A slot is reserved before the statement runs: a caller over its share is refused
+        // before anything is charged.
         let mut handle = [0u8; 16];
         getrandom::fill(&mut handle).map_err(|_| Status::internal("no randomness"))?;
         {
             let mut pending = self.pending();
             pending.retain(|_, p| p.created.elapsed() < RESULT_TTL);
-            if pending.len() >= MAX_PENDING {
-                return Err(Status::resource_exhausted(
-                    "too many results wait to be fetched; fetch (DoGet) earlier results first",
-                ));
+            let mine = pending.values().filter(|p| p.caller == who.id).count();
+            if mine >= MAX_PENDING_PER_CALLER || pending.len() >= MAX_PENDING {
+                return Err(Status::resource_exhausted(format!(
+                    "too many results wait to be fetched (at most {MAX_PENDING_PER_CALLER} per \
+                     caller); fetch (DoGet) earlier results first"
+                )));
             }
             pending.insert(
                 handle,
                 Pending {
                     caller: who.id.clone(),
-                    schema: schema.clone(),
-                    batches,
+                    result: None,
                     created: Instant::now(),
                 },
             );
+        }
+        let decoded = async {
+            let (header, ipc) = self.query.execute(&who, &q).await?;
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+            let schema = reader.schema();
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+            let (schema, batches) = without_views(&schema, batches)?;
+            Ok::<_, Status>((header, schema, batches))
+        }
+        .await;
+        let (header, schema, batches) = match decoded {
+            Ok(d) => d,
+            Err(s) => {
+                self.pending().remove(&handle);
+                return Err(s);
+            }
+        };
+        if let Some(p) = self.pending().get_mut(&handle) {
+            p.result = Some((schema.clone(), batches));
+            p.created = Instant::now();
         }
         let ticket = TicketStatementQuery {
             statement_handle: handle.to_vec().into(),
@@ -425,7 +446,7 @@ impl FlightSqlService for FlightSql {
         let found = {
             let mut pending = self.pending();
             match pending.get(&handle) {
-                Some(p) if p.caller != who.id => None,
+                Some(p) if p.caller != who.id || p.result.is_none() => None,
                 Some(p) if p.created.elapsed() >= RESULT_TTL => {
                     pending.remove(&handle);
                     None
@@ -440,7 +461,10 @@ impl FlightSqlService for FlightSql {
                  or another principal's); run the statement again: an identical repeat is free",
             )
         })?;
-        Ok(Response::new(batches_stream(p.schema, p.batches)))
+        let (schema, batches) = p
+            .result
+            .ok_or_else(|| Status::not_found("the result is not ready"))?;
+        Ok(Response::new(batches_stream(schema, batches)))
     }
 
     async fn get_flight_info_catalogs(

@@ -16,7 +16,8 @@ use crate::cli::ledger::b64_all;
 pub struct LedgerService(pub Arc<Broker>);
 
 /// Whether `caller` may read the entry: its author, the operator, or for a study's entries
-/// and receipts, those who may see the study. Consents are their subject's business only.
+/// and receipts, those who may see the study. Consents and patients' registrations are their
+/// subject's business only.
 fn may_read(st: &ledger::State, caller: &Caller, e: &ledger::entry::Entry) -> bool {
     if caller.role == Role::Operator || e.author.as_str() == caller.id {
         return true;
@@ -26,7 +27,20 @@ fn may_read(st: &ledger::State, caller: &Caller, e: &ledger::entry::Entry) -> bo
         Body::StudyApproved(b) => Some(b.study.as_str()),
         Body::StudySuspended(b) | Body::StudyClosed(b) => Some(b.study.as_str()),
         Body::QueryReceipt(b) => Some(b.study.as_str()),
-        // Principals and dataset registrations are public within the broker.
+        // A patient's registration (it holds the subject id), key rotations and revocation
+        // are the operator's and that patient's only.
+        Body::PrincipalRegistered(b) if b.role == Role::Patient || b.subject.is_some() => {
+            return b.id.as_str() == caller.id;
+        }
+        Body::KeyRotated(ledger::entry::KeyRotated { id, .. })
+        | Body::PrincipalRevoked(ledger::entry::PrincipalRevoked { id, .. })
+            if st
+                .principal(id.as_str())
+                .is_none_or(|p| p.role == Role::Patient) =>
+        {
+            return id.as_str() == caller.id;
+        }
+        // Other principals and dataset registrations are public within the broker.
         Body::PrincipalRegistered(_)
         | Body::KeyRotated(_)
         | Body::PrincipalRevoked(_)

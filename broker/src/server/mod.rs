@@ -37,10 +37,20 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker over an open ledger and the data directory that holds its datasets.
+    /// A broker over an open ledger and the data directory that holds its datasets, with the
+    /// default limits per query.
     pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> anyhow::Result<Arc<Broker>> {
+        Self::with_limits(ledger, data_dir, anonymizer::Limits::default())
+    }
+
+    /// [`Broker::new`] whose queries run within `limits`.
+    pub fn with_limits(
+        ledger: Arc<Ledger>,
+        data_dir: &Path,
+        limits: anonymizer::Limits,
+    ) -> anyhow::Result<Arc<Broker>> {
         Ok(Arc::new(Broker {
-            store: Store::open(data_dir)?,
+            store: Store::open(data_dir, limits)?,
             secrets: Arc::new(Secrets::open(data_dir)?),
             ledger,
         }))

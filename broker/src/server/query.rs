@@ -39,14 +39,33 @@ struct Authorized {
 struct Denial {
     code: Code,
     reason: String,
+    /// A query that was charged, then failed: the receipt debits this spend.
+    charged: Option<Charged>,
+}
+
+/// What a failed query's receipt debits, and the version it ran on.
+struct Charged {
+    epsilon: f64,
+    delta: f64,
+    reg: Arc<DatasetRegistered>,
 }
 
 fn deny(code: Code, reason: impl Into<String>) -> Denial {
     Denial {
         code,
         reason: reason.into(),
+        charged: None,
     }
 }
+
+/// What a caller and the ledger learn of a query that failed after its checks: the same
+/// words whatever the cause (a limit, an engine error, a panic), so that how a query fails
+/// says nothing of the rows it read.
+pub(crate) const FAILED: &str = "the query failed while running (it may have exceeded the \
+    broker's memory or time limit per query); its privacy spend was charged";
+
+/// What a caller learns of an internal error: nothing of its cause (the log has its kind).
+const INTERNAL: &str = "the query could not be run because of an internal error";
 
 fn authorize(
     st: &ledger::State,
@@ -146,13 +165,29 @@ fn authorize(
     })
 }
 
-fn anonymizer_denial(e: &anonymizer::Error) -> Denial {
+/// The refusal for an anonymizer error. Refusals at plan time name the construct (they depend
+/// on the SQL and the policy only); failures while running are fixed words, charged.
+fn anonymizer_denial(e: &anonymizer::Error, reg: Option<&Arc<DatasetRegistered>>) -> Denial {
     use anonymizer::Error as E;
     let code = match e {
         E::Refused { .. } | E::InvalidQuery(_) => Code::InvalidArgument,
         E::BudgetExhausted { .. } => Code::ResourceExhausted,
         E::Policy(_) | E::Dataset(_) | E::BadValue { .. } => Code::FailedPrecondition,
-        E::Mechanism(_) | E::Engine(_) | E::Secret(_) => Code::Internal,
+        E::Failed { epsilon, delta } => {
+            return Denial {
+                code: Code::Internal,
+                reason: FAILED.into(),
+                charged: reg.map(|reg| Charged {
+                    epsilon: *epsilon,
+                    delta: *delta,
+                    reg: reg.clone(),
+                }),
+            };
+        }
+        E::Mechanism(_) | E::Engine(_) | E::Secret(_) => {
+            tracing::error!(kind = e.kind(), "internal error in a query");
+            return deny(Code::Internal, INTERNAL);
+        }
     };
     deny(code, e.to_string())
 }
@@ -179,13 +214,13 @@ impl QueryService {
         let Ok(researcher) = PrincipalId::new(&caller.id) else {
             return Status::new(d.code, d.reason);
         };
-        let receipt = QueryReceipt {
+        let mut receipt = QueryReceipt {
             study,
             researcher,
             dataset: DatasetId::new(&q.dataset).ok(),
             version: None,
             dataset_digest: None,
-            sql: truncate(sql, 16 << 10),
+            sql: truncate(sql.clone(), 16 << 10),
             mode,
             mechanism: BTreeMap::new(),
             epsilon: 0.0,
@@ -196,13 +231,28 @@ impl QueryService {
             reason: Some(truncate(d.reason.clone(), 4096)),
             rows_suppressed: None,
         };
-        tracing::info!(caller = %caller.id, study = %q.study, code = ?d.code, "query denied");
+        if let Some(c) = &d.charged {
+            receipt.outcome = Outcome::Failed;
+            receipt.dataset = Some(c.reg.dataset.clone());
+            receipt.version = Some(c.reg.version);
+            receipt.dataset_digest = Some(c.reg.digest.clone());
+            receipt.epsilon = c.epsilon;
+            receipt.delta = c.delta;
+        }
+        tracing::info!(caller = %caller.id, study = %q.study, code = ?d.code,
+            charged = d.charged.is_some(), "query denied");
         match self
             .0
             .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
             .await
         {
             Ok(a) => Status::new(d.code, format!("{} (receipt {})", d.reason, a.index)),
+            // A charge that concurrent queries left no budget for: refused as a release
+            // would be, in the same words.
+            Err(s) if d.charged.is_some() && s.code() == Code::ResourceExhausted => {
+                let d = deny(Code::ResourceExhausted, s.message().to_owned());
+                Box::pin(self.denied(caller, q, sql, mode, d)).await
+            }
             // Fail closed: the caller learns nothing more, the operator sees the log.
             Err(s) => s,
         }
@@ -334,7 +384,7 @@ impl QueryService {
         let x = match engine.extract(&req).await {
             Ok(x) => x,
             Err(e) => {
-                let d = anonymizer_denial(&e);
+                let d = anonymizer_denial(&e, Some(&auth.reg));
                 return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
             }
         };
@@ -428,7 +478,7 @@ impl QueryService {
         let sql = match anonymizer::engine::normalize_sql(&q.sql) {
             Ok(s) => s,
             Err(e) => {
-                let d = anonymizer_denial(&e);
+                let d = anonymizer_denial(&e, None);
                 return Err(self.denied(&caller, &q, q.sql.clone(), mode, d).await);
             }
         };
@@ -460,10 +510,12 @@ impl QueryService {
                 budget_left: auth.budget_left,
                 min_cell_size: auth.min_cell_size,
             };
-            let release = match engine.run_pending(&ereq).await {
+            // `_flight` is held until the release is remembered: an identical query in flight
+            // waits, then is answered as a free repeat of this one.
+            let (release, _flight) = match engine.run_pending(&ereq).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let d = anonymizer_denial(&e);
+                    let d = anonymizer_denial(&e, Some(&auth.reg));
                     return Err(self.denied(&caller, &q, sql, mode, d).await);
                 }
             };

@@ -760,7 +760,7 @@ impl State {
         Ok(())
     }
 
-    /// Checks a receipt; for a released one returns the debit.
+    /// Checks a receipt; for a released or failed (charged) one returns the debit.
     fn check_receipt(&self, b: &QueryReceipt) -> Result<Option<(StudyId, DatasetId, f64, f64)>> {
         if !self.principals.contains_key(&b.researcher) {
             return Err(not_found("principal", &b.researcher));
@@ -783,7 +783,15 @@ impl State {
                 }
                 Ok(None)
             }
-            Outcome::Released => {
+            Outcome::Released | Outcome::Failed => {
+                if b.outcome == Outcome::Failed
+                    && (b.reason.as_deref().is_none_or(|r| r.trim().is_empty())
+                        || b.result_digest.is_some())
+                {
+                    return Err(invalid(
+                        "a failed receipt gives its reason and releases nothing",
+                    ));
+                }
                 let st = self
                     .studies
                     .get(b.study.as_str())
@@ -795,7 +803,9 @@ impl State {
                         "a released receipt names the dataset, version and digest",
                     ));
                 };
-                if b.consent_digest.is_none() || b.result_digest.is_none() {
+                if b.outcome == Outcome::Released
+                    && (b.consent_digest.is_none() || b.result_digest.is_none())
+                {
                     return Err(invalid(
                         "a released receipt carries the consent and result digests",
                     ));

@@ -279,3 +279,45 @@ async fn catalog_calls_list_only_what_the_callers_studies_may_query() {
     let rows = alice.fetch(&ticket(&info)).await.unwrap();
     assert_eq!(rows[0].num_rows(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_cannot_fill_the_result_map_and_is_refused_before_being_charged() {
+    let w = World::ready(50.0).await;
+    let mut alice = Researcher::new(
+        &w,
+        "alice",
+        &[("x-consentry-study", "s1"), ("x-consentry-epsilon", "0.1")],
+    );
+    let mut infos = Vec::new();
+    for i in 0..16 {
+        let sql = format!("SELECT COUNT(*) AS n FROM visits WHERE hba1c > {i}");
+        infos.push(alice.statement(&sql).await.unwrap());
+    }
+    // The 17th waiting result is refused before it runs: nothing receipted, nothing charged.
+    let (size, spent) = (w.ledger.size(), w.ledger.state().spent("s1", "visits"));
+    let e = alice
+        .statement("SELECT COUNT(*) AS n FROM visits WHERE hba1c > 100")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(w.ledger.size(), size);
+    assert_eq!(w.ledger.state().spent("s1", "visits"), spent);
+    // Free repeats do not get around it either.
+    let e = alice
+        .statement("SELECT COUNT(*) AS n FROM visits WHERE hba1c > 0")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    // Another caller is not affected; fetching frees a slot.
+    w.register_study("s2", "bob", "pharma").await;
+    w.approve("s2", "irb", 1.0, 0.0).await;
+    let mut bob = Researcher::new(&w, "bob", &[("x-consentry-study", "s2")]);
+    bob.statement("SELECT COUNT(*) AS n FROM visits")
+        .await
+        .unwrap();
+    alice.fetch(&ticket(&infos[0])).await.unwrap();
+    alice
+        .statement("SELECT COUNT(*) AS n FROM visits WHERE hba1c > 100")
+        .await
+        .unwrap();
+}

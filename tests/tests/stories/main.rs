@@ -6,6 +6,7 @@
 
 mod world;
 
+mod adversary;
 mod custodian;
 mod demo;
 mod flight;

@@ -264,17 +264,17 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     for (zip, patients) in &classes {
         assert!(patients.len() >= 5, "class {zip} has {}", patients.len());
     }
-    // Three-digit ZIPs, the restricted 036 released as 000; the five patients with ZIP codes
-    // of their own (two visits each) are suppressed, and the count is reported.
-    assert_eq!(
-        classes.keys().copied().collect::<Vec<_>>(),
-        ["000", "021", "100"]
-    );
-    assert_eq!(h.rows_suppressed, 2 * RARE_ZIPS as u64);
-    assert_eq!(rows.len() as i64, 2 * (CONSENTED - RARE_ZIPS));
-    // Study pseudonyms, never the ids.
+    // Three-digit ZIPs, the restricted 036 released as 000. Classes are over every
+    // non-sensitive column, sex too: the five patients with ZIP codes of their own and the
+    // five in 036 (two women, three men) are suppressed (two visits each), and the count is
+    // reported.
+    assert_eq!(classes.keys().copied().collect::<Vec<_>>(), ["021", "100"]);
+    let suppressed = 2 * (RARE_ZIPS + 5);
+    assert_eq!(h.rows_suppressed, suppressed as u64);
+    assert_eq!(rows.len() as i64, 2 * CONSENTED - suppressed);
+    // Pseudonyms, never the ids.
     let pseudonyms: BTreeSet<&str> = rows.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(pseudonyms.len() as i64, CONSENTED - RARE_ZIPS);
+    assert_eq!(pseudonyms.len() as i64, CONSENTED - RARE_ZIPS - 5);
     for p in &pseudonyms {
         assert!(
             p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -286,9 +286,12 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     let r = w.receipt(h.receipt_index);
     assert_eq!(r.outcome, ledger::entry::Outcome::Released);
     assert_eq!(r.mode, ledger::entry::QueryMode::Extract);
-    assert_eq!(r.rows_suppressed, Some(2 * RARE_ZIPS as u64));
+    assert_eq!(r.rows_suppressed, Some(suppressed as u64));
     assert_eq!(r.mechanism["k"], serde_json::json!(5));
-    assert_eq!(r.mechanism["quasi_identifiers"], serde_json::json!(["zip"]));
+    assert_eq!(
+        r.mechanism["quasi_identifiers"],
+        serde_json::json!(["zip", "sex"])
+    );
     assert_eq!(
         r.result_digest.as_ref().unwrap().to_string(),
         h.result_digest
@@ -296,7 +299,7 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     assert_eq!(r.epsilon, 0.0);
     assert_eq!(w.ledger.state().spent("x1", "visits"), (0.0, 0.0));
 
-    // Stable within a study, unlinkable across studies.
+    // The same extract again gets the same pseudonyms; another study's are unrelated.
     let (_, again) = w.run(&alice, World::extract("x1", sql)).await.unwrap();
     let again: BTreeSet<String> = extract_rows(&again).into_iter().map(|r| r.0).collect();
     assert_eq!(

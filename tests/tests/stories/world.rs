@@ -130,6 +130,7 @@ impl World {
             tls_key: None,
             origin: "test.consentry/ledger".into(),
             operator: "operator".into(),
+            limits: Default::default(),
         };
         let ledger = Arc::new(broker::cli::serve::open_or_init(&args).unwrap());
         let broker = Broker::new(ledger.clone(), data_dir).unwrap();

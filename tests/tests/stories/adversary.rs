@@ -1,0 +1,315 @@
+//! The hostile researcher: a member of an approved study with a stock client and unlimited
+//! patience, trying each class of attack against a broker on 127.0.0.1:0. Every test judges by
+//! ground truth (what the data holds, what the ledger debited), not by the message expected.
+
+use std::collections::BTreeSet;
+
+use ledger::entry::{Body, Outcome};
+use tonic::Code;
+
+use crate::world::{CONSENTED, PATIENTS, World, key, zip_of};
+
+/// Every record value of the test data that a response must never carry: names and ZIP codes.
+fn record_values() -> Vec<String> {
+    let mut v: Vec<String> = (0..PATIENTS).map(|p| format!("Patient {p}")).collect();
+    let zips: BTreeSet<String> = (0..PATIENTS).map(zip_of).collect();
+    v.extend(zips);
+    v
+}
+
+fn assert_clean(what: &str, text: &str) {
+    for v in record_values() {
+        assert!(
+            !text.contains(&v),
+            "{what} carries the record value {v:?}: {text}"
+        );
+    }
+}
+
+/// Every receipt on the ledger.
+fn receipts(w: &World) -> Vec<(u64, ledger::entry::QueryReceipt)> {
+    (0..w.ledger.size())
+        .filter_map(|i| match w.ledger.entry(i).unwrap().entry.body {
+            Body::QueryReceipt(r) => Some((i, r)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_queries_leak_no_record_value_anywhere() {
+    let w = World::ready(50.0).await;
+    let alice = key("alice");
+    let attacks = [
+        // Expressions above the aggregate reading the tables.
+        "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex \
+         ORDER BY (SELECT MAX(name) FROM visits WHERE patient_id = 1199)",
+        "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex \
+         HAVING (SELECT COUNT(*) FROM visits WHERE name = 'Patient 3') > 0",
+        "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex \
+         LIMIT (SELECT COUNT(*) FROM visits WHERE zip = '10001')",
+        // Failures whose text carried raw values.
+        "SELECT COUNT(*) FROM visits WHERE CAST(zip || sex AS INT) > 0",
+        "SELECT COUNT(*) FROM visits WHERE CAST(concat(zip, '-', sex) AS DATE) IS NULL",
+        "SELECT COUNT(*) FROM visits WHERE to_timestamp(zip) IS NULL",
+        "SELECT COUNT(*) FROM visits WHERE 1 / (CAST(zip AS BIGINT) - 10001) > 0",
+        "SELECT COUNT(*) FROM visits WHERE regexp_like(zip, '^1')",
+        "SELECT COUNT(*) FROM visits WHERE repeat(zip, 100000) = ''",
+        "SELECT COUNT(*) FROM visits WHERE CAST(name AS INT) > 0",
+        // Grouping sets, window functions, odd shapes.
+        "SELECT sex, zip, COUNT(*) FROM visits GROUP BY ROLLUP (sex, zip)",
+        "SELECT sex, zip, COUNT(*) FROM visits GROUP BY CUBE (sex, zip)",
+        "SELECT COUNT(*) OVER () FROM visits",
+        "SELECT sex, CAST(COUNT(*) AS VARCHAR) || sex AS t FROM visits GROUP BY sex",
+    ];
+    for sql in attacks {
+        let r = w
+            .run(&alice, World::dp("s1", sql, 0.1).into_with_delta(1e-7))
+            .await;
+        match r {
+            Ok((h, batches)) => {
+                // Released: only noisy aggregates, never a record value.
+                for b in &batches {
+                    assert_clean(sql, &format!("{b:?}"));
+                }
+                assert!(h.epsilon_spent > 0.0 || h.repeated, "{sql}");
+            }
+            Err(s) => {
+                assert_clean(sql, s.message());
+                assert_ne!(s.code(), Code::Unknown, "{sql}: {s:?}");
+            }
+        }
+    }
+    // Deep and oversized queries are refused before planning, with a receipt.
+    let ors = (0..1200)
+        .map(|i| format!("hba1c = {i}"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let e = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                &format!("SELECT COUNT(*) FROM visits WHERE {ors}"),
+                0.1,
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    World::receipt_of(&e);
+
+    // Nothing on the ledger carries a record value: every receipt's reason and mechanism.
+    let all = receipts(&w);
+    assert!(all.len() > 10);
+    for (i, r) in &all {
+        if let Some(reason) = &r.reason {
+            assert_clean(&format!("receipt {i}"), reason);
+        }
+        assert_clean(
+            &format!("receipt {i}"),
+            &serde_json::to_string(&r.mechanism).unwrap(),
+        );
+    }
+    // The broker still answers.
+    w.run(&alice, World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1))
+        .await
+        .unwrap();
+}
+
+trait WithDelta {
+    fn into_with_delta(self, delta: f64) -> Self;
+}
+impl WithDelta for proto::v1::QueryRequest {
+    fn into_with_delta(mut self, delta: f64) -> Self {
+        self.delta = delta;
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_expression_is_no_oracle_for_consented_or_other_patients() {
+    // The oracle: "does some row hold hba1c = v?" by an expression that failed on that row.
+    // Probe values held by consented patients, by non-consented ones only, and by none: the
+    // answers must not tell them apart (here: every probe is answered, with its receipt).
+    let w = World::ready(1000.0).await;
+    let alice = key("alice");
+    let value = |p: i64, v: i64| ((p * 7 + v * 3) % 80) + 50; // hba1c * 10, as in world.rs
+    let consented: BTreeSet<i64> = (0..CONSENTED)
+        .flat_map(|p| [value(p, 0), value(p, 1)])
+        .collect();
+    let everyone: BTreeSet<i64> = (0..PATIENTS)
+        .flat_map(|p| [value(p, 0), value(p, 1)])
+        .collect();
+    let mut probes: Vec<(i64, &str)> = Vec::new();
+    for t in [value(0, 0), value(3, 1)] {
+        probes.push((t, "consented"));
+    }
+    if let Some(t) = everyone.difference(&consented).next() {
+        probes.push((*t, "not consented"));
+    }
+    probes.push((999, "absent"));
+    let mut outcomes = BTreeSet::new();
+    for (t, kind) in &probes {
+        for sql in [
+            format!("SELECT COUNT(*) FROM visits WHERE 1 / (CAST(hba1c * 10 AS BIGINT) - {t}) > 0"),
+            format!(
+                "SELECT COUNT(*) FROM visits WHERE CAST(CASE WHEN CAST(hba1c * 10 AS BIGINT) \
+                 = {t} THEN 'x' ELSE '1' END AS INT) = 1"
+            ),
+        ] {
+            let r = w.run(&alice, World::dp("s1", &sql, 0.5)).await;
+            let code = r.as_ref().err().map(|s| s.code());
+            outcomes.insert(format!("{code:?}"));
+            assert!(r.is_ok(), "{kind} {t}: {:?}", r.err());
+        }
+    }
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "the probes' outcomes differ: {outcomes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_empty_answer_after_the_draw_is_released_and_charged() {
+    let w = World::ready(2.0).await;
+    let alice = key("alice");
+    let (h, batches) = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex HAVING COUNT(*) > 100000",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.5);
+    assert_eq!(w.receipt(h.receipt_index).outcome, Outcome::Released);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_queries_in_flight_are_charged_once() {
+    let w = World::ready(2.0).await;
+    let sql = "SELECT sex, AVG(hba1c) AS m FROM visits GROUP BY sex";
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let req = World::dp("s1", sql, 0.5);
+        let mut q = w.query(&key("alice"));
+        tasks.push(tokio::spawn(async move {
+            let s = q.run(req).await.unwrap().into_inner();
+            broker::client::collect_query(s).await.unwrap().0
+        }));
+    }
+    let mut digests = BTreeSet::new();
+    let mut fresh = 0;
+    for t in tasks {
+        let h = t.await.unwrap();
+        digests.insert(h.result_digest);
+        fresh += usize::from(!h.repeated);
+    }
+    assert_eq!(fresh, 1, "one draw, seven repeats");
+    assert_eq!(digests.len(), 1);
+    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn patient_registrations_are_read_by_the_patient_and_the_operator_only() {
+    let w = World::ready(1.0).await;
+    let index = (0..w.ledger.size())
+        .find(|&i| {
+            matches!(&w.ledger.entry(i).unwrap().entry.body,
+                Body::PrincipalRegistered(p) if p.id.as_str() == "p1000")
+        })
+        .unwrap();
+    let get = |who: &str| {
+        let mut c = w.ledger_client(&key(who));
+        async move {
+            c.get_entry(proto::v1::GetEntryRequest { index })
+                .await
+                .map(|r| r.into_inner().leaf)
+        }
+    };
+    for who in ["alice", "irb", "pharma", "hospital", "p1001"] {
+        let e = get(who).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+    }
+    assert_eq!(get("p1000").await.unwrap(), w.ledger.leaf(index).unwrap());
+    let mut op = w.ledger_client(&w.operator);
+    op.get_entry(proto::v1::GetEntryRequest { index })
+        .await
+        .unwrap();
+    // Researchers' and IRBs' registrations stay public within the broker.
+    let alice_index = (0..w.ledger.size())
+        .find(|&i| {
+            matches!(&w.ledger.entry(i).unwrap().entry.body,
+                Body::PrincipalRegistered(p) if p.id.as_str() == "alice")
+        })
+        .unwrap();
+    let mut c = w.ledger_client(&key("pharma"));
+    c.get_entry(proto::v1::GetEntryRequest { index: alice_index })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
+    let w = World::ready(1.0).await;
+    w.register_study("x1", "alice", "pharma").await;
+    let grant = serde_json::json!({
+        "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
+    });
+    w.approve_grant("x1", "irb", grant).await;
+    let alice = key("alice");
+    let pseudonyms = |batches: &[arrow::array::RecordBatch]| -> BTreeSet<String> {
+        use arrow::array::AsArray;
+        batches
+            .iter()
+            .flat_map(|b| {
+                b.column_by_name("patient_id")
+                    .unwrap()
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (h1, a) = w
+        .run(
+            &alice,
+            World::extract("x1", "SELECT patient_id, zip FROM visits"),
+        )
+        .await
+        .unwrap();
+    let (_, b) = w
+        .run(
+            &alice,
+            World::extract("x1", "SELECT patient_id, hba1c FROM visits"),
+        )
+        .await
+        .unwrap();
+    let (pa, pb) = (pseudonyms(&a), pseudonyms(&b));
+    assert!(!pa.is_empty() && !pb.is_empty());
+    assert_eq!(pa.intersection(&pb).count(), 0, "the extracts link");
+    // Public columns count as quasi-identifiers.
+    let (h3, _) = w
+        .run(
+            &alice,
+            World::extract("x1", "SELECT patient_id, zip, sex FROM visits"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.receipt(h3.receipt_index).mechanism["quasi_identifiers"],
+        serde_json::json!(["zip", "sex"])
+    );
+    assert_eq!(
+        w.receipt(h1.receipt_index).mechanism["quasi_identifiers"],
+        serde_json::json!(["zip"])
+    );
+}
