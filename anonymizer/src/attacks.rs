@@ -368,7 +368,7 @@ async fn nan_and_infinities_never_reach_an_aggregate() {
 async fn every_half_width_is_finite_and_positive() {
     let e = engine(100);
     let all = ConsentFilter::everyone();
-    for eps in [1e-6, 1e6] {
+    for eps in [crate::engine::MIN_EPSILON, 1e6] {
         let mut r = req(
             "SELECT sex, COUNT(*) AS n, SUM(systolic_bp) AS s, AVG(hba1c) AS a, \
              STDDEV(hba1c) AS d, COUNT(DISTINCT patient_id) AS u FROM visits GROUP BY sex",

@@ -116,7 +116,7 @@ impl Default for Limits {
         Limits {
             memory: 1 << 30,
             deadline: Duration::from_secs(60),
-            join_rows: 50_000_000,
+            join_rows: 5_000_000,
         }
     }
 }
@@ -242,6 +242,10 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
     }
     Ok(stmt.to_string())
 }
+
+/// The smallest epsilon a query may spend: an answer at a vanishing epsilon is pure noise,
+/// and must not make each query (and whatever its running says) free.
+pub const MIN_EPSILON: f64 = 1e-3;
 
 /// Largest SQL text accepted.
 pub const MAX_SQL: usize = 64 << 10;
@@ -768,10 +772,13 @@ impl Engine {
     /// Stage 1: checks the request and the query, and what it costs. Depends on the SQL, the
     /// policy, the request and the budget only.
     pub async fn prepare(&self, req: &Request<'_>, sql: String) -> Result<Prepared> {
-        if !(req.epsilon.is_finite() && req.epsilon > 0.0 && (0.0..1.0).contains(&req.delta)) {
-            return Err(Error::InvalidQuery(
-                "epsilon must be positive and delta in [0, 1)".into(),
-            ));
+        if !(req.epsilon.is_finite()
+            && req.epsilon >= MIN_EPSILON
+            && (0.0..1.0).contains(&req.delta))
+        {
+            return Err(Error::InvalidQuery(format!(
+                "epsilon must be at least {MIN_EPSILON} and finite, and delta in [0, 1)"
+            )));
         }
         if req.epsilon > req.budget_left.0 + 1e-12 {
             return Err(Error::BudgetExhausted {

@@ -21,7 +21,9 @@
 //! The query's expressions are made total ([`crate::total`]) and it reads only guarded rows
 //! ([`crate::scan`]), as in the DP path.
 //!
-//! Any error releases nothing. [`MinCellSize`] is the small-cell rule for aggregate outputs
+//! The released rows are sorted by their released values, never in the table's order (two
+//! extracts of single columns would otherwise be zipped back into the rows k-anonymity
+//! suppressed). Any error releases nothing. [`MinCellSize`] is the small-cell rule for aggregate outputs
 //! that a study releases outside differential privacy.
 
 use std::collections::HashMap;
@@ -387,6 +389,7 @@ impl Engine {
                 .collect();
             let (batches, suppressed) = k_anonymize(&released, &qi, req.k)?;
             let schema = released[0].0.schema();
+            let batches = vec![sorted(&schema, &batches)?];
             let result_digest = crate::release::digest(&schema, &batches)?;
             Ok::<_, Error>(Extract {
                 rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
@@ -471,6 +474,31 @@ fn generalize(
         out.push((batch, units));
     }
     Ok(out)
+}
+
+/// The released rows in the order of their released values (every column, ascending, nulls
+/// first): never in the order the table stores them, which two extracts of the same rows
+/// would share, so rows could be matched by position across extracts (the pseudonyms, fresh
+/// per extract, sort the rows of an extract that carries them in an order of its own).
+fn sorted(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
+    let eng = |e: arrow::error::ArrowError| Error::Engine(e.to_string());
+    let all = arrow::compute::concat_batches(schema, batches).map_err(eng)?;
+    if all.num_rows() < 2 || all.num_columns() == 0 {
+        return Ok(all);
+    }
+    let columns: Vec<arrow::compute::SortColumn> = all
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::SortColumn {
+            values: c.clone(),
+            options: Some(arrow::compute::SortOptions {
+                descending: false,
+                nulls_first: true,
+            }),
+        })
+        .collect();
+    let order = arrow::compute::lexsort_to_indices(&columns, None).map_err(eng)?;
+    arrow::compute::take_record_batch(&all, &order).map_err(eng)
 }
 
 /// Suppresses every row whose quasi-identifier values (columns `qi`) are shared by fewer than

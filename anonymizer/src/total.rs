@@ -9,8 +9,15 @@
 //! - `CAST` becomes `TRY_CAST` (a value that does not convert is NULL);
 //! - integer division and remainder by zero are NULL, and by -1 are computed without the
 //!   overflow of `MIN / -1`; float division by zero is NULL;
-//! - arithmetic is on integers, floating point and dates only (decimal and timestamp
-//!   arithmetic can overflow with an error: cast to DOUBLE first);
+//! - arithmetic is on integers and floating point (decimal and timestamp arithmetic can
+//!   overflow with an error: cast to DOUBLE first); on dates, the difference of two dates
+//!   and a step by a literal of at most 1,000 years (an expression at most 128 deep cannot
+//!   leave the range of dates with it);
+//! - functions that fail on some values are rewritten into forms that cannot: `to_date(s)`
+//!   and `to_timestamp(s)` are `TRY_CAST`s (formats are refused), `power` is computed in
+//!   floating point, an integer's `abs` by wrapping negation, a negative `substr` length is
+//!   0 and `split_part` field 0 is NULL; a function with literal arguments is tried once on
+//!   sample values when planned, and refused if they make it fail;
 //! - scalar functions come from [`ALLOWED`], each cheap and bounded per value, and each is
 //!   wrapped in [`Total`]: a row on which the function fails gives NULL (found by halving
 //!   the batch, so a failing row costs about the function's own work again, not a pass per
@@ -88,7 +95,6 @@ pub const ALLOWED: &[&str] = &[
     "date_part",
     "date_trunc",
     "date_bin",
-    "make_date",
     "to_date",
     "to_timestamp",
     "to_char",
@@ -149,7 +155,43 @@ fn is_integer(t: &DataType) -> bool {
 }
 
 fn arithmetic_operand(t: &DataType) -> bool {
-    t.is_integer() || t.is_floating() || matches!(t, DataType::Date32 | DataType::Null)
+    t.is_integer() || t.is_floating() || matches!(t, DataType::Null)
+}
+
+/// A literal step a date may move by without leaving the range of dates, however often an
+/// expression (at most 128 deep) repeats it: an interval or a number of days of at most
+/// 1,000 years.
+fn small_step(e: &Expr) -> bool {
+    const DAYS: i64 = 366_000;
+    let value = match e {
+        Expr::Literal(v, _) => Some(v.clone()),
+        Expr::Cast(datafusion::logical_expr::expr::Cast { expr, field })
+        | Expr::TryCast(TryCast { expr, field }) => match expr.as_ref() {
+            Expr::Literal(v, _) => v.cast_to(field.data_type()).ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    match value {
+        Some(v) => match &v {
+            ScalarValue::IntervalYearMonth(Some(m)) => i64::from(*m).abs() <= 12_000,
+            ScalarValue::IntervalDayTime(Some(d)) => i64::from(d.days).abs() <= DAYS,
+            ScalarValue::IntervalMonthDayNano(Some(v)) => {
+                i64::from(v.months).abs() <= 12_000
+                    && i64::from(v.days).abs() <= DAYS
+                    && (v.nanoseconds.unsigned_abs() / 86_400_000_000_000) <= DAYS as u64
+            }
+            v => v
+                .cast_to(&DataType::Int64)
+                .ok()
+                .and_then(|v| match v {
+                    ScalarValue::Int64(Some(n)) => Some(n.abs() <= DAYS),
+                    _ => None,
+                })
+                .unwrap_or(false),
+        },
+        _ => false,
+    }
 }
 
 fn rewrite(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
@@ -198,7 +240,7 @@ fn rewrite(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             }
             Transformed::no(Expr::Like(l))
         }
-        Expr::ScalarFunction(f) => function(f)?,
+        Expr::ScalarFunction(f) => function(f, schema)?,
         Expr::SimilarTo(_) => return Err(refuse("SIMILAR TO", "use LIKE")),
         Expr::ScalarSubquery(_)
         | Expr::InSubquery(_)
@@ -262,13 +304,16 @@ fn binary(b: BinaryExpr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         Plus | Minus | Multiply | Divide | Modulo => {
             let lt = left.get_type(schema)?;
             let rt = right.get_type(schema)?;
-            let interval_step = matches!(op, Plus | Minus)
-                && ((lt == DataType::Date32 && matches!(rt, DataType::Interval(_)))
-                    || (rt == DataType::Date32 && matches!(lt, DataType::Interval(_))));
-            if !(interval_step || (arithmetic_operand(&lt) && arithmetic_operand(&rt))) {
+            let date = |t: &DataType| *t == DataType::Date32;
+            let dates = (date(&lt) && date(&rt) && op == Minus)
+                || (date(&lt) && matches!(op, Plus | Minus) && small_step(&right))
+                || (date(&rt) && op == Plus && small_step(&left));
+            if !(dates || (arithmetic_operand(&lt) && arithmetic_operand(&rt))) {
                 return Err(refuse(
                     format!("arithmetic on {lt} and {rt}"),
-                    "arithmetic is on integers, floating point and dates; CAST decimals to DOUBLE",
+                    "arithmetic is on integers and floating point (CAST decimals to DOUBLE); \
+                     on dates, subtract two dates or add a literal interval of at most 1,000 \
+                     years",
                 ));
             }
             let expr = |l: Box<Expr>, o: Operator, r: Box<Expr>| {
@@ -327,7 +372,7 @@ fn valid_like(pattern: &str, escape: Option<char>, case_insensitive: bool) -> bo
     r.is_ok()
 }
 
-fn function(f: ScalarFunction) -> Result<Transformed<Expr>> {
+fn function(f: ScalarFunction, schema: &DFSchema) -> Result<Transformed<Expr>> {
     let name = f.func.name().to_ascii_lowercase();
     let inner: &dyn std::any::Any = f.func.inner().as_ref();
     if inner.is::<Total>() {
@@ -353,10 +398,142 @@ fn function(f: ScalarFunction) -> Result<Transformed<Expr>> {
     if UNWRAPPED.contains(&name.as_str()) {
         return Ok(Transformed::no(Expr::ScalarFunction(f)));
     }
-    let wrapped = ScalarUDF::new_from_impl(Total { inner: f.func });
+    // Functions rewritten into forms that cannot fail on any value, so that no value makes
+    // them fail (the wrapper below is the last resort, not the rule).
+    let ScalarFunction { func, mut args } = f;
+    let int = |e: &Expr| e.get_type(schema).is_ok_and(|t| t.is_integer());
+    match (name.as_str(), args.len()) {
+        // Parsing text: NULL for what does not parse, as a cast.
+        ("to_date", 1) => {
+            let a = args.pop().expect("one argument");
+            return Ok(Transformed::yes(Expr::TryCast(TryCast::new(
+                Box::new(a),
+                DataType::Date32,
+            ))));
+        }
+        ("to_timestamp", 1) => {
+            let a = args.pop().expect("one argument");
+            let t = if int(&a) {
+                // Seconds since the epoch, as to_timestamp reads an integer.
+                return Err(refuse(
+                    "TO_TIMESTAMP of a number",
+                    "CAST a date or a text timestamp instead",
+                ));
+            } else {
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None)
+            };
+            return Ok(Transformed::yes(Expr::TryCast(TryCast::new(
+                Box::new(a),
+                t,
+            ))));
+        }
+        ("to_date" | "to_timestamp", _) => {
+            return Err(refuse(
+                format!("{} with a format", name.to_uppercase()),
+                "CAST text in ISO form (YYYY-MM-DD) to DATE or TIMESTAMP",
+            ));
+        }
+        // Integer powers overflow and refuse negative exponents: computed in floating point.
+        ("power", 2) => {
+            for a in &mut args {
+                let e = std::mem::replace(a, lit(0));
+                *a = Expr::TryCast(TryCast::new(Box::new(e), DataType::Float64));
+            }
+        }
+        // abs(MIN) overflows: an integer's absolute value by wrapping negation.
+        ("abs", 1) if int(&args[0]) => {
+            let a = args.pop().expect("one argument");
+            return Ok(Transformed::yes(Expr::Case(Case::new(
+                None,
+                vec![(
+                    Box::new(a.clone().lt(lit(0i64))),
+                    Box::new(Expr::Negative(Box::new(a.clone()))),
+                )],
+                Some(Box::new(a)),
+            ))));
+        }
+        // A negative length is an error: read as 0.
+        ("substr", 3) if int(&args[2]) => {
+            let n = args.pop().expect("three arguments");
+            args.push(datafusion::functions::expr_fn::greatest(vec![n, lit(0i64)]));
+        }
+        // Field 0 is an error: NULL.
+        ("split_part", 3) if int(&args[2]) => {
+            let n = args.pop().expect("three arguments");
+            args.push(datafusion::functions::expr_fn::nullif(n, lit(0i64)));
+        }
+        _ => {}
+    }
+    trial(&func, &args, schema)?;
+    let wrapped = ScalarUDF::new_from_impl(Total { inner: func });
     Ok(Transformed::yes(Expr::ScalarFunction(
-        ScalarFunction::new_udf(Arc::new(wrapped), f.args),
+        ScalarFunction::new_udf(Arc::new(wrapped), args),
     )))
+}
+
+/// A non-null sample of a type, for [`trial`]; `None` for types without one.
+fn sample(t: &DataType) -> Option<ScalarValue> {
+    use DataType::*;
+    let text = match t {
+        Utf8 | LargeUtf8 | Utf8View => "2020-01-01",
+        Date32 | Date64 => "2020-01-01",
+        Timestamp(..) => "2020-01-01T00:00:00",
+        Boolean => "true",
+        t if t.is_numeric() => "1",
+        _ => return None,
+    };
+    ScalarValue::Utf8(Some(text.into())).cast_to(t).ok()
+}
+
+/// A function called with literal arguments (a date part, a format, a position, a number of
+/// digits) is tried once when the query is planned, on sample values for its other
+/// arguments: literals that make it fail are refused then, instead of failing (or not) on
+/// whichever rows reach it.
+fn trial(func: &Arc<ScalarUDF>, args: &[Expr], schema: &DFSchema) -> Result<()> {
+    let literal = |e: &Expr| matches!(e, Expr::Literal(..));
+    if !args.iter().any(literal) {
+        return Ok(());
+    }
+    let mut values = Vec::with_capacity(args.len());
+    let mut fields = Vec::with_capacity(args.len());
+    for a in args {
+        let t = a.get_type(schema)?;
+        let v = match a {
+            Expr::Literal(v, _) => v.cast_to(&t).ok(),
+            _ => sample(&t),
+        };
+        let Some(v) = v else { return Ok(()) };
+        fields.push(Arc::new(arrow::datatypes::Field::new("a", t, true)));
+        values.push(v);
+    }
+    let scalars: Vec<Option<&ScalarValue>> = args
+        .iter()
+        .zip(&values)
+        .map(|(a, v)| literal(a).then_some(v))
+        .collect();
+    let failed = || {
+        refuse(
+            format!("{} with these arguments", func.name().to_uppercase()),
+            "it fails on a sample value: check its literal arguments (a date part, a format, \
+             a position)",
+        )
+    };
+    let return_field = func
+        .return_field_from_args(ReturnFieldArgs {
+            arg_fields: &fields,
+            scalar_arguments: &scalars,
+        })
+        .map_err(|_| failed())?;
+    func.invoke_with_args(ScalarFunctionArgs {
+        args: values.into_iter().map(ColumnarValue::Scalar).collect(),
+        arg_fields: fields,
+        number_rows: 1,
+        return_field,
+        config_options: Arc::new(datafusion::config::ConfigOptions::default()),
+    })
+    .and_then(|v| v.into_array(1))
+    .map_err(|_| failed())?;
+    Ok(())
 }
 
 /// A scalar function made total: rows on which it fails are NULL, and so are text values
@@ -516,6 +693,7 @@ mod tests {
             "SELECT n / n FROM t",
             "SELECT to_date(s) FROM t",
             "SELECT abs(n) FROM t",
+            "SELECT abs(CAST(n AS DOUBLE)) FROM t",
             "SELECT power(n, -1) FROM t",
             "SELECT substr(s, 1, n) FROM t",
             "SELECT 1.0 / CAST(n AS DOUBLE) FROM t",
@@ -546,47 +724,109 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_the_failing_rows_are_null() {
-        let ctx = SessionContext::new();
-        let dates: Vec<String> = (0..1000)
-            .map(|i| {
-                if i % 97 == 13 {
-                    "not a date".to_string()
-                } else {
-                    format!("2020-01-{:02}", 1 + i % 28)
-                }
-            })
-            .collect();
-        let b = arrow::array::RecordBatch::try_from_iter(vec![(
-            "s",
-            Arc::new(arrow::array::StringArray::from(dates.clone())) as ArrayRef,
-        )])
-        .unwrap();
-        ctx.register_batch("t", b).unwrap();
-        let plan = ctx
-            .state()
-            .create_logical_plan("SELECT to_date(s) AS d FROM t")
-            .await
-            .unwrap();
-        let plan = ctx
-            .state()
-            .analyzer()
-            .execute_and_check(plan, ctx.state().config_options(), |_, _| {})
-            .unwrap();
-        let plan = crate::plan::make_total(plan).unwrap();
-        let out = ctx
-            .execute_logical_plan(plan)
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let d = arrow::compute::concat_batches(&out[0].schema(), &out).unwrap();
-        let d = d.column(0);
-        for (i, s) in dates.iter().enumerate() {
-            assert_eq!(d.is_null(i), s == "not a date", "row {i}");
+    /// A function that fails on any batch holding 13.
+    #[derive(Debug, PartialEq, Eq, Hash)]
+    struct FailsOn13(Signature);
+
+    impl ScalarUDFImpl for FailsOn13 {
+        fn name(&self) -> &str {
+            "fails_on_13"
         }
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+            Ok(DataType::Int64)
+        }
+        fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+            let a = args.args[0].to_array(args.number_rows)?;
+            let v = a
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap();
+            if v.iter().flatten().any(|x| x == 13) {
+                return datafusion::common::exec_err!("13");
+            }
+            Ok(ColumnarValue::Array(a))
+        }
+    }
+
+    #[test]
+    fn only_the_failing_rows_are_null() {
+        let inner = Arc::new(ScalarUDF::new_from_impl(FailsOn13(Signature::exact(
+            vec![DataType::Int64],
+            datafusion::logical_expr::Volatility::Immutable,
+        ))));
+        let total = Total { inner };
+        let values: Vec<i64> = (0..1000).map(|i| i % 97).collect();
+        let field = Arc::new(arrow::datatypes::Field::new("x", DataType::Int64, true));
+        let out = total
+            .invoke_with_args(ScalarFunctionArgs {
+                args: vec![ColumnarValue::Array(Arc::new(
+                    arrow::array::Int64Array::from(values.clone()),
+                ))],
+                arg_fields: vec![field.clone()],
+                number_rows: values.len(),
+                return_field: field,
+                config_options: Arc::new(datafusion::config::ConfigOptions::default()),
+            })
+            .unwrap()
+            .into_array(values.len())
+            .unwrap();
+        let out = out
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        for (i, v) in values.iter().enumerate() {
+            if *v == 13 {
+                assert!(out.is_null(i), "row {i}");
+            } else {
+                assert_eq!(out.value(i), *v, "row {i}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn functions_that_could_fail_are_rewritten_or_refused_when_planned() {
+        // Rewritten: these run on every value.
+        for sql in [
+            "SELECT to_date(s), to_timestamp(s), power(n, -3), abs(n) FROM t",
+            "SELECT substr(s, 1, n), split_part(s, '-', n) FROM t",
+        ] {
+            let out = run(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 3, "{sql}");
+        }
+        // Literal arguments that fail on any value are refused before a row is read.
+        for (sql, needle) in [
+            (
+                "SELECT date_part('fortnight', CAST(s AS DATE)) FROM t",
+                "DATE_PART",
+            ),
+            (
+                "SELECT date_trunc('eon', CAST(s AS TIMESTAMP)) FROM t",
+                "DATE_TRUNC",
+            ),
+            ("SELECT to_date(s, '%Y') FROM t", "TO_DATE with a format"),
+            ("SELECT make_date(n, 1, 1) FROM t", "MAKE_DATE"),
+            (
+                "SELECT CAST(s AS DATE) + INTERVAL '300000 years' FROM t",
+                "arithmetic",
+            ),
+            ("SELECT CAST(s AS DATE) + n FROM t", "arithmetic"),
+            ("SELECT CAST(s AS DECIMAL(10, 2)) * 3 FROM t", "arithmetic"),
+        ] {
+            match run(sql).await {
+                Err(Error::Refused { construct, .. }) => {
+                    assert!(construct.contains(needle), "{sql}: {construct}")
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // Dates move by bounded literals, and subtract.
+        run("SELECT CAST(s AS DATE) + INTERVAL '10 years', \
+             CAST(s AS DATE) - INTERVAL '30 days', CAST(s AS DATE) - CAST(s AS DATE) FROM t")
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

@@ -313,3 +313,101 @@ async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
         serde_json::json!(["zip"])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_query_is_free_and_no_date_step_can_fail() {
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    // A vanishing epsilon would make every probe free: refused before anything runs.
+    for eps in [1e-300, 5e-324, 1e-13, 9.99e-4] {
+        let e = w
+            .run(&alice, World::dp("s1", "SELECT COUNT(*) FROM visits", eps))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{eps}: {e:?}");
+    }
+    // A date step that could leave the range of dates failed on the rows a CASE let through:
+    // refused when planned, whatever the rows.
+    for t in ["5.0", "13.9", "99"] {
+        let sql = format!(
+            "SELECT COUNT(*) FROM visits WHERE (CASE WHEN hba1c > {t} THEN \
+             CAST('2020-01-01' AS DATE) + INTERVAL '300000 years' ELSE CAST('2020-01-01' AS DATE) \
+             END) > CAST('1800-01-01' AS DATE)"
+        );
+        let e = w.run(&alice, World::dp("s1", &sql, 0.1)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{t}: {e:?}");
+    }
+    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_column_extracts_cannot_be_zipped_back_into_rows() {
+    use arrow::array::AsArray;
+    let w = World::ready(1.0).await;
+    w.register_study("x1", "alice", "pharma").await;
+    let grant = serde_json::json!({
+        "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
+    });
+    w.approve_grant("x1", "irb", grant).await;
+    let alice = key("alice");
+    let column = |batches: &[arrow::array::RecordBatch]| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c =
+                    arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+                c.as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap_or("").to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (_, a) = w
+        .run(&alice, World::extract("x1", "SELECT sex FROM visits"))
+        .await
+        .unwrap();
+    let (_, b) = w
+        .run(&alice, World::extract("x1", "SELECT hba1c FROM visits"))
+        .await
+        .unwrap();
+    let (sexes, values) = (column(&a), column(&b));
+    assert_eq!(
+        (sexes.len(), values.len()),
+        (300, 300),
+        "nothing suppressed"
+    );
+    // Released in the order of their values, not the table's.
+    assert!(sexes.windows(2).all(|p| p[0] <= p[1]));
+    // Ground truth: the (sex, hba1c) of every consented visit. Zipped by position, the two
+    // extracts must not give those rows back.
+    let mut truth: Vec<(String, String)> = Vec::new();
+    for p in 0..CONSENTED {
+        for v in 0..2 {
+            let sex = if p % 2 == 0 { "F" } else { "M" };
+            let h = 5.0 + ((p * 7 + v * 3) % 80) as f64 / 10.0;
+            // As the extract's column is read back: Arrow's text form of the value.
+            let h = column(&[arrow::array::RecordBatch::try_from_iter(vec![(
+                "h",
+                std::sync::Arc::new(arrow::array::Float64Array::from(vec![h]))
+                    as arrow::array::ArrayRef,
+            )])
+            .unwrap()]);
+            truth.push((sex.to_string(), h[0].clone()));
+        }
+    }
+    let mut released: Vec<String> = truth.iter().map(|t| t.1.clone()).collect();
+    let mut got = values.clone();
+    released.sort();
+    got.sort();
+    assert_eq!(released, got, "the same values, read back alike");
+    let mut zipped: Vec<(String, String)> = sexes.into_iter().zip(values).collect();
+    truth.sort();
+    zipped.sort();
+    let same = truth.iter().zip(&zipped).filter(|(t, z)| t == z).count();
+    assert!(
+        same < truth.len() / 2,
+        "{same} of {} rows rebuilt",
+        truth.len()
+    );
+}
