@@ -1,7 +1,7 @@
 //! Extract mode: de-identified, k-anonymous rows, for studies whose IRB approval allows them.
 //!
 //! A researcher's row-level SELECT is checked on DataFusion's logical plan (never its text):
-//! only projections of plain columns, WHERE, ORDER BY, LIMIT and aliases over one table of the
+//! only projections of plain columns, WHERE, ORDER BY and aliases over one table of the
 //! dataset. No direct identifier may appear anywhere in the plan; the privacy unit may only be
 //! selected (it is released as the study pseudonym), and columns whose released form is
 //! generalized (dates, ZIP codes, ages, bands) cannot be used in conditions or sorting, which
@@ -110,8 +110,7 @@ fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
     }
 }
 
-const SHAPE: &str =
-    "an extract is SELECT <columns> FROM <one table> [WHERE ...] [ORDER BY ...] [LIMIT n]";
+const SHAPE: &str = "an extract is SELECT <columns> FROM <one table> [WHERE ...]";
 
 /// What the walk over the plan knows: the one table read, and the policy.
 struct Walk<'a> {
@@ -244,7 +243,11 @@ impl Walk<'_> {
                 }
                 Ok(src)
             }
-            LogicalPlan::Limit(l) => self.walk(&l.input),
+            LogicalPlan::Limit(_) => Err(refuse(
+                "LIMIT and OFFSET in an extract",
+                "an extract releases every row of its query (two limits one row apart would \
+                 single that row out); narrow it with WHERE",
+            )),
             LogicalPlan::SubqueryAlias(s) => self.walk(&s.input),
             LogicalPlan::Aggregate(_) => Err(refuse(
                 "aggregates in an extract",

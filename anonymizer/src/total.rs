@@ -158,6 +158,54 @@ fn arithmetic_operand(t: &DataType) -> bool {
     t.is_integer() || t.is_floating() || matches!(t, DataType::Null)
 }
 
+/// The first and the last day of years 1 to 9999, as days since the epoch.
+const CALENDAR: (i32, i32) = (-719_162, 2_932_896);
+
+/// `e` when it is a date of years 1 to 9999, else NULL; `e` itself when it is not a date.
+fn in_calendar(e: Expr, t: &DataType) -> Expr {
+    if *t != DataType::Date32 {
+        return e;
+    }
+    let (lo, hi) = CALENDAR;
+    Expr::Case(Case::new(
+        None,
+        vec![(
+            Box::new(e.clone().between(
+                Expr::Literal(ScalarValue::Date32(Some(lo)), None),
+                Expr::Literal(ScalarValue::Date32(Some(hi)), None),
+            )),
+            Box::new(e),
+        )],
+        None,
+    ))
+}
+
+/// `e` (a timestamp or a date) when it lies in years 1 to 9999, else NULL: casting a
+/// temporal value outside the calendar to text fails even as TRY_CAST.
+fn temporal_in_calendar(e: Expr, t: &DataType) -> Expr {
+    match t {
+        DataType::Date32 => in_calendar(e, t),
+        DataType::Date64 | DataType::Timestamp(..) => {
+            let (lo, hi) = CALENDAR;
+            let bound = |d: i32| {
+                Expr::TryCast(TryCast::new(
+                    Box::new(Expr::Literal(ScalarValue::Date32(Some(d)), None)),
+                    t.clone(),
+                ))
+            };
+            Expr::Case(Case::new(
+                None,
+                vec![(
+                    Box::new(e.clone().between(bound(lo), bound(hi))),
+                    Box::new(e),
+                )],
+                None,
+            ))
+        }
+        _ => e,
+    }
+}
+
 /// A literal step a date may move by without leaving the range of dates, however often an
 /// expression (at most 128 deep) repeats it: an interval or a number of days of at most
 /// 1,000 years.
@@ -215,12 +263,26 @@ fn rewrite(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         | Expr::AggregateFunction(_) => Transformed::no(e),
         Expr::TryCast(c) => {
             castable(&c.expr, c.field.data_type(), schema)?;
-            Transformed::no(Expr::TryCast(c))
+            let from = c.expr.get_type(schema)?;
+            if from.is_temporal() && from != *c.field.data_type() {
+                Transformed::yes(Expr::TryCast(TryCast {
+                    expr: Box::new(temporal_in_calendar(*c.expr, &from)),
+                    field: c.field,
+                }))
+            } else {
+                Transformed::no(Expr::TryCast(c))
+            }
         }
         Expr::Cast(c) => {
             castable(&c.expr, c.field.data_type(), schema)?;
+            let from = c.expr.get_type(schema)?;
+            let source = if from.is_temporal() && from != *c.field.data_type() {
+                temporal_in_calendar(*c.expr, &from)
+            } else {
+                *c.expr
+            };
             Transformed::yes(Expr::TryCast(TryCast {
-                expr: c.expr,
+                expr: Box::new(source),
                 field: Arc::new(c.field.as_ref().clone().with_nullable(true)),
             }))
         }
@@ -319,7 +381,22 @@ fn binary(b: BinaryExpr, schema: &DFSchema) -> Result<Transformed<Expr>> {
             let expr = |l: Box<Expr>, o: Operator, r: Box<Expr>| {
                 Expr::BinaryExpr(BinaryExpr::new(l, o, r))
             };
+            if dates {
+                // Only dates of years 1 to 9999 are stepped or subtracted (a cast can make any
+                // day number a date, and stepping one near the end of the calendar fails):
+                // another date gives NULL.
+                let (l, r) = (in_calendar(*left, &lt), in_calendar(*right, &rt));
+                return Ok(Transformed::yes(expr(Box::new(l), op, Box::new(r))));
+            }
             Ok(match op {
+                Divide | Modulo if lt.is_unsigned_integer() && rt.is_unsigned_integer() => {
+                    // Unsigned: no -1, only 0 to make NULL.
+                    let zero_is_null = datafusion::functions::expr_fn::nullif(
+                        *right,
+                        Expr::TryCast(TryCast::new(Box::new(lit(0i64)), rt.clone())),
+                    );
+                    Transformed::yes(expr(left, op, Box::new(zero_is_null)))
+                }
                 Divide | Modulo if is_integer(&lt) && is_integer(&rt) => {
                     // x / 0 is NULL; x / -1 is -x (wrapping), never MIN / -1's overflow error.
                     // CASE evaluates each branch only on the rows that reach it.
@@ -463,6 +540,32 @@ fn function(f: ScalarFunction, schema: &DFSchema) -> Result<Transformed<Expr>> {
             args.push(datafusion::functions::expr_fn::nullif(n, lit(0i64)));
         }
         _ => {}
+    }
+    // Arguments that steer a function (a date part, a stride, a format) are literals, tried
+    // below: a value from the data could make it fail on one row.
+    let steering: &[usize] = match name.as_str() {
+        "date_part" | "date_trunc" | "date_bin" => &[0],
+        "to_char" => &[1],
+        _ => &[],
+    };
+    for &i in steering {
+        if args.get(i).is_some_and(|a| !matches!(a, Expr::Literal(..))) {
+            return Err(refuse(
+                format!("{} with a computed argument {}", name.to_uppercase(), i + 1),
+                "write the date part, stride or format as a literal",
+            ));
+        }
+    }
+    // Integer arguments (positions, lengths, digits) are clamped to +-2^31: no value in
+    // between makes an allowed function overflow.
+    for a in args.iter_mut() {
+        if !matches!(a, Expr::Literal(..)) && int(a) {
+            let e = std::mem::replace(a, lit(0));
+            *a = datafusion::functions::expr_fn::greatest(vec![
+                datafusion::functions::expr_fn::least(vec![e, lit(i64::from(i32::MAX))]),
+                lit(i64::from(i32::MIN)),
+            ]);
+        }
     }
     trial(&func, &args, schema)?;
     let wrapped = ScalarUDF::new_from_impl(Total { inner: func });
@@ -818,6 +921,43 @@ mod tests {
             match run(sql).await {
                 Err(Error::Refused { construct, .. }) => {
                     assert!(construct.contains(needle), "{sql}: {construct}")
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // Values a cast can make, at the ends of every range: nothing fails, whatever the
+        // rows.
+        for sql in [
+            "SELECT CAST(CAST(2000000000 + n AS INT) AS DATE) + INTERVAL '1 day' FROM t",
+            "SELECT CAST(CAST(CAST(-2000000000 + n AS INT) AS DATE) AS VARCHAR) FROM t",
+            "SELECT CAST(CAST(9223372036854775807 + n AS TIMESTAMP) AS VARCHAR) FROM t",
+            "SELECT CAST(CAST(2000000000 + n AS INT) AS DATE) - CAST(s AS DATE) FROM t",
+            "SELECT substr(s, -9223372036854775807 - 1 + n, 1) FROM t",
+            "SELECT left(s, n - 9223372036854775807 - 1), right(s, n + 9223372036854775807) FROM t",
+            "SELECT round(CAST(n AS DOUBLE), n * 4611686018427387904) FROM t",
+            "SELECT CAST(n AS BIGINT UNSIGNED) / CAST(n AS BIGINT UNSIGNED) FROM t",
+            "SELECT CAST(n AS BIGINT UNSIGNED) % CAST(0 AS BIGINT UNSIGNED) FROM t",
+        ] {
+            let out = run(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 3, "{sql}");
+        }
+        // Arguments that steer a function come from the query, never the data (DataFusion
+        // refuses a computed date part when it plans; a computed format is refused here).
+        assert!(
+            run("SELECT date_part(s, CAST('2020-01-01' AS DATE)) FROM t")
+                .await
+                .is_err()
+        );
+        for sql in [
+            "SELECT to_char(CAST('2020-01-01' AS DATE), s) FROM t",
+            "SELECT date_bin(CAST(s AS INTERVAL), CAST('2020-01-01' AS TIMESTAMP)) FROM t",
+        ] {
+            match run(sql).await {
+                Err(Error::Refused { construct, .. }) => {
+                    assert!(
+                        construct.contains("computed argument"),
+                        "{sql}: {construct}"
+                    )
                 }
                 other => panic!("{sql}: {other:?}"),
             }

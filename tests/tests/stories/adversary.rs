@@ -157,6 +157,23 @@ async fn a_failing_expression_is_no_oracle_for_consented_or_other_patients() {
                 "SELECT COUNT(*) FROM visits WHERE CAST(CASE WHEN CAST(hba1c * 10 AS BIGINT) \
                  = {t} THEN 'x' ELSE '1' END AS INT) = 1"
             ),
+            // A date past the calendar, made by a cast, then stepped or printed.
+            format!(
+                "SELECT COUNT(*) FROM visits WHERE (CASE WHEN CAST(hba1c * 10 AS BIGINT) = {t} \
+                 THEN CAST(CAST(2000000000 + character_length(zip) AS INT) AS DATE) \
+                 + INTERVAL '1 day' ELSE CAST('2020-01-01' AS DATE) END) IS NOT NULL"
+            ),
+            format!(
+                "SELECT COUNT(*) FROM visits WHERE (CASE WHEN CAST(hba1c * 10 AS BIGINT) = {t} \
+                 THEN CAST(CAST(CAST(2000000000 + character_length(zip) AS INT) AS DATE) AS \
+                 VARCHAR) ELSE 'a' END) IS NOT NULL"
+            ),
+            // A position at the end of the integers.
+            format!(
+                "SELECT COUNT(*) FROM visits WHERE length(substr(zip, CASE WHEN \
+                 CAST(hba1c * 10 AS BIGINT) = {t} THEN -9223372036854775807 - 1 ELSE 1 END, 1)) \
+                 >= 0"
+            ),
         ] {
             let r = w.run(&alice, World::dp("s1", &sql, 0.5)).await;
             let code = r.as_ref().err().map(|s| s.code());
@@ -293,6 +310,14 @@ async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
         )
         .await
         .unwrap();
+    // LIMIT differencing (rows n and n + 1 of the table's order) is refused outright.
+    for sql in [
+        "SELECT zip FROM visits LIMIT 41",
+        "SELECT sex FROM visits LIMIT 1 OFFSET 40",
+    ] {
+        let e = w.run(&alice, World::extract("x1", sql)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {e:?}");
+    }
     let (pa, pb) = (pseudonyms(&a), pseudonyms(&b));
     assert!(!pa.is_empty() && !pb.is_empty());
     assert_eq!(pa.intersection(&pb).count(), 0, "the extracts link");
