@@ -168,6 +168,12 @@ async fn a_failing_expression_is_no_oracle_for_consented_or_other_patients() {
                  THEN CAST(CAST(CAST(2000000000 + character_length(zip) AS INT) AS DATE) AS \
                  VARCHAR) ELSE 'a' END) IS NOT NULL"
             ),
+            // A date past the calendar, printed by a function.
+            format!(
+                "SELECT COUNT(*) FROM visits WHERE length(to_char(CAST(CAST(CASE WHEN \
+                 CAST(hba1c * 10 AS BIGINT) = {t} THEN 2147483000 ELSE 18000 END AS INT) AS DATE), \
+                 '%Y-%m-%d %A')) >= 0"
+            ),
             // A position at the end of the integers.
             format!(
                 "SELECT COUNT(*) FROM visits WHERE length(substr(zip, CASE WHEN \
