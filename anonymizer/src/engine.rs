@@ -919,7 +919,7 @@ impl Engine {
                 .aggregate
                 .group_expr
                 .iter()
-                .map(|e| strip_alias(e).clone().sort(true, false))
+                .map(|e| e.clone().unalias().sort(true, false))
                 .collect();
             let rank = dense_rank()
                 .partition_by(vec![unit.clone()])
@@ -990,13 +990,6 @@ impl Engine {
             batches.push(RecordBatch::new_empty(schema));
         }
         Ok(batches)
-    }
-}
-
-fn strip_alias(e: &Expr) -> &Expr {
-    match e {
-        Expr::Alias(a) => strip_alias(&a.expr),
-        other => other,
     }
 }
 

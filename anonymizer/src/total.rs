@@ -150,10 +150,6 @@ pub fn total(e: Expr, schema: &DFSchema) -> Result<Expr> {
     }
 }
 
-fn is_integer(t: &DataType) -> bool {
-    t.is_integer()
-}
-
 fn arithmetic_operand(t: &DataType) -> bool {
     t.is_integer() || t.is_floating() || matches!(t, DataType::Null)
 }
@@ -407,7 +403,7 @@ fn binary(b: BinaryExpr, schema: &DFSchema) -> Result<Transformed<Expr>> {
                     );
                     Transformed::yes(expr(left, op, Box::new(zero_is_null)))
                 }
-                Divide | Modulo if is_integer(&lt) && is_integer(&rt) => {
+                Divide | Modulo if lt.is_integer() && rt.is_integer() => {
                     // x / 0 is NULL; x / -1 is -x (wrapping), never MIN / -1's overflow error.
                     // CASE evaluates each branch only on the rows that reach it.
                     let minus_one = Expr::TryCast(TryCast::new(Box::new(lit(-1i64)), rt.clone()));

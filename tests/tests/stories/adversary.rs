@@ -281,11 +281,7 @@ async fn patient_registrations_are_read_by_the_patient_and_the_operator_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
     let w = World::ready(1.0).await;
-    w.register_study("x1", "alice", "pharma").await;
-    let grant = serde_json::json!({
-        "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
-    });
-    w.approve_grant("x1", "irb", grant).await;
+    w.extract_study("x1").await;
     let alice = key("alice");
     let pseudonyms = |batches: &[arrow::array::RecordBatch]| -> BTreeSet<String> {
         use arrow::array::AsArray;
@@ -375,11 +371,7 @@ async fn no_query_is_free_and_no_date_step_can_fail() {
 async fn single_column_extracts_cannot_be_zipped_back_into_rows() {
     use arrow::array::AsArray;
     let w = World::ready(1.0).await;
-    w.register_study("x1", "alice", "pharma").await;
-    let grant = serde_json::json!({
-        "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
-    });
-    w.approve_grant("x1", "irb", grant).await;
+    w.extract_study("x1").await;
     let alice = key("alice");
     let column = |batches: &[arrow::array::RecordBatch]| -> Vec<String> {
         batches

@@ -245,11 +245,7 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
 
     let w = World::ready(1.0).await;
     for s in ["x1", "x2"] {
-        w.register_study(s, "alice", "pharma").await;
-        let grant = serde_json::json!({
-            "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
-        });
-        w.approve_grant(s, "irb", grant).await;
+        w.extract_study(s).await;
     }
     let alice = key("alice");
     let sql = "SELECT patient_id, zip, sex, hba1c FROM visits";

@@ -323,6 +323,16 @@ impl World {
             .unwrap();
     }
 
+    /// Registers `study` (PI alice, sponsor pharma), approved by `irb` for extracts of
+    /// `visits` with k = 5 and no DP aggregates.
+    pub async fn extract_study(&self, study: &str) {
+        self.register_study(study, "alice", "pharma").await;
+        let grant = serde_json::json!({
+            "dataset": "visits", "epsilon": 1.0, "delta": 0.0, "dp": false, "extract_k": 5,
+        });
+        self.approve_grant(study, "irb", grant).await;
+    }
+
     pub fn extract(study: &str, sql: &str) -> v1::QueryRequest {
         v1::QueryRequest {
             mode: v1::Mode::Extract as i32,
