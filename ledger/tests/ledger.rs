@@ -242,6 +242,56 @@ fn a_failed_query_is_charged_and_releases_nothing() {
 }
 
 #[test]
+fn a_study_takes_one_extract_of_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let extract = |sql: &str, outcome: Outcome| match receipt(&w, 0.0) {
+        Body::QueryReceipt(r) => Body::QueryReceipt(QueryReceipt {
+            sql: sql.into(),
+            mode: QueryMode::Extract,
+            outcome,
+            reason: (outcome != Outcome::Released).then(|| "refused".into()),
+            result_digest: (outcome == Outcome::Released).then(|| r.result_digest.clone().unwrap()),
+            ..r
+        }),
+        other => panic!("{other:?}"),
+    };
+    let first = "SELECT age, hba1c FROM visits WHERE age > 40";
+    // A denied extract pins nothing.
+    w.ledger
+        .append_as_operator(extract("SELECT age FROM visits", Outcome::Denied))
+        .unwrap();
+    assert_eq!(w.ledger.state().extract_of("t2d", "ehr"), None);
+    w.ledger
+        .append_as_operator(extract(first, Outcome::Released))
+        .unwrap();
+    assert_eq!(w.ledger.state().extract_of("t2d", "ehr"), Some(first));
+    // The same extract again (new consents, a new version) is allowed.
+    w.ledger
+        .append_as_operator(extract(first, Outcome::Released))
+        .unwrap();
+    // Another cohort or other columns would let the two be differenced row by row: refused,
+    // nothing written.
+    for other in [
+        "SELECT age, hba1c FROM visits WHERE age > 40 AND site <> 'A'",
+        "SELECT age, CASE WHEN site = 'A' THEN NULL ELSE hba1c END FROM visits WHERE age > 40",
+    ] {
+        let size = w.ledger.size();
+        let e = w
+            .ledger
+            .append_as_operator(extract(other, Outcome::Released));
+        assert!(matches!(e, Err(Error::Forbidden(_))), "{e:?}");
+        assert_eq!(w.ledger.size(), size);
+    }
+    // DP queries are not extracts.
+    w.ledger.append_as_operator(receipt(&w, 0.1)).unwrap();
+    // The rule survives a reopen (it is derived state, replayed).
+    drop(w);
+    let (reopened, _) = Ledger::open(dir.path(), config()).unwrap();
+    assert_eq!(reopened.state().extract_of("t2d", "ehr"), Some(first));
+}
+
+#[test]
 fn concurrent_receipts_respect_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let w = world(dir.path());

@@ -71,6 +71,7 @@ fn authorize(
     st: &ledger::State,
     caller: &Caller,
     q: &v1::QueryRequest,
+    sql: &str,
     mode: QueryMode,
     now: Timestamp,
 ) -> Result<Authorized, Denial> {
@@ -144,6 +145,23 @@ fn authorize(
             ));
         }
         _ => {}
+    }
+    // Two different extracts of one study could be differenced row by row (another cohort,
+    // or a column nulled for some patients): a study takes one extract of a dataset, repeated
+    // as often as it likes. The ledger enforces it on append; this says why up front.
+    if mode == QueryMode::Extract
+        && let Some(first) = st.extract_of(&q.study, &q.dataset)
+        && first != sql
+    {
+        return Err(deny(
+            FailedPrecondition,
+            format!(
+                "study {} already took an extract of dataset {:?}, and a study takes one \
+                 extract of a dataset (two different ones could be differenced row by row); \
+                 repeat it ({first}), or run DP aggregates",
+                q.study, q.dataset
+            ),
+        ));
     }
     let ds = st
         .dataset(&q.dataset)
@@ -485,7 +503,7 @@ impl QueryService {
         let now = Timestamp::now();
         let auth = {
             let st = self.0.ledger.state();
-            authorize(&st, &caller, &q, mode, now)
+            authorize(&st, &caller, &q, &sql, mode, now)
         };
         let auth = match auth {
             Ok(a) => a,

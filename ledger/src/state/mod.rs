@@ -157,6 +157,9 @@ pub struct State {
     /// Registration, key rotations and revocation of each principal (entry indexes).
     principal_events: HashMap<PrincipalId, Vec<u64>>,
     released: Vec<ReceiptRef>,
+    /// The SQL of each study's first released extract of a dataset: the study's only extract
+    /// of it (two different extracts of one cohort could be differenced row by row).
+    extracts: HashMap<(StudyId, DatasetId), String>,
     filter_cache: Mutex<HashMap<(DatasetId, StudyId), CachedFilter>>,
 }
 
@@ -238,6 +241,13 @@ impl State {
             .find(|g| g.dataset.as_str() == dataset)?;
         let (e, d) = self.spent(study, dataset);
         Some(((grant.epsilon - e).max(0.0), (grant.delta - d).max(0.0)))
+    }
+
+    /// The SQL of the extract that `study` took of `dataset`, if it took one: any later
+    /// extract of the dataset in the study must be that SQL again.
+    pub fn extract_of(&self, study: &str, dataset: &str) -> Option<&str> {
+        let key = (StudyId::new(study).ok()?, DatasetId::new(dataset).ok()?);
+        self.extracts.get(&key).map(String::as_str)
     }
 
     /// Entry indexes of every receipt (released or denied) naming `study`.

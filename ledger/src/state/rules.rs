@@ -10,7 +10,7 @@ use super::{
 use crate::duo::Modifier;
 use crate::entry::{
     Body, ConsentGranted, ConsentRevoked, ConsentScope, DatasetRegistered, Entry, Outcome,
-    QueryReceipt, SignedEntry, StudyApproved, StudyRegistered,
+    QueryMode, QueryReceipt, SignedEntry, StudyApproved, StudyRegistered,
 };
 use crate::error::{Error, Result};
 use crate::ids::{DatasetId, PrincipalId, Role, StudyId, SubjectId, Timestamp};
@@ -441,6 +441,11 @@ impl State {
                 }
                 if let Some((study, dataset, eps, delta)) = debit {
                     let key = (study, dataset);
+                    if b.mode == QueryMode::Extract && b.outcome == Outcome::Released {
+                        self.extracts
+                            .entry(key.clone())
+                            .or_insert_with(|| b.sql.clone());
+                    }
                     match self.spent.get_mut(&key) {
                         Some(spent) => {
                             spent.0 += eps;
@@ -823,6 +828,17 @@ impl State {
                     return Err(invalid(
                         "dataset_digest does not match the registered version",
                     ));
+                }
+                if b.mode == QueryMode::Extract
+                    && b.outcome == Outcome::Released
+                    && let Some(first) = self.extracts.get(&(st.reg.study.clone(), dataset.clone()))
+                    && *first != b.sql
+                {
+                    return Err(Error::Forbidden(format!(
+                        "study {} already took a different extract of dataset {dataset}; a study \
+                         takes one extract of a dataset (repeat its SQL)",
+                        b.study
+                    )));
                 }
                 let (left_e, left_d) = self
                     .budget_left(st.reg.study.as_str(), dataset.as_str())

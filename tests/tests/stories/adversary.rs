@@ -279,12 +279,13 @@ async fn patient_registrations_are_read_by_the_patient_and_the_operator_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
+async fn two_extracts_cannot_be_differenced_or_joined_on_their_pseudonyms() {
+    use arrow::array::AsArray;
     let w = World::ready(1.0).await;
     w.extract_study("x1").await;
+    w.extract_study("x2").await;
     let alice = key("alice");
     let pseudonyms = |batches: &[arrow::array::RecordBatch]| -> BTreeSet<String> {
-        use arrow::array::AsArray;
         batches
             .iter()
             .flat_map(|b| {
@@ -298,36 +299,58 @@ async fn two_extracts_cannot_be_joined_on_their_pseudonyms() {
             })
             .collect()
     };
-    let (h1, a) = w
-        .run(
-            &alice,
-            World::extract("x1", "SELECT patient_id, zip FROM visits"),
-        )
-        .await
-        .unwrap();
+    let first = "SELECT patient_id, zip FROM visits";
+    let (h1, a) = w.run(&alice, World::extract("x1", first)).await.unwrap();
+    // Within a study, another extract of the dataset would difference with the first: the
+    // rows one cohort has and the other lacks (another WHERE), or the values a CASE nulls
+    // for some patients, are those patients' rows. Refused before anything runs, receipted.
+    let receipts = w.ledger.state().receipts_of_study("x1").len();
+    for sql in [
+        "SELECT patient_id, zip FROM visits WHERE sex = 'F'",
+        "SELECT patient_id, CASE WHEN sex = 'F' THEN NULL ELSE zip END AS zip FROM visits",
+        "SELECT patient_id, hba1c FROM visits",
+        "SELECT zip FROM visits LIMIT 41",
+    ] {
+        let e = w.run(&alice, World::extract("x1", sql)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{sql}: {e:?}");
+        assert!(e.message().contains("one extract"), "{sql}: {e:?}");
+    }
+    assert_eq!(
+        w.ledger.state().receipts_of_study("x1").len(),
+        receipts + 4,
+        "every refusal receipted"
+    );
+    // Ground truth: repeating the study's extract gives the same rows, so nothing is learned
+    // by asking again.
+    let (_, again) = w.run(&alice, World::extract("x1", first)).await.unwrap();
+    assert_eq!(pseudonyms(&a), pseudonyms(&again));
+    let rows = |bs: &[arrow::array::RecordBatch]| bs.iter().map(|b| b.num_rows()).sum::<usize>();
+    assert_eq!(rows(&a), rows(&again));
+    // Another study's extract shares no pseudonym with the first.
     let (_, b) = w
         .run(
             &alice,
-            World::extract("x1", "SELECT patient_id, hba1c FROM visits"),
+            World::extract("x2", "SELECT patient_id, hba1c FROM visits"),
         )
         .await
         .unwrap();
+    let (pa, pb) = (pseudonyms(&a), pseudonyms(&b));
+    assert!(!pa.is_empty() && !pb.is_empty());
+    assert_eq!(pa.intersection(&pb).count(), 0, "the extracts link");
     // LIMIT differencing (rows n and n + 1 of the table's order) is refused outright.
+    w.extract_study("x3").await;
     for sql in [
         "SELECT zip FROM visits LIMIT 41",
         "SELECT sex FROM visits LIMIT 1 OFFSET 40",
     ] {
-        let e = w.run(&alice, World::extract("x1", sql)).await.unwrap_err();
+        let e = w.run(&alice, World::extract("x3", sql)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {e:?}");
     }
-    let (pa, pb) = (pseudonyms(&a), pseudonyms(&b));
-    assert!(!pa.is_empty() && !pb.is_empty());
-    assert_eq!(pa.intersection(&pb).count(), 0, "the extracts link");
     // Public columns count as quasi-identifiers.
     let (h3, _) = w
         .run(
             &alice,
-            World::extract("x1", "SELECT patient_id, zip, sex FROM visits"),
+            World::extract("x3", "SELECT patient_id, zip, sex FROM visits"),
         )
         .await
         .unwrap();
@@ -372,6 +395,7 @@ async fn single_column_extracts_cannot_be_zipped_back_into_rows() {
     use arrow::array::AsArray;
     let w = World::ready(1.0).await;
     w.extract_study("x1").await;
+    w.extract_study("x2").await;
     let alice = key("alice");
     let column = |batches: &[arrow::array::RecordBatch]| -> Vec<String> {
         batches
@@ -391,7 +415,7 @@ async fn single_column_extracts_cannot_be_zipped_back_into_rows() {
         .await
         .unwrap();
     let (_, b) = w
-        .run(&alice, World::extract("x1", "SELECT hba1c FROM visits"))
+        .run(&alice, World::extract("x2", "SELECT hba1c FROM visits"))
         .await
         .unwrap();
     let (sexes, values) = (column(&a), column(&b));

@@ -244,7 +244,7 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     use crate::world::RARE_ZIPS;
 
     let w = World::ready(1.0).await;
-    for s in ["x1", "x2"] {
+    for s in ["x1", "x2", "x3"] {
         w.extract_study(s).await;
     }
     let alice = key("alice");
@@ -310,7 +310,8 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     assert_eq!(other.len(), pseudonyms.len());
     assert!(other.iter().all(|p| !pseudonyms.contains(p.as_str())));
 
-    // Refusals, each receipted as a denied extract.
+    // Refusals, each receipted as a denied extract (in a study that took no extract yet: x1
+    // may only repeat its own).
     let cases = [
         ("SELECT name FROM visits", 0.0, Code::InvalidArgument),
         ("SELECT * FROM visits", 0.0, Code::InvalidArgument),
@@ -324,7 +325,7 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
     for (sql, eps, code) in cases {
         let req = proto::v1::QueryRequest {
             epsilon: eps,
-            ..World::extract("x1", sql)
+            ..World::extract("x3", sql)
         };
         let e = w.run(&alice, req).await.unwrap_err();
         assert_eq!(e.code(), code, "{sql}: {e:?}");
