@@ -5,7 +5,7 @@
 //! of plain SQL:
 //! - each privacy-unit id is given a dense number, stored in an extra column [`UNIT_COLUMN`],
 //!   so consent filters are bitmap lookups instead of joins against a million ids;
-//! - contribution bounding: a unit with more than `max_rows_per_unit` rows in a table keeps
+//! - contribution bounding: a unit with more than the table's `max_rows_per_unit` rows keeps
 //!   only its first `max_rows_per_unit` rows (a fixed, per-unit transformation; adding or
 //!   removing one unit never changes another unit's rows).
 
@@ -222,7 +222,7 @@ impl Dataset {
         let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(UNIT_COLUMN, DataType::UInt32, false)));
         let out_schema = Arc::new(Schema::new(fields));
-        let k = policy.max_rows_per_unit;
+        let k = policy.table_bounds(name).rows;
         let mut seen: Vec<u32> = Vec::new();
         let mut out = Vec::with_capacity(batches.len());
         let mut dropped = 0u64;

@@ -332,10 +332,16 @@ fn unit_column(plan: &LogicalPlan) -> Result<Expr> {
 const ROW_NUMBER_COLUMN: &str = "__consentry_row";
 /// The column ranking each unit's groups.
 const GROUP_RANK_COLUMN: &str = "__consentry_group";
+/// The column numbering each unit's rows in one group.
+const GROUP_ROW_COLUMN: &str = "__consentry_group_row";
 
-/// The aggregate expressions computing each statistic's raw (pre-noise) values.
-pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr) -> Vec<Expr> {
+/// The aggregate expressions computing each statistic's raw (pre-noise) values; with
+/// `units`, the patients per group too (`__u`, for partition selection).
+pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr, units: bool) -> Vec<Expr> {
     let mut out = vec![count(lit(1)).alias("__n")];
+    if units {
+        out.push(count_distinct(unit.clone()).alias("__u"));
+    }
     for (i, s) in stats.iter().enumerate() {
         let name = |part: &str| format!("__s{i}_{part}");
         match s {
@@ -820,20 +826,23 @@ impl Engine {
     }
 
     /// Refuses a join whose output could exceed [`Limits::join_rows`]: each unit has at most
-    /// `k` rows per table, so the join of tables t1..tn has at most
-    /// `min_i(rows(ti) · k^(n-1))` rows, whatever the consents and the data's values.
+    /// `k_t` rows in table t, so the join of tables t1..tn has at most
+    /// `min_i(rows(ti) · prod_(j != i) k_tj)` rows, whatever the consents and the data's values.
     fn check_join_size(&self, checked: &Checked) -> Result<()> {
         if !checked.joined {
             return Ok(());
         }
-        let k = f64::from(self.dataset.policy.max_rows_per_unit);
-        let n = checked.tables.len() as i32;
-        let smallest = checked
-            .tables
-            .iter()
-            .map(|t| self.dataset.table_rows(t) as f64)
+        let policy = &self.dataset.policy;
+        let n = checked.tables.len();
+        let worst = (0..n)
+            .map(|i| {
+                let others: f64 = (0..n)
+                    .filter(|&j| j != i)
+                    .map(|j| f64::from(policy.table_bounds(&checked.tables[j]).rows))
+                    .product();
+                self.dataset.table_rows(&checked.tables[i]) as f64 * others
+            })
             .fold(f64::INFINITY, f64::min);
-        let worst = smallest * k.powi(n - 1);
         if worst > self.limits.join_rows as f64 {
             return Err(Error::Refused {
                 construct: format!("a join of {n} tables"),
@@ -889,38 +898,63 @@ impl Engine {
         let input = self.guarded(checked.aggregate.input.as_ref().clone(), consented)?;
         let unit = unit_column(&input)?;
         let policy = &self.dataset.policy;
-        let k = u64::from(policy.max_rows_per_unit);
+        let bounds = checked.bounds;
+        let k = u64::from(bounds.rows);
         let mut builder = LogicalPlanBuilder::from(input);
-        if checked.joined {
-            // Each table was bounded at load, but a join multiplies a unit's rows: keep at
-            // most max_rows_per_unit joined rows per unit. Which ones is decided by the rows'
-            // values alone (ordered by every column; tied rows are identical), so adding or
-            // removing a unit changes no other unit's rows.
-            let order: Vec<_> = builder
-                .schema()
+        // Which of a unit's rows are kept is decided by the values of that unit's rows alone
+        // (ordered by every column; tied rows are identical), so adding or removing a unit
+        // changes no other unit's rows.
+        let every_column = |b: &LogicalPlanBuilder| -> Vec<_> {
+            b.schema()
                 .iter()
                 .map(|qf| Expr::Column(Column::from(qf)).sort(true, true))
-                .collect();
+                .collect()
+        };
+        if checked.joined && policy.join_rows_per_unit(&checked.tables) > k {
+            // Each table was bounded at load, but a join multiplies a unit's rows: keep at
+            // most k joined rows per unit.
             let number = row_number()
                 .partition_by(vec![unit.clone()])
-                .order_by(order)
+                .order_by(every_column(&builder))
                 .build()?
                 .alias(ROW_NUMBER_COLUMN);
             builder = builder
                 .window(vec![number])?
                 .filter(datafusion::prelude::col(ROW_NUMBER_COLUMN).lt_eq(lit(k)))?;
         }
-        let g = u64::from(policy.max_groups());
-        if !checked.aggregate.group_expr.is_empty() && g < k {
+        let keys: Vec<Expr> = checked
+            .aggregate
+            .group_expr
+            .iter()
+            .map(|e| e.clone().unalias())
+            .collect();
+        let g = u64::from(bounds.groups);
+        if let plan::Keys::Public(domains) = &checked.keys
+            && g < k
+        {
+            // When a patient's groups are bounded, only rows whose keys are in the public
+            // domains are ranked (the others are dropped from the release anyway), so the g
+            // groups kept are released ones.
+            for (key, domain) in keys.iter().zip(domains) {
+                let (as_type, values): (DataType, Vec<Expr>) = match domain {
+                    crate::policy::Domain::Text(v) => {
+                        (DataType::Utf8, v.iter().map(|x| lit(x.clone())).collect())
+                    }
+                    crate::policy::Domain::Int(v) => {
+                        (DataType::Int64, v.iter().map(|x| lit(*x)).collect())
+                    }
+                };
+                let key = Expr::TryCast(datafusion::logical_expr::TryCast::new(
+                    Box::new(key.clone()),
+                    as_type,
+                ));
+                builder = builder.filter(key.in_list(values, false))?;
+            }
+        }
+        if !keys.is_empty() && g < k {
             // Each unit's rows fall in at most g groups: its g first group keys in the keys'
-            // order (nulls last) are kept, its other rows dropped; a rule on that unit's rows
-            // alone.
-            let order: Vec<_> = checked
-                .aggregate
-                .group_expr
-                .iter()
-                .map(|e| e.clone().unalias().sort(true, false))
-                .collect();
+            // order (nulls last) are kept, its other rows dropped.
+            let order: Vec<_> = keys.iter().map(|e| e.clone().sort(true, false)).collect();
             let rank = dense_rank()
                 .partition_by(vec![unit.clone()])
                 .order_by(order)
@@ -930,10 +964,27 @@ impl Engine {
                 .window(vec![rank])?
                 .filter(datafusion::prelude::col(GROUP_RANK_COLUMN).lt_eq(lit(g)))?;
         }
+        let c = u64::from(bounds.rows_per_group);
+        if c < k {
+            // Each unit adds at most c rows to any one group (with no GROUP BY, to the one
+            // group): its first c rows of each group are kept.
+            let mut partition = vec![unit.clone()];
+            partition.extend(keys.iter().cloned());
+            let number = row_number()
+                .partition_by(partition)
+                .order_by(every_column(&builder))
+                .build()?
+                .alias(GROUP_ROW_COLUMN);
+            builder = builder
+                .window(vec![number])?
+                .filter(datafusion::prelude::col(GROUP_ROW_COLUMN).lt_eq(lit(c)))?;
+        }
+        let units =
+            checked.keys == plan::Keys::Selected && release::selects_by_units(&checked.stats);
         Ok(builder
             .aggregate(
                 checked.aggregate.group_expr.clone(),
-                stat_exprs(&checked.stats, &unit),
+                stat_exprs(&checked.stats, &unit, units),
             )?
             .build()?)
     }
@@ -1034,5 +1085,12 @@ impl Engine {
         let checked = plan::check(plan, &self.dataset.policy)?;
         let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
         self.aggregate(&checked, set.as_ref()).await
+    }
+
+    /// The L1 sensitivity each raw column's noise is calibrated to, for a query (tests).
+    pub(crate) async fn calibration_for_tests(&self, sql: &str) -> Result<Vec<(String, f64)>> {
+        let plan = self.analyzed(sql).await?;
+        let checked = plan::check(plan, &self.dataset.policy)?;
+        Ok(release::sensitivities(&checked, self.dataset.rows()))
     }
 }

@@ -124,10 +124,11 @@ where
 /// Thresholded partition selection on counts keyed by group (OpenDP's
 /// `make_laplace_threshold`): noisy counts, keeping only groups whose noisy count clears a
 /// threshold chosen so that delta stays within `delta`. One patient touches at most
-/// `max_groups` groups, changing each by at most `max_rows`.
+/// `max_groups` groups, changing them by at most `l1` in all and each by at most `max_rows`.
 pub fn laplace_threshold(
     counts: &HashMap<u64, i64>,
     max_groups: u32,
+    l1: i64,
     max_rows: i64,
     epsilon: f64,
     delta: f64,
@@ -142,7 +143,6 @@ pub fn laplace_threshold(
     }
     let domain = MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default());
     let metric: L01InfDistance<AbsoluteDistance<i64>> = L0PInfDistance(AbsoluteDistance::default());
-    let l1 = max_rows;
     let d_in = (max_groups, l1, max_rows);
     let build = |scale: f64, threshold: i64| {
         make_laplace_threshold::<_, _, opendp::measures::Approximate<MaxDivergence>>(
@@ -258,10 +258,10 @@ mod tests {
     fn thresholding_needs_delta_and_drops_small_groups() {
         let counts: HashMap<u64, i64> = [(0, 0), (1, 100_000)].into_iter().collect();
         assert!(matches!(
-            laplace_threshold(&counts, 10, 10, 1.0, 0.0),
+            laplace_threshold(&counts, 10, 10, 10, 1.0, 0.0),
             Err(Error::Refused { .. })
         ));
-        let (kept, info, delta) = laplace_threshold(&counts, 10, 10, 1.0, 1e-6).unwrap();
+        let (kept, info, delta) = laplace_threshold(&counts, 10, 10, 10, 1.0, 1e-6).unwrap();
         assert!(kept.contains_key(&1) && !kept.contains_key(&0));
         assert!(delta <= 1e-6 && delta > 0.0);
         assert!(info.epsilon <= 1.0 + 1e-12);

@@ -15,7 +15,7 @@ use datafusion::logical_expr::{Aggregate, Expr, ExprSchemable, LogicalPlan};
 use datafusion::scalar::ScalarValue;
 
 use crate::error::{Error, Result};
-use crate::policy::{ColumnClass, ColumnPolicy, Domain, Policy};
+use crate::policy::{Bounds, ColumnClass, ColumnPolicy, Domain, Policy};
 
 /// What one aggregate of the query computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,8 @@ pub struct Checked {
     pub joined: bool,
     /// The tables the aggregate's input scans, in order (a self-join lists one twice).
     pub tables: Vec<String>,
+    /// What one unit may contribute to this query (from the policy of the tables it reads).
+    pub bounds: Bounds,
 }
 
 fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
@@ -94,6 +96,9 @@ struct Input {
     tables: Vec<String>,
     /// Number of joins.
     joins: usize,
+    /// WHERE conjuncts `column = literal` or `column IN (literals)`: the values each such
+    /// column can take in the aggregated rows (as text).
+    narrowed: Vec<(Column, Vec<String>)>,
 }
 
 /// The policy of the column `c` of a node whose output is described by `schema` and
@@ -177,13 +182,17 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
     let mut input = Input {
         tables: Vec::new(),
         joins: 0,
+        narrowed: Vec::new(),
     };
     let sources = walk_input(&aggregate.input, policy, &mut input)?;
     let schema = aggregate.input.schema().as_ref();
     let resolve = |c: &Column| resolve(policy, schema, &sources, c);
+    let bounds_of = |c: &Column, cp: &ColumnPolicy, func: &str| {
+        value_bounds(c, cp, func, &resolve, &input.narrowed)
+    };
     let mut stats = Vec::with_capacity(aggregate.aggr_expr.len());
     for e in &aggregate.aggr_expr {
-        stats.push(statistic(e, schema, &resolve)?);
+        stats.push(statistic(e, schema, &resolve, &bounds_of)?);
     }
     let mut domains = Vec::new();
     let mut all_public = true;
@@ -200,6 +209,22 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
             _ => all_public = false,
         }
     }
+    // Keys read only from tables with one row per unit (a patient's demographics) are the
+    // same on every row of that unit, joined or not (joins are on the unit): each unit is in
+    // one group. (The engine enforces it on the data like any groups bound.)
+    let mut bounds = policy.query_bounds(&input.tables);
+    if !aggregate.group_expr.is_empty() {
+        let mut one_row_keys = true;
+        for g in &aggregate.group_expr {
+            for c in g.column_refs() {
+                let (table, _) = resolve(c)?;
+                one_row_keys &= policy.table_bounds(table).rows == 1;
+            }
+        }
+        if one_row_keys {
+            bounds.groups = 1;
+        }
+    }
     let keys = if aggregate.group_expr.is_empty() {
         Keys::None
     } else if all_public {
@@ -209,6 +234,7 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
     };
     Ok(Checked {
         joined: input.joins > 0,
+        bounds,
         tables: input.tables,
         plan,
         aggregate,
@@ -287,6 +313,11 @@ fn walk_input(plan: &LogicalPlan, policy: &Policy, input: &mut Input) -> Result<
             let schema = f.input.schema();
             for c in f.predicate.column_refs() {
                 readable(resolve(policy, schema, &sources, c)?.1, &c.name, "WHERE")?;
+            }
+            for part in datafusion::logical_expr::utils::split_conjunction(&f.predicate) {
+                if let Some(n) = narrowing(part) {
+                    input.narrowed.push(n);
+                }
             }
             Ok(sources)
         }
@@ -424,12 +455,143 @@ fn readable(cp: &ColumnPolicy, name: &str, place: &str) -> Result<()> {
     }
 }
 
-/// The bounds of an aggregated column.
+/// The value a WHERE conjunct gives a column: `column = literal`, `literal = column` or
+/// `column IN (literals)`, as text.
+fn narrowing(e: &Expr) -> Option<(Column, Vec<String>)> {
+    let text = |e: &Expr| match strip_alias(e) {
+        Expr::Literal(v, _) if !v.is_null() => match v.try_as_str() {
+            Some(Some(s)) => Some(s.to_owned()),
+            _ => v.data_type().is_integer().then(|| v.to_string()),
+        },
+        _ => None,
+    };
+    let column = |e: &Expr| match strip_alias(e) {
+        Expr::Column(c) => Some(c.clone()),
+        _ => None,
+    };
+    match e {
+        Expr::BinaryExpr(b) if b.op == datafusion::logical_expr::Operator::Eq => {
+            match (
+                column(&b.left),
+                text(&b.right),
+                column(&b.right),
+                text(&b.left),
+            ) {
+                (Some(c), Some(v), _, _) | (_, _, Some(c), Some(v)) => Some((c, vec![v])),
+                _ => None,
+            }
+        }
+        Expr::InList(l) if !l.negated => {
+            let values: Option<Vec<String>> = l.list.iter().map(text).collect();
+            Some((column(&l.expr)?, values?))
+        }
+        _ => None,
+    }
+}
+
+/// The bounds of column `c` aggregated by `func`, and the expression to aggregate: the column
+/// itself, or for bounds that depend on a key column (`bounds_by`), the value clamped to its
+/// row's key's bounds (NULL for a key without bounds) with the bounds' hull over the keys the
+/// WHERE lets through. A key the WHERE names without bounds is refused, naming it.
+fn value_bounds<'a>(
+    c: &Column,
+    cp: &ColumnPolicy,
+    func: &str,
+    resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
+    narrowed: &[(Column, Vec<String>)],
+) -> Result<(Option<Expr>, [f64; 2])> {
+    if let Some(b) = cp.bounds {
+        return Ok((None, b));
+    }
+    let (Some(key), Some(per_key)) = (&cp.bounds_by, &cp.key_bounds) else {
+        return Err(refuse(
+            format!("{func}({})", c.name),
+            "the column has no bounds in the policy; ask the custodian to declare them",
+        ));
+    };
+    // The key of the same row: the key column of the same table scan (same qualifier).
+    let key_col = Column::new(c.relation.clone(), key.as_str());
+    let (table, _) = resolve(c)?;
+    match resolve(&key_col) {
+        Ok((t, kp)) if t == table && !matches!(kp.class, ColumnClass::DirectIdentifier) => {}
+        _ => {
+            return Err(Error::Engine(format!(
+                "the bounds key {key} is not in the row"
+            )));
+        }
+    }
+    let mut reachable: Option<Vec<String>> = None;
+    for (col, values) in narrowed {
+        if col.name == key_col.name && col.relation == key_col.relation {
+            reachable = Some(match reachable {
+                None => values.clone(),
+                Some(r) => r.into_iter().filter(|v| values.contains(v)).collect(),
+            });
+        }
+    }
+    let reachable: Vec<(String, [f64; 2])> = match reachable {
+        None => per_key.iter().map(|(k, b)| (k.clone(), *b)).collect(),
+        Some(values) => {
+            let mut out = Vec::new();
+            for v in values {
+                let b = per_key.get(&v).ok_or_else(|| {
+                    refuse(
+                        format!("{func}({}) where {key} = {v:?}", c.name),
+                        format!(
+                            "the policy gives no bounds of {} for {key} {v:?}; ask the \
+                             custodian to declare them",
+                            c.name
+                        ),
+                    )
+                })?;
+                out.push((v, *b));
+            }
+            out
+        }
+    };
+    if reachable.is_empty() {
+        return Err(refuse(
+            format!("{func}({}) under contradictory conditions on {key}", c.name),
+            format!("name the {key} values to aggregate once"),
+        ));
+    }
+    let hull = reachable
+        .iter()
+        .fold([f64::INFINITY, f64::NEG_INFINITY], |h, (_, b)| {
+            [h[0].min(b[0]), h[1].max(b[1])]
+        });
+    let key_text = Expr::TryCast(datafusion::logical_expr::TryCast::new(
+        Box::new(Expr::Column(key_col)),
+        arrow::datatypes::DataType::Utf8,
+    ));
+    let arms = reachable
+        .into_iter()
+        .map(|(v, b)| {
+            (
+                Box::new(datafusion::prelude::lit(v)),
+                Box::new(crate::clamp::clamp_f64(&Expr::Column(c.clone()), b, 0.0)),
+            )
+        })
+        .collect();
+    let case = Expr::Case(datafusion::logical_expr::Case::new(
+        Some(Box::new(key_text)),
+        arms,
+        None,
+    ));
+    Ok((Some(case), hull))
+}
+
+/// What a bounded aggregate reads: the expression and its bounds.
+type BoundsOf<'b> = dyn Fn(&Column, &ColumnPolicy, &str) -> Result<(Option<Expr>, [f64; 2])> + 'b;
+
+/// The bounds of an aggregated column, and the expression to aggregate (the argument, or the
+/// value clamped by its key's bounds).
 fn bounded<'a>(
     arg: &Expr,
     resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
+    bounds_of: &BoundsOf<'_>,
     func: &str,
-) -> Result<(Expr, [f64; 2])> {
+) -> Result<(Expr, [f64; 2], bool)> {
     let Expr::Column(c) = strip_alias(arg) else {
         return Err(refuse(
             format!("{func} of an expression"),
@@ -438,19 +600,16 @@ fn bounded<'a>(
     };
     let (_, cp) = resolve(c)?;
     readable(cp, &c.name, func)?;
-    let bounds = cp.bounds.ok_or_else(|| {
-        refuse(
-            format!("{func}({})", c.name),
-            "the column has no bounds in the policy; ask the custodian to declare them",
-        )
-    })?;
-    Ok((arg.clone(), bounds))
+    let (by_key, bounds) = bounds_of(c, cp, func)?;
+    let keyed = by_key.is_some();
+    Ok((by_key.unwrap_or_else(|| arg.clone()), bounds, keyed))
 }
 
 fn statistic<'a>(
     e: &Expr,
     schema: &DFSchema,
     resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
+    bounds_of: &BoundsOf<'_>,
 ) -> Result<Statistic> {
     let Expr::AggregateFunction(f) = strip_alias(e) else {
         return Err(refuse(
@@ -519,27 +678,28 @@ fn statistic<'a>(
         )),
         "sum" => {
             let a = arg0.ok_or_else(|| Error::InvalidQuery("SUM needs an argument".into()))?;
-            let integer = integer_arg(a);
-            let (arg, bounds) = bounded(a, resolve, "SUM")?;
+            let (arg, bounds, keyed) = bounded(a, resolve, bounds_of, "SUM")?;
             Ok(Statistic::Sum {
                 arg,
                 bounds,
-                integer,
+                integer: integer_arg(a) && !keyed,
             })
         }
         "avg" | "mean" => {
-            let (arg, bounds) = bounded(
+            let (arg, bounds, _) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("AVG needs an argument".into()))?,
                 resolve,
+                bounds_of,
                 "AVG",
             )?;
             Ok(Statistic::Avg { arg, bounds })
         }
         "var" | "var_samp" | "var_sample" | "var_pop" | "var_population" | "stddev"
         | "stddev_samp" | "stddev_pop" => {
-            let (arg, bounds) = bounded(
+            let (arg, bounds, _) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("VAR needs an argument".into()))?,
                 resolve,
+                bounds_of,
                 "VAR/STDDEV",
             )?;
             Ok(Statistic::Var {
@@ -550,9 +710,10 @@ fn statistic<'a>(
             })
         }
         "median" => {
-            let (arg, bounds) = bounded(
+            let (arg, bounds, _) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("MEDIAN needs an argument".into()))?,
                 resolve,
+                bounds_of,
                 "MEDIAN",
             )?;
             Ok(Statistic::Quantile {
@@ -584,7 +745,7 @@ fn statistic<'a>(
                     "a percentile must be between 0 and 1".into(),
                 ));
             }
-            let (arg, bounds) = bounded(&col, resolve, "PERCENTILE_CONT")?;
+            let (arg, bounds, _) = bounded(&col, resolve, bounds_of, "PERCENTILE_CONT")?;
             Ok(Statistic::Quantile { arg, bounds, q })
         }
         other => Err(refuse(

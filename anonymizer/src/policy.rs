@@ -5,7 +5,14 @@
 //!
 //! ```toml
 //! privacy_unit = "patient_id"
-//! max_rows_per_unit = 10          # rows a patient may contribute to any query
+//! max_rows_per_unit = 10          # rows a patient may contribute to a query (the default)
+//!
+//! [tables.patients]
+//! max_rows_per_unit = 1           # this table's own bound
+//!
+//! [tables.visits]
+//! max_groups_per_unit = 3         # groups a patient's rows may fall in (L0)
+//! max_rows_per_group = 2          # rows a patient may add to one group (L-infinity)
 //!
 //! [tables.visits.columns]
 //! patient_id  = { class = "privacy_unit" }
@@ -13,10 +20,16 @@
 //! zip         = { class = "quasi_identifier", generalize = "zip3" }
 //! hba1c       = { class = "sensitive", bounds = [4.0, 14.0] }
 //! diagnosis   = { class = "public", domain = ["E11", "I10"] }
+//! code        = { class = "public" }
+//! value       = { class = "sensitive", bounds_by = "code", key_bounds = { "4548-4" = [4.0, 14.0] } }
 //! ```
 //!
-//! Direct identifiers are never readable. Sums and averages need `bounds` (values are clamped
-//! to them). A `domain` makes a column's GROUP BY keys public: every key is released, empty
+//! Every bound is enforced on the data, never assumed: a table's rows per unit when it is
+//! loaded, a join's rows, groups and rows per group by each query (see the engine). Direct
+//! identifiers are never readable. Sums and averages need `bounds` (values are clamped
+//! to them), or bounds that depend on another column of the row (`bounds_by`, for
+//! entity-attribute-value tables: each row's value is clamped to its code's bounds, a row
+//! whose code has none is left out). A `domain` makes a column's GROUP BY keys public: every key is released, empty
 //! ones too, and no partition selection is needed. `generalize` (quasi-identifiers only) says
 //! how extracts release the column (see [`crate::safe_harbor::Rule::parse`]). The README has
 //! the full file format.
@@ -68,14 +81,68 @@ pub struct ColumnPolicy {
     /// How extracts generalize it (see the de-identification module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generalize: Option<String>,
+    /// The column of the same table whose value selects this column's bounds
+    /// (with `key_bounds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounds_by: Option<String>,
+    /// Clamping bounds per value of the `bounds_by` column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_bounds: Option<BTreeMap<String, [f64; 2]>>,
+}
+
+impl ColumnPolicy {
+    /// A column of this class with nothing else declared.
+    pub fn of(class: ColumnClass) -> ColumnPolicy {
+        ColumnPolicy {
+            class,
+            bounds: None,
+            domain: None,
+            generalize: None,
+            bounds_by: None,
+            key_bounds: None,
+        }
+    }
 }
 
 /// A table's policy.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TablePolicy {
+    /// Rows one unit may contribute from this table (default: the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_unit: Option<u32>,
+    /// Groups one unit's rows may fall in (default: the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups_per_unit: Option<u32>,
+    /// Rows one unit may add to one group (default: the policy's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_group: Option<u32>,
     /// Every column by name.
     pub columns: BTreeMap<String, ColumnPolicy>,
+}
+
+/// What one unit (a patient) may contribute to one query, each enforced on the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Rows in all (`k`).
+    pub rows: u32,
+    /// Groups its rows fall in (`g`, at most `k`).
+    pub groups: u32,
+    /// Rows in any one group (`c`, at most `k`).
+    pub rows_per_group: u32,
+}
+
+impl Bounds {
+    /// How many rows one unit can add to or remove from the vector of groups, in L1: `c` with
+    /// one group, else `min(k, g·c)`.
+    pub fn rows_l1(&self, grouped: bool) -> u64 {
+        let c = u64::from(self.rows_per_group);
+        if grouped {
+            (u64::from(self.groups) * c).min(u64::from(self.rows))
+        } else {
+            c
+        }
+    }
 }
 
 /// A dataset's policy.
@@ -84,12 +151,15 @@ pub struct TablePolicy {
 pub struct Policy {
     /// The column holding the privacy-unit id in every table.
     pub privacy_unit: String,
-    /// Rows one unit may contribute to a query (contribution bound).
+    /// Rows one unit may contribute to a query from a table (the default of every table).
     pub max_rows_per_unit: u32,
     /// Groups one unit may contribute to (defaults to `max_rows_per_unit`, which always
     /// holds since each row is in one group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_groups_per_unit: Option<u32>,
+    /// Rows one unit may add to one group (defaults to `max_rows_per_unit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows_per_group: Option<u32>,
     /// Tables by name.
     pub tables: BTreeMap<String, TablePolicy>,
 }
@@ -130,10 +200,22 @@ impl Policy {
         if self.max_groups_per_unit == Some(0) {
             return bad("max_groups_per_unit must be at least 1".into());
         }
+        if self.max_rows_per_group == Some(0) {
+            return bad("max_rows_per_group must be at least 1".into());
+        }
         if self.tables.is_empty() {
             return bad("the policy lists no table".into());
         }
         for (t, tp) in &self.tables {
+            for (name, v) in [
+                ("max_rows_per_unit", tp.max_rows_per_unit),
+                ("max_groups_per_unit", tp.max_groups_per_unit),
+                ("max_rows_per_group", tp.max_rows_per_group),
+            ] {
+                if v == Some(0) {
+                    return bad(format!("table {t}: {name} must be at least 1"));
+                }
+            }
             for (c, cp) in &tp.columns {
                 if cp.generalize.is_some() && cp.class != ColumnClass::QuasiIdentifier {
                     return bad(format!(
@@ -168,22 +250,122 @@ impl Policy {
                     ));
                 }
                 if cp.class == ColumnClass::DirectIdentifier
-                    && (cp.bounds.is_some() || cp.domain.is_some())
+                    && (cp.bounds.is_some() || cp.domain.is_some() || cp.bounds_by.is_some())
                 {
                     return bad(format!(
                         "table {t}, column {c}: a direct identifier has no bounds or domain"
                     ));
+                }
+                match (&cp.bounds_by, &cp.key_bounds) {
+                    (None, None) => {}
+                    (Some(key), Some(per_key)) => {
+                        if cp.bounds.is_some() {
+                            return bad(format!(
+                                "table {t}, column {c}: give bounds or bounds_by, not both"
+                            ));
+                        }
+                        match tp.columns.get(key) {
+                            Some(k)
+                                if !matches!(
+                                    k.class,
+                                    ColumnClass::DirectIdentifier | ColumnClass::PrivacyUnit
+                                ) && key != c => {}
+                            Some(_) => {
+                                return bad(format!(
+                                    "table {t}, column {c}: bounds_by {key} must be a readable \
+                                     column other than {c} (not an identifier or the unit)"
+                                ));
+                            }
+                            None => {
+                                return bad(format!(
+                                    "table {t}, column {c}: bounds_by names unknown column {key}"
+                                ));
+                            }
+                        }
+                        if per_key.is_empty() {
+                            return bad(format!(
+                                "table {t}, column {c}: key_bounds lists no {key}"
+                            ));
+                        }
+                        for (v, [lo, hi]) in per_key {
+                            if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                                return bad(format!(
+                                    "table {t}, column {c}, {key} {v:?}: bounds must be finite, \
+                                     lower <= upper"
+                                ));
+                            }
+                        }
+                    }
+                    _ => {
+                        return bad(format!(
+                            "table {t}, column {c}: bounds_by and key_bounds go together"
+                        ));
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// The effective groups-per-unit bound.
-    pub fn max_groups(&self) -> u32 {
-        self.max_groups_per_unit
-            .unwrap_or(self.max_rows_per_unit)
-            .min(self.max_rows_per_unit)
+    /// The bounds of one table: its own, else the policy's; `g` and `c` at most `k`.
+    pub fn table_bounds(&self, table: &str) -> Bounds {
+        let tp = self.tables.get(table);
+        let rows = tp
+            .and_then(|t| t.max_rows_per_unit)
+            .unwrap_or(self.max_rows_per_unit);
+        let groups = tp
+            .and_then(|t| t.max_groups_per_unit)
+            .or(self.max_groups_per_unit)
+            .unwrap_or(rows)
+            .min(rows);
+        let rows_per_group = tp
+            .and_then(|t| t.max_rows_per_group)
+            .or(self.max_rows_per_group)
+            .unwrap_or(rows)
+            .min(rows);
+        Bounds {
+            rows,
+            groups,
+            rows_per_group,
+        }
+    }
+
+    /// The bounds of a query reading `tables` (joined on the unit when more than one): one
+    /// table's own; for a join, its rows per unit at most the largest table bound (and never
+    /// more than the product of the tables' bounds, which the join cannot exceed), its groups
+    /// and rows per group the largest of the tables', within that.
+    pub fn query_bounds(&self, tables: &[String]) -> Bounds {
+        let each: Vec<Bounds> = tables.iter().map(|t| self.table_bounds(t)).collect();
+        match each.as_slice() {
+            [] => self.table_bounds(""),
+            [one] => *one,
+            many => {
+                let rows = many
+                    .iter()
+                    .map(|b| b.rows)
+                    .max()
+                    .unwrap_or(1)
+                    .min(self.join_rows_per_unit(tables).min(u64::from(u32::MAX)) as u32);
+                Bounds {
+                    rows,
+                    groups: many.iter().map(|b| b.groups).max().unwrap_or(1).min(rows),
+                    rows_per_group: many
+                        .iter()
+                        .map(|b| b.rows_per_group)
+                        .max()
+                        .unwrap_or(1)
+                        .min(rows),
+                }
+            }
+        }
+    }
+
+    /// The most rows one unit can have in the join of `tables` before it is bounded again:
+    /// the product of the tables' bounds (saturating).
+    pub fn join_rows_per_unit(&self, tables: &[String]) -> u64 {
+        tables.iter().fold(1u64, |p, t| {
+            p.saturating_mul(u64::from(self.table_bounds(t).rows))
+        })
     }
 
     /// The policy of `table.column`, if classified.
@@ -238,7 +420,14 @@ site_no = { class = "public", domain = [1, 2, 3] }
     #[test]
     fn a_good_policy_parses_and_round_trips() {
         let p = Policy::from_toml(GOOD).unwrap();
-        assert_eq!(p.max_groups(), 10);
+        assert_eq!(
+            p.table_bounds("visits"),
+            Bounds {
+                rows: 10,
+                groups: 10,
+                rows_per_group: 10
+            }
+        );
         assert_eq!(
             p.column("visits", "hba1c").unwrap().bounds,
             Some([4.0, 14.0])
@@ -247,6 +436,35 @@ site_no = { class = "public", domain = [1, 2, 3] }
             p.column("visits", "site_no").unwrap().domain,
             Some(Domain::Int(vec![1, 2, 3]))
         );
+        assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
+    }
+
+    #[test]
+    fn tables_have_their_own_bounds_and_joins_take_the_largest() {
+        let p = Policy::from_toml(&format!(
+            "{GOOD}\n[tables.patients]\nmax_rows_per_unit = 1\n\
+             [tables.patients.columns]\npatient_id = {{ class = \"privacy_unit\" }}\n\
+             [tables.labs]\nmax_rows_per_unit = 40\nmax_groups_per_unit = 4\nmax_rows_per_group = 3\n\
+             [tables.labs.columns]\npatient_id = {{ class = \"privacy_unit\" }}\n"
+        ))
+        .unwrap();
+        let b = |rows, groups, rows_per_group| Bounds {
+            rows,
+            groups,
+            rows_per_group,
+        };
+        assert_eq!(p.table_bounds("patients"), b(1, 1, 1));
+        assert_eq!(p.table_bounds("visits"), b(10, 10, 10));
+        assert_eq!(p.table_bounds("labs"), b(40, 4, 3));
+        let q = |t: &[&str]| p.query_bounds(&t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // A patient's one row joined to their visits: at most 10 joined rows.
+        assert_eq!(q(&["patients", "visits"]), b(10, 10, 10));
+        assert_eq!(q(&["patients", "patients"]), b(1, 1, 1));
+        assert_eq!(q(&["visits", "labs"]), b(40, 10, 10));
+        assert_eq!(p.join_rows_per_unit(&["visits".into(), "labs".into()]), 400);
+        assert_eq!(b(40, 4, 3).rows_l1(true), 12);
+        assert_eq!(b(10, 4, 3).rows_l1(true), 10);
+        assert_eq!(b(10, 4, 3).rows_l1(false), 3);
         assert_eq!(Policy::from_toml(&p.to_toml()).unwrap(), p);
     }
 
@@ -288,6 +506,30 @@ site_no = { class = "public", domain = [1, 2, 3] }
                 "column diagnosis: only quasi-identifiers",
             ),
             ("not toml [".to_string(), "line 1, column"),
+            (
+                GOOD.replace("[tables.visits.columns]", "[tables.visits]\nmax_rows_per_group = 0\n[tables.visits.columns]"),
+                "table visits: max_rows_per_group must be at least 1",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds_by = \"diagnosis\""),
+                "bounds_by and key_bounds go together",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds_by = \"code\", key_bounds = { E11 = [4.0, 14.0] }"),
+                "bounds_by names unknown column code",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds_by = \"name\", key_bounds = { E11 = [4.0, 14.0] }"),
+                "must be a readable column",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds = [4.0, 14.0], bounds_by = \"diagnosis\", key_bounds = { E11 = [4.0, 14.0] }"),
+                "not both",
+            ),
+            (
+                GOOD.replace("bounds = [4.0, 14.0]", "bounds_by = \"diagnosis\", key_bounds = { E11 = [14.0, 4.0] }"),
+                "diagnosis \"E11\": bounds must be finite",
+            ),
         ] {
             let e = Policy::from_toml(&edit).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");

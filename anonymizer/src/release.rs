@@ -1,12 +1,18 @@
 //! Turning raw per-group statistics into released values: choose the keys, add OpenDP noise
 //! calibrated to each statistic's sensitivity, and compute each cell's 95% accuracy.
 //!
-//! Sensitivities (one patient contributes at most `k` rows, to at most `g` groups; values are
-//! clamped to `[lo, hi]`, `B = max(|lo|, |hi|)`, `h = (hi - lo) / 2`), in L1 over the vector of
-//! groups: row counts `k`; patient counts `g`; sums `k·B`; centred sums `k·h` (AVG, VAR: the
-//! centring on the midpoint halves the sensitivity); centred sums of squares `k·h²`. Float sums
-//! add a slack for rounding in the engine's summation (`n²·2⁻⁵²·B` for `n` rows, after
-//! Casacuberta et al., "Widespread Underestimation of Sensitivity in DP Libraries", CCS 2022).
+//! Sensitivities ([`sensitivities`]; one patient contributes at most `k` rows, to at most `g`
+//! groups, at most `c` rows to any one; all three enforced on the data, see [`Bounds`];
+//! values are clamped to `[lo, hi]`, `B = max(|lo|, |hi|)`, `h = (hi - lo) / 2`), in L1 over
+//! the vector of groups, with `r = min(k, g·c)` rows (`c` with no GROUP BY): row counts `r`;
+//! patient counts 1 per group, so 1 with no GROUP BY, `min(g, keys)` over public keys, `g`
+//! over selected ones; sums `r·B`; centred sums `r·h` (AVG, VAR: the centring on the
+//! midpoint halves the sensitivity); centred sums of squares `r·h²`. Float sums add a slack
+//! for rounding in the engine's summation (`n²·2⁻⁵²·B` for `n` rows, after Casacuberta et
+//! al., "Widespread Underestimation of Sensitivity in DP Libraries", CCS 2022). Partition
+//! selection thresholds patient counts (each patient adds 1 to at most `g` groups) unless the
+//! query releases row counts and no patient counts, when the thresholded row counts are
+//! released as they are.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +27,7 @@ use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::mechanisms;
 use crate::plan::{Checked, Keys, Statistic};
-use crate::policy::Domain;
+use crate::policy::{Bounds, Domain};
 use crate::quantile;
 
 /// The noisy aggregate, ready for the operators above it.
@@ -169,6 +175,70 @@ pub fn half_width(a: f64) -> f64 {
     }
 }
 
+/// Whether partition selection thresholds patient counts (column `__u`) rather than row
+/// counts (`__n`): always, unless the query releases row counts and no patient counts (the
+/// thresholded row counts are then released, saving a draw).
+pub fn selects_by_units(stats: &[Statistic]) -> bool {
+    stats.contains(&Statistic::CountUnits) || !stats.contains(&Statistic::CountRows)
+}
+
+/// The L1 sensitivity the noise of each raw (pre-noise) column is calibrated to: `__n` (rows
+/// per group), `__u` (patients per group), and per statistic `__s{i}_n`, `__s{i}_sum`,
+/// `__s{i}_sum2`; `rows` is the dataset's size (for the float-summation slack). Quantiles
+/// are released by their own mechanism (see [`crate::quantile`]) and are not listed.
+pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
+    let b: Bounds = checked.bounds;
+    let grouped = !checked.aggregate.group_expr.is_empty();
+    let r = b.rows_l1(grouped) as f64;
+    let units = match &checked.keys {
+        Keys::None => 1.0,
+        Keys::Public(domains) => {
+            let cells = domains
+                .iter()
+                .map(|d| match d {
+                    Domain::Text(v) => v.len() as f64,
+                    Domain::Int(v) => v.len() as f64,
+                })
+                .product::<f64>();
+            f64::from(b.groups).min(cells.max(1.0))
+        }
+        Keys::Selected => f64::from(b.groups),
+    };
+    let n = rows as f64;
+    let slack = |x: f64| n * n * f64::EPSILON * x;
+    let mut out = vec![("__n".to_string(), r), ("__u".to_string(), units)];
+    for (i, s) in checked.stats.iter().enumerate() {
+        let name = |part: &str| format!("__s{i}_{part}");
+        match s {
+            Statistic::CountRows | Statistic::CountValues(_) => out.push((name("n"), r)),
+            Statistic::CountUnits => out.push((name("n"), units)),
+            Statistic::Sum {
+                bounds, integer, ..
+            } => {
+                let big = bounds[0].abs().max(bounds[1].abs());
+                out.push((
+                    name("sum"),
+                    if *integer {
+                        r * big.ceil()
+                    } else {
+                        r * big + slack(big)
+                    },
+                ));
+            }
+            Statistic::Avg { bounds, .. } | Statistic::Var { bounds, .. } => {
+                let h = (bounds[1] - bounds[0]) / 2.0;
+                out.push((name("n"), r));
+                out.push((name("sum"), r * h + slack(h)));
+                if matches!(s, Statistic::Var { .. }) {
+                    out.push((name("sum2"), r * h * h + slack(h * h)));
+                }
+            }
+            Statistic::Quantile { .. } => {}
+        }
+    }
+    out
+}
+
 /// Adds noise to every statistic and builds the released batch.
 pub fn noise(
     checked: &Checked,
@@ -178,13 +248,21 @@ pub fn noise(
     delta: f64,
     min_cell: Option<u64>,
 ) -> Result<Noised> {
-    let policy = &dataset.policy;
-    let k = i64::from(policy.max_rows_per_unit);
-    let g = policy.max_groups();
-    let n_rows = dataset.rows() as f64;
-    let slack = |b: f64| n_rows * n_rows * f64::EPSILON * b;
+    let contribution = checked.bounds;
+    let g = contribution.groups;
+    let sens_list = sensitivities(checked, dataset.rows());
+    let sens = |column: &str| -> Result<f64> {
+        sens_list
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
+    };
+    // Integer mechanisms take integer sensitivities (whole numbers by construction).
+    let isens = |column: &str| -> Result<i64> { Ok(sens(column)?.ceil() as i64) };
     let n_keys = checked.aggregate.group_expr.len();
     let selected = checked.keys == Keys::Selected;
+    let by_units = selected && selects_by_units(&checked.stats);
 
     // The study's minimum cell size needs a noisy size per group: a count the query releases,
     // or else one more noisy row count (one more share of the budget).
@@ -206,7 +284,8 @@ pub fn noise(
         .stats
         .iter()
         .map(|s| match s {
-            Statistic::CountRows if selected => 0,
+            Statistic::CountRows if selected && !by_units => 0,
+            Statistic::CountUnits if by_units => 0,
             Statistic::Avg { .. } => 2,
             Statistic::Var { .. } => 3,
             _ => 1,
@@ -229,14 +308,24 @@ pub fn noise(
         },
         Keys::Public(domains) => public_groups(raw, n_keys, domains)?,
         Keys::Selected => {
-            let n = col(raw, "__n")?.as_primitive::<Int64Type>();
+            let (column, what, linf) = if by_units {
+                ("__u", "partition selection (patient counts)", 1)
+            } else {
+                (
+                    "__n",
+                    "partition selection (row counts)",
+                    i64::from(contribution.rows_per_group),
+                )
+            };
+            let n = col(raw, column)?.as_primitive::<Int64Type>();
             let counts: HashMap<u64, i64> = (0..raw.num_rows())
                 .map(|r| (r as u64, n.value(r)))
                 .collect();
-            let (kept, info, d) = mechanisms::laplace_threshold(&counts, g, k, share, delta)?;
+            let (kept, info, d) =
+                mechanisms::laplace_threshold(&counts, g, isens(column)?, linf, share, delta)?;
             spent_eps += info.epsilon;
             spent_delta += d;
-            mech.push(json!({"statistic": "partition selection (row counts)", "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.epsilon, "delta": d}));
+            mech.push(json!({"statistic": what, "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.epsilon, "delta": d}));
             let mut rows: Vec<(u64, i64)> = kept.into_iter().collect();
             rows.sort_unstable();
             threshold_counts = Some((rows.iter().map(|r| r.1.max(0)).collect(), info.accuracy));
@@ -269,7 +358,14 @@ pub fn noise(
         let name = |part: &str| format!("__s{i}_{part}");
         let m = rows.len();
         match s {
-            Statistic::CountRows if selected => {
+            Statistic::CountRows if selected && !by_units => {
+                let (counts, acc) = threshold_counts
+                    .clone()
+                    .ok_or_else(|| eng("no thresholded counts"))?;
+                values.push(Arc::new(Int64Array::from(counts)));
+                accuracies.push(Some(Float64Array::from(vec![acc; m])));
+            }
+            Statistic::CountUnits if by_units => {
                 let (counts, acc) = threshold_counts
                     .clone()
                     .ok_or_else(|| eng("no thresholded counts"))?;
@@ -277,12 +373,11 @@ pub fn noise(
                 accuracies.push(Some(Float64Array::from(vec![acc; m])));
             }
             Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
-                let sens = if matches!(s, Statistic::CountUnits) {
-                    i64::from(g)
-                } else {
-                    k
-                };
-                let n = mechanisms::laplace_i64(&ints(col(raw, &name("n"))?, rows)?, sens, share)?;
+                let n = mechanisms::laplace_i64(
+                    &ints(col(raw, &name("n"))?, rows)?,
+                    isens(&name("n"))?,
+                    share,
+                )?;
                 record(&format!("count {i}"), "laplace", n.scale, n.epsilon);
                 gauge.get_or_insert_with(|| n.values.clone());
                 values.push(Arc::new(Int64Array::from(
@@ -290,14 +385,11 @@ pub fn noise(
                 )));
                 accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
             }
-            Statistic::Sum {
-                bounds, integer, ..
-            } => {
-                let b = bounds[0].abs().max(bounds[1].abs());
+            Statistic::Sum { integer, .. } => {
                 if *integer {
                     let n = mechanisms::laplace_i64(
                         &ints(col(raw, &name("sum"))?, rows)?,
-                        k * b.ceil() as i64,
+                        isens(&name("sum"))?,
                         share,
                     )?;
                     record(&format!("sum {i}"), "laplace", n.scale, n.epsilon);
@@ -306,7 +398,7 @@ pub fn noise(
                 } else {
                     let n = mechanisms::laplace_f64(
                         &floats(col(raw, &name("sum"))?, rows)?,
-                        k as f64 * b + slack(b),
+                        sens(&name("sum"))?,
                         share,
                     )?;
                     record(&format!("sum {i}"), "laplace", n.scale, n.epsilon);
@@ -317,12 +409,16 @@ pub fn noise(
             Statistic::Avg { bounds, .. } | Statistic::Var { bounds, .. } => {
                 let [lo, hi] = *bounds;
                 let (mid, h) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-                let cnt = mechanisms::laplace_i64(&ints(col(raw, &name("n"))?, rows)?, k, share)?;
+                let cnt = mechanisms::laplace_i64(
+                    &ints(col(raw, &name("n"))?, rows)?,
+                    isens(&name("n"))?,
+                    share,
+                )?;
                 record(&format!("count {i}"), "laplace", cnt.scale, cnt.epsilon);
                 gauge.get_or_insert_with(|| cnt.values.clone());
                 let sum = mechanisms::laplace_f64(
                     &floats(col(raw, &name("sum"))?, rows)?,
-                    k as f64 * h + slack(h),
+                    sens(&name("sum"))?,
                     share,
                 )?;
                 record(
@@ -345,7 +441,7 @@ pub fn noise(
                 let sum2 = if matches!(s, Statistic::Var { .. }) {
                     let n = mechanisms::laplace_f64(
                         &floats(col(raw, &name("sum2"))?, rows)?,
-                        k as f64 * h * h + slack(h * h),
+                        sens(&name("sum2"))?,
                         share,
                     )?;
                     record(
@@ -423,7 +519,7 @@ pub fn noise(
                         &candidates,
                         *bounds,
                         *q,
-                        policy.max_rows_per_unit,
+                        contribution.rows_per_group,
                         per_group,
                     )?;
                     eps_q = eps_q.max(c.epsilon);
@@ -453,7 +549,7 @@ pub fn noise(
     let mut cells_suppressed = 0u64;
     if let Some(min) = min_cell.filter(|&m| m > 1) {
         if gauge.is_none() {
-            let n = mechanisms::laplace_i64(&ints(col(raw, "__n")?, rows)?, k, share)?;
+            let n = mechanisms::laplace_i64(&ints(col(raw, "__n")?, rows)?, isens("__n")?, share)?;
             spent_eps += n.epsilon;
             mech.push(json!({"statistic": "group size (for the minimum cell size)", "mechanism": "laplace", "scale": n.scale, "epsilon": n.epsilon}));
             gauge = Some(n.values);
@@ -520,8 +616,9 @@ pub fn noise(
     }
     let mechanism = json!({
         "keys": match checked.keys { Keys::None => "none", Keys::Public(_) => "public", Keys::Selected => "selected" },
-        "max_rows_per_unit": k,
+        "max_rows_per_unit": contribution.rows,
         "max_groups_per_unit": g,
+        "max_rows_per_group": contribution.rows_per_group,
         "statistics": mech,
     });
     let mut mechanism = mechanism;

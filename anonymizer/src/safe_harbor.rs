@@ -613,10 +613,8 @@ mod tests {
     #[test]
     fn rules_parse_and_must_fit_the_column() {
         let cp = |class, g: Option<&str>| ColumnPolicy {
-            class,
-            bounds: None,
-            domain: None,
             generalize: g.map(str::to_string),
+            ..ColumnPolicy::of(class)
         };
         let q = ColumnClass::QuasiIdentifier;
         for (g, t, expected) in [
