@@ -663,7 +663,23 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
         privacy_unit = Some(f.column.clone());
     }
     let rows = batches.iter().map(RecordBatch::num_rows).sum();
-    let policy_toml = to_toml(table, rows, privacy_unit.as_deref(), &findings, opts);
+    let per_unit = match &privacy_unit {
+        Some(u) => rows_per_unit(
+            batches,
+            schema
+                .index_of(u)
+                .map_err(|e| Error::Dataset(e.to_string()))?,
+        )?,
+        None => None,
+    };
+    let policy_toml = to_toml(
+        table,
+        rows,
+        privacy_unit.as_deref(),
+        per_unit,
+        &findings,
+        opts,
+    );
     Ok(Proposal {
         table: table.to_string(),
         rows,
@@ -712,6 +728,31 @@ fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
     }
 }
 
+/// How many rows each unit has, over every row: (median, 99th percentile, most), or `None`
+/// for a table without rows.
+fn rows_per_unit(batches: &[RecordBatch], unit: usize) -> Result<Option<(usize, usize, usize)>> {
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for b in batches {
+        let text = arrow::compute::cast(b.column(unit), &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| Error::Dataset(e.to_string()))?;
+        for v in text.as_string::<i32>().iter().flatten() {
+            match counts.get_mut(v) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(v.to_owned(), 1);
+                }
+            }
+        }
+    }
+    let mut n: Vec<usize> = counts.into_values().collect();
+    if n.is_empty() {
+        return Ok(None);
+    }
+    n.sort_unstable();
+    let at = |q: f64| n[((n.len() - 1) as f64 * q).round() as usize];
+    Ok(Some((at(0.5), at(0.99), n[n.len() - 1])))
+}
+
 fn toml_key(k: &str) -> String {
     if !k.is_empty()
         && k.chars()
@@ -737,6 +778,7 @@ fn to_toml(
     table: &str,
     rows: usize,
     unit: Option<&str>,
+    per_unit: Option<(usize, usize, usize)>,
     findings: &[Finding],
     opts: &Options,
 ) -> String {
@@ -762,8 +804,28 @@ fn to_toml(
     }
     let _ = writeln!(
         s,
-        "# Rows one patient may contribute to a differentially private query.\nmax_rows_per_unit = 10\n"
+        "# Rows one patient may contribute to a differentially private query (the default of \
+         every table).\nmax_rows_per_unit = 10\n"
     );
+    let _ = writeln!(s, "[tables.{}]", toml_key(table));
+    match per_unit {
+        Some((median, p99, most)) => {
+            let _ = writeln!(
+                s,
+                "# Proposed from the data (every row was read): rows per patient, median {median}, \
+                 99th percentile {p99}, most {most}.\n# A tighter bound drops a patient's rows \
+                 past it (bias); a looser one adds noise to every answer.\n\
+                 max_rows_per_unit = {}\n",
+                p99.max(1)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "# No rows per patient could be counted: review the bound.\n"
+            );
+        }
+    }
     let _ = writeln!(s, "[tables.{}.columns]", toml_key(table));
     for f in findings {
         let what = f.kind.map_or("no identifier", |k| k.label());

@@ -440,6 +440,19 @@ site_no = { class = "public", domain = [1, 2, 3] }
     }
 
     #[test]
+    fn the_readme_policy_is_a_valid_policy() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n# The column that identifies a patient")
+            .expect("the README shows a policy");
+        let body = &readme[start + "```toml\n".len()..];
+        let p = Policy::from_toml(&body[..body.find("```").unwrap()]).unwrap();
+        assert_eq!(p.table_bounds("patients").rows, 1);
+        assert_eq!(p.table_bounds("visits").rows_per_group, 3);
+        assert!(p.column("labs", "value").unwrap().key_bounds.is_some());
+    }
+
+    #[test]
     fn tables_have_their_own_bounds_and_joins_take_the_largest() {
         let p = Policy::from_toml(&format!(
             "{GOOD}\n[tables.patients]\nmax_rows_per_unit = 1\n\

@@ -361,3 +361,34 @@ fn files_are_read_as_parquet_or_arrow_ipc() {
     let e = inspect_file(&dir.join("missing.parquet"), &Options::default()).unwrap_err();
     assert!(e.to_string().contains("missing.parquet"));
 }
+
+#[test]
+fn the_proposed_rows_per_patient_come_from_the_data() {
+    // 198 patients with 2 rows, 2 with 40: the 99th percentile is 2, the most 40.
+    let mut ids = Vec::new();
+    for p in 0..200i64 {
+        let n = if p < 2 { 40 } else { 2 };
+        ids.extend(std::iter::repeat_n(p, n));
+    }
+    let values: Vec<f64> = (0..ids.len()).map(|i| i as f64).collect();
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Int64, false),
+            Field::new("value", DataType::Float64, false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(Float64Array::from(values)),
+        ],
+    )
+    .unwrap();
+    let p = inspect_batches("labs", &[batch], &Options::default()).unwrap();
+    let policy = Policy::from_toml(&p.policy_toml).unwrap();
+    assert_eq!(policy.table_bounds("labs").rows, 2, "{}", p.policy_toml);
+    assert!(
+        p.policy_toml
+            .contains("rows per patient, median 2, 99th percentile 2, most 40"),
+        "{}",
+        p.policy_toml
+    );
+}

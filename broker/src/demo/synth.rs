@@ -73,7 +73,24 @@ pub const MAX_PATIENTS: usize = 1_000_000;
 /// the ZIP code carries the geography as its first three digits.
 pub const POLICY: &str = r#"# Column policy for the synthetic demo data set (broker::demo::synth).
 privacy_unit = "patient_id"
+# Rows one patient may contribute from a table, unless the table says otherwise.
 max_rows_per_unit = 30
+
+# One row per patient: counts of patients by sex, race... move by 1 per patient.
+[tables.patients]
+max_rows_per_unit = 1
+
+[tables.encounters]
+max_rows_per_unit = 15
+
+[tables.conditions]
+max_rows_per_unit = 6
+
+# At most 30 labs per patient, at most 3 of them in any one group (the rest are dropped from
+# that group's aggregate: less noise, a little bias).
+[tables.observations]
+max_rows_per_unit = 30
+max_rows_per_group = 3
 
 [tables.patients.columns]
 patient_id = { class = "privacy_unit" }
@@ -109,7 +126,8 @@ patient_id = { class = "privacy_unit" }
 date = { class = "quasi_identifier", generalize = "year" }
 code = { class = "public", domain = ["4548-4", "2345-7", "2089-1", "8480-6", "39156-5", "33914-3"] }
 description = { class = "sensitive" }
-value = { class = "sensitive", bounds = [0.0, 400.0] }
+# Each lab's value is clamped to its own plausible range (by LOINC code).
+value = { class = "sensitive", bounds_by = "code", key_bounds = { "4548-4" = [4.0, 14.0], "2345-7" = [40.0, 400.0], "2089-1" = [20.0, 300.0], "8480-6" = [70.0, 220.0], "39156-5" = [12.0, 60.0], "33914-3" = [5.0, 150.0] } }
 units = { class = "sensitive" }
 "#;
 
@@ -131,7 +149,6 @@ const MAX_ENCOUNTERS: usize = 15;
 const MAX_OBSERVATIONS: usize = 30;
 const MAX_OBSERVATIONS_PER_ENCOUNTER: usize = 3;
 const MAX_COST: f64 = 50_000.0;
-const MAX_VALUE: f64 = 400.0;
 
 /// Patients between two calls of `progress`.
 const PROGRESS_EVERY: usize = 1_000;
@@ -686,6 +703,18 @@ impl Lab {
         }
     }
 
+    /// The plausible range its values are drawn in (the policy's bounds for its code).
+    fn range(self) -> [f64; 2] {
+        match self {
+            Lab::Hba1c => [4.0, 14.0],
+            Lab::Glucose => [40.0, 400.0],
+            Lab::Ldl => [20.0, 300.0],
+            Lab::Systolic => [70.0, 220.0],
+            Lab::Bmi => [12.0, 60.0],
+            Lab::Egfr => [5.0, 150.0],
+        }
+    }
+
     fn description(self) -> &'static str {
         match self {
             Lab::Hba1c => "Hemoglobin A1c/Hemoglobin.total in Blood",
@@ -978,7 +1007,8 @@ fn observations(
             left[i] = 0.0;
             let lab = Lab::ALL[i];
             let (mean, sd, decimals) = lab.distribution(age_on(p.birth, v.start), &has);
-            let value = round(normal(rng, mean, sd).clamp(0.0, MAX_VALUE), decimals);
+            let [lo, hi] = lab.range();
+            let value = round(normal(rng, mean, sd).clamp(lo, hi), decimals);
             out.push(Measurement {
                 day: v.start,
                 lab,
@@ -1577,8 +1607,9 @@ mod tests {
                 encounter_days[id].contains(&o_days[i]),
                 "on an encounter date"
             );
-            assert!((0.0..=MAX_VALUE).contains(&values[i]));
             let lab = Lab::ALL.iter().find(|l| l.code() == o_codes[i]).unwrap();
+            let [lo, hi] = lab.range();
+            assert!((lo..=hi).contains(&values[i]));
             assert_eq!(lab.units(), units[i]);
         }
         for id in c_ids.iter().chain(&e_ids).chain(&o_ids) {
@@ -1659,7 +1690,18 @@ mod tests {
     #[test]
     fn the_policy_classifies_every_column_and_fits_the_data() {
         let policy = anonymizer::Policy::from_toml(POLICY).unwrap();
-        assert_eq!(policy.max_rows_per_unit as usize, MAX_OBSERVATIONS);
+        assert_eq!(
+            policy.table_bounds("observations").rows as usize,
+            MAX_OBSERVATIONS
+        );
+        assert_eq!(
+            policy.table_bounds("encounters").rows as usize,
+            MAX_ENCOUNTERS
+        );
+        assert_eq!(
+            policy.table_bounds("conditions").rows as usize,
+            MAX_CONDITIONS
+        );
         assert_eq!(
             policy
                 .tables
@@ -1685,13 +1727,35 @@ mod tests {
                 rule.apply(f.name(), a, reference).unwrap();
             }
         }
-        let obs = read(&g.tables[3]);
-        let [lo, hi] = policy
+        // Every lab has its range as its code's bounds, and every value lies in them.
+        let per_code = policy
             .column("observations", "value")
             .unwrap()
-            .bounds
+            .key_bounds
+            .clone()
             .unwrap();
-        assert!(floats(&obs, "value").iter().all(|v| (lo..=hi).contains(v)));
+        for lab in Lab::ALL {
+            assert_eq!(per_code[lab.code()], lab.range(), "{}", lab.code());
+        }
+        let obs = read(&g.tables[3]);
+        for (code, v) in text(&obs, "code").into_iter().zip(floats(&obs, "value")) {
+            let [lo, hi] = per_code[code];
+            assert!((lo..=hi).contains(&v), "{code}: {v}");
+        }
+        for t in ["patients", "encounters", "conditions", "observations"] {
+            let rows = policy.table_bounds(t).rows as usize;
+            let most = count_by(&text(
+                &read(&g.tables[NAMES.iter().position(|n| *n == t).unwrap()]),
+                "patient_id",
+            ))
+            .into_values()
+            .max()
+            .unwrap();
+            assert!(
+                most <= rows,
+                "{t}: a patient has {most} rows, the bound is {rows}"
+            );
+        }
     }
 
     #[test]

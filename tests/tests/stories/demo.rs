@@ -127,6 +127,89 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
         .collect();
     assert_eq!(names, ["sex", "hba1c", "hba1c_ci95"]);
     assert_eq!(b.num_rows(), 2, "both sexes of the public domain");
+
+    // Answers a study can use: the bounds fit the data (one row per patient in patients,
+    // labs bounded by their own ranges, at most 3 labs of a patient in one group).
+    let at = |sql: &str, epsilon: f64| proto::v1::QueryRequest {
+        sql: sql.into(),
+        epsilon,
+        delta: 0.0,
+        ..req.clone()
+    };
+    let widths = |batches: &[arrow::array::RecordBatch], column: &str| -> Vec<f64> {
+        use arrow::array::AsArray;
+        batches
+            .iter()
+            .flat_map(|b| {
+                let c = arrow::compute::cast(
+                    b.column_by_name(column).unwrap(),
+                    &arrow::datatypes::DataType::Float64,
+                )
+                .unwrap();
+                c.as_primitive::<arrow::datatypes::Float64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    };
+    for (sql, eps, column, widest) in [
+        // A cohort count: patients with type 2 diabetes, sensitivity 1.
+        (
+            "SELECT COUNT(DISTINCT patient_id) AS n FROM conditions WHERE code = 'E11.9'",
+            0.1,
+            "n_ci95",
+            35.0,
+        ),
+        (
+            "SELECT sex, COUNT(DISTINCT patient_id) AS n FROM patients GROUP BY sex",
+            0.1,
+            "n_ci95",
+            35.0,
+        ),
+        (
+            "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex",
+            0.1,
+            "n_ci95",
+            35.0,
+        ),
+    ] {
+        let (_, batches) = w.run(&alice, at(sql, eps)).await.unwrap();
+        let got = widths(&batches, column);
+        assert!(
+            !got.is_empty() && got.iter().all(|w| *w <= widest),
+            "{sql}: {got:?}"
+        );
+    }
+    // Mean HbA1c by sex: HbA1c's own bounds [4, 14] (half-range 5, not 200), sex from the
+    // one-row patients table (one group per patient), at most 3 labs per patient and group:
+    // the centred sum's sensitivity is 3 x 5 = 15, at epsilon 0.25 (half of 0.5) a scale of 60.
+    let (h, _) = w
+        .run(
+            &alice,
+            at(
+                "SELECT p.sex, AVG(o.value) AS hba1c FROM observations o \
+                 JOIN patients p ON o.patient_id = p.patient_id \
+                 WHERE o.code = '4548-4' GROUP BY p.sex",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    let m = &w.receipt(h.receipt_index).mechanism;
+    assert_eq!(m["max_groups_per_unit"], 1);
+    assert_eq!(m["max_rows_per_group"], 3);
+    let scale = |what: &str| {
+        m["statistics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["statistic"] == what)
+            .unwrap()["scale"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!((scale("centred sum 0") / 60.0 - 1.0).abs() < 0.01, "{m:?}");
+    assert!((scale("count 0") / 12.0 - 1.0).abs() < 0.01, "{m:?}");
     // A join on anything but the patient is refused, and receipted.
     let cross = proto::v1::QueryRequest {
         sql: "SELECT COUNT(*) FROM observations o JOIN patients p ON o.code = p.sex".into(),
