@@ -199,6 +199,13 @@ impl Dataset {
                 &policy, &name, &schema, batches, &mut units,
             )?));
         }
+        if !units.ints.is_empty() && !units.strings.is_empty() {
+            return Err(Error::Dataset(format!(
+                "the privacy unit {} is a number in some tables and text in others: give it one \
+                 type in every table",
+                policy.privacy_unit
+            )));
+        }
         Ok(Dataset {
             policy,
             tables: out,

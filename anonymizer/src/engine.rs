@@ -1091,6 +1091,9 @@ impl Engine {
     pub(crate) async fn calibration_for_tests(&self, sql: &str) -> Result<Vec<(String, f64)>> {
         let plan = self.analyzed(sql).await?;
         let checked = plan::check(plan, &self.dataset.policy)?;
-        Ok(release::sensitivities(&checked, self.dataset.rows()))
+        Ok(release::sensitivities(
+            &checked,
+            release::summed_rows(&checked, &self.dataset),
+        ))
     }
 }

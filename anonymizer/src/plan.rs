@@ -358,8 +358,8 @@ fn check_join(
     let schema = j.schema.as_ref();
     let n_left = j.left.schema().fields().len();
     let class = |e: &Expr| -> Result<Option<(usize, ColumnClass)>> {
-        match strip_alias(e) {
-            Expr::Column(c) => {
+        match exact_column(e, schema) {
+            Some(Expr::Column(c)) => {
                 let i = schema
                     .index_of_column(c)
                     .map_err(|_| Error::InvalidQuery(format!("unknown column {}", c.name)))?;
@@ -407,6 +407,33 @@ fn check_join(
             "a join that is not on the privacy unit",
             "join a dataset's tables with JOIN ... ON a.<privacy unit> = b.<privacy unit>",
         ))
+    }
+}
+
+/// The column under aliases and exact casts only (between integer types, or between text
+/// types: equal results mean equal values). Any other cast could make different patients' ids
+/// equal (ids cast to booleans, to floats, text ids to numbers), so a join on it is not a
+/// join on the unit.
+fn exact_column<'e>(e: &'e Expr, schema: &DFSchema) -> Option<&'e Expr> {
+    let exact = |inner: &Expr, to: &arrow::datatypes::DataType| {
+        let text = |t: &arrow::datatypes::DataType| {
+            matches!(
+                t,
+                arrow::datatypes::DataType::Utf8
+                    | arrow::datatypes::DataType::LargeUtf8
+                    | arrow::datatypes::DataType::Utf8View
+            )
+        };
+        inner
+            .get_type(schema)
+            .is_ok_and(|from| (from.is_integer() && to.is_integer()) || (text(&from) && text(to)))
+    };
+    match e {
+        Expr::Alias(a) => exact_column(&a.expr, schema),
+        Expr::Cast(c) if exact(&c.expr, c.field.data_type()) => exact_column(&c.expr, schema),
+        Expr::TryCast(c) if exact(&c.expr, c.field.data_type()) => exact_column(&c.expr, schema),
+        Expr::Column(_) => Some(e),
+        _ => None,
     }
 }
 

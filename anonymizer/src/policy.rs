@@ -256,6 +256,23 @@ impl Policy {
                         "table {t}, column {c}: a direct identifier has no bounds or domain"
                     ));
                 }
+                if let Some(d) = &cp.domain {
+                    let values: Vec<String> = match d {
+                        Domain::Text(v) => v.clone(),
+                        Domain::Int(v) => v.iter().map(i64::to_string).collect(),
+                    };
+                    let distinct: std::collections::BTreeSet<&String> = values.iter().collect();
+                    if distinct.len() != values.len() {
+                        return bad(format!(
+                            "table {t}, column {c}: the domain lists a value twice"
+                        ));
+                    }
+                    if values.iter().any(|v| v.chars().any(char::is_control)) {
+                        return bad(format!(
+                            "table {t}, column {c}: a domain value holds a control character"
+                        ));
+                    }
+                }
                 match (&cp.bounds_by, &cp.key_bounds) {
                     (None, None) => {}
                     (Some(key), Some(per_key)) => {
@@ -519,6 +536,14 @@ site_no = { class = "public", domain = [1, 2, 3] }
                 "column diagnosis: only quasi-identifiers",
             ),
             ("not toml [".to_string(), "line 1, column"),
+            (
+                GOOD.replace("[\"E11\", \"I10\"]", "[\"E11\", \"I10\", \"E11\"]"),
+                "column diagnosis: the domain lists a value twice",
+            ),
+            (
+                GOOD.replace("[1, 2, 3]", "[1, 2, 1]"),
+                "column site_no: the domain lists a value twice",
+            ),
             (
                 GOOD.replace("[tables.visits.columns]", "[tables.visits]\nmax_rows_per_group = 0\n[tables.visits.columns]"),
                 "table visits: max_rows_per_group must be at least 1",

@@ -239,6 +239,14 @@ pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
     out
 }
 
+/// The most rows a query's aggregate can sum: the dataset's rows, or for a join, every unit's
+/// bound of joined rows (for the float-summation slack).
+pub fn summed_rows(checked: &Checked, dataset: &Dataset) -> u64 {
+    dataset
+        .rows()
+        .max((dataset.units.len() as u64).saturating_mul(u64::from(checked.bounds.rows)))
+}
+
 /// Adds noise to every statistic and builds the released batch.
 pub fn noise(
     checked: &Checked,
@@ -250,7 +258,7 @@ pub fn noise(
 ) -> Result<Noised> {
     let contribution = checked.bounds;
     let g = contribution.groups;
-    let sens_list = sensitivities(checked, dataset.rows());
+    let sens_list = sensitivities(checked, summed_rows(checked, dataset));
     let sens = |column: &str| -> Result<f64> {
         sens_list
             .iter()

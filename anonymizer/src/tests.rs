@@ -353,6 +353,35 @@ async fn bounds_by_key_follow_the_where_and_name_a_key_without_bounds() {
     assert!(kept > 0 && kept < counted, "{kept} of {counted}");
 }
 
+#[test]
+fn a_unit_of_two_types_is_refused_when_loaded() {
+    // Numbered apart, integer and text ids would share dense numbers: a consent for one
+    // patient would filter another's rows.
+    let text_ids = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Utf8, false),
+            Field::new("smoker", DataType::Utf8, false),
+            Field::new("weight", DataType::Float64, false),
+        ])),
+        vec![
+            Arc::new(StringArray::from(vec!["1000", "1001"])),
+            Arc::new(StringArray::from(vec!["no", "yes"])),
+            Arc::new(Float64Array::from(vec![60.0, 70.0])),
+        ],
+    )
+    .unwrap();
+    let Err(e) = Dataset::from_batches(
+        Policy::from_toml(POLICY).unwrap(),
+        vec![
+            ("visits".into(), vec![visits(5)]),
+            ("patients".into(), vec![text_ids]),
+        ],
+    ) else {
+        panic!("a unit of two types was loaded");
+    };
+    assert!(e.to_string().contains("one type"), "{e}");
+}
+
 #[tokio::test]
 async fn refusals_name_the_construct() {
     let e = engine(200);
@@ -415,6 +444,19 @@ async fn refusals_name_the_construct() {
         (
             "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id < p.patient_id",
             "privacy unit",
+        ),
+        // Casts that make different patients' ids equal: not a join on the unit.
+        (
+            "SELECT COUNT(*) FROM patients p JOIN visits v ON CAST(p.patient_id AS BOOLEAN) = CAST(v.patient_id AS BOOLEAN)",
+            "privacy unit patient_id in a join condition",
+        ),
+        (
+            "SELECT COUNT(*) FROM patients p JOIN visits v ON CAST(p.patient_id AS REAL) = CAST(v.patient_id AS REAL)",
+            "privacy unit patient_id in a join condition",
+        ),
+        (
+            "SELECT COUNT(*) FROM patients p JOIN visits v ON CAST(p.patient_id AS VARCHAR) = CAST(v.patient_id AS VARCHAR)",
+            "privacy unit patient_id in a join condition",
         ),
         (
             "SELECT COUNT(*) FROM visits v JOIN visits w ON v.patient_id = w.patient_id AND v.name = w.name",
