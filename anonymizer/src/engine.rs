@@ -1068,8 +1068,7 @@ impl Engine {
         sql: &str,
         filter: &ConsentFilter,
     ) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        let plan = self.analyzed(sql).await?;
-        let checked = plan::check(plan, &self.dataset.policy)?;
+        let checked = self.checked_for_tests(sql).await?;
         let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
         let lower = self.lower_plan(&checked, set.as_ref())?;
         Ok(self.catalog.state().create_physical_plan(&lower).await?)
@@ -1081,16 +1080,19 @@ impl Engine {
         sql: &str,
         filter: &ConsentFilter,
     ) -> Result<RecordBatch> {
-        let plan = self.analyzed(sql).await?;
-        let checked = plan::check(plan, &self.dataset.policy)?;
+        let checked = self.checked_for_tests(sql).await?;
         let set = UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new);
         self.aggregate(&checked, set.as_ref()).await
     }
 
+    /// A query planned and checked as prepare does it (tests).
+    async fn checked_for_tests(&self, sql: &str) -> Result<Checked> {
+        plan::check(self.analyzed(sql).await?, &self.dataset.policy)
+    }
+
     /// The L1 sensitivity each raw column's noise is calibrated to, for a query (tests).
     pub(crate) async fn calibration_for_tests(&self, sql: &str) -> Result<Vec<(String, f64)>> {
-        let plan = self.analyzed(sql).await?;
-        let checked = plan::check(plan, &self.dataset.policy)?;
+        let checked = self.checked_for_tests(sql).await?;
         Ok(release::sensitivities(
             &checked,
             release::summed_rows(&checked, &self.dataset),

@@ -66,6 +66,29 @@ pub enum Domain {
     Int(Vec<i64>),
 }
 
+impl Domain {
+    /// The keys as text (integers in decimal), in the policy's order.
+    pub fn as_text(&self) -> Vec<String> {
+        match self {
+            Domain::Text(v) => v.clone(),
+            Domain::Int(v) => v.iter().map(i64::to_string).collect(),
+        }
+    }
+
+    /// How many keys it lists.
+    pub fn len(&self) -> usize {
+        match self {
+            Domain::Text(v) => v.len(),
+            Domain::Int(v) => v.len(),
+        }
+    }
+
+    /// Whether it lists none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One column's policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,10 +280,7 @@ impl Policy {
                     ));
                 }
                 if let Some(d) = &cp.domain {
-                    let values: Vec<String> = match d {
-                        Domain::Text(v) => v.clone(),
-                        Domain::Int(v) => v.iter().map(i64::to_string).collect(),
-                    };
+                    let values = d.as_text();
                     let distinct: std::collections::BTreeSet<&String> = values.iter().collect();
                     if distinct.len() != values.len() {
                         return bad(format!(

@@ -86,13 +86,6 @@ fn key_string(cols: &[ArrayRef], row: usize) -> Result<String> {
     Ok(s)
 }
 
-fn domain_strings(d: &Domain) -> Vec<String> {
-    match d {
-        Domain::Text(v) => v.clone(),
-        Domain::Int(v) => v.iter().map(i64::to_string).collect(),
-    }
-}
-
 /// The released rows: indexes into the raw batch (`None` for a public key with no rows), and
 /// for public keys, the key values.
 struct Groups {
@@ -108,7 +101,7 @@ fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result
     }
     let mut combos: Vec<Vec<String>> = vec![Vec::new()];
     for d in domains {
-        let vals = domain_strings(d);
+        let vals = d.as_text();
         combos = combos
             .into_iter()
             .flat_map(|c| {
@@ -193,13 +186,7 @@ pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
     let units = match &checked.keys {
         Keys::None => 1.0,
         Keys::Public(domains) => {
-            let cells = domains
-                .iter()
-                .map(|d| match d {
-                    Domain::Text(v) => v.len() as f64,
-                    Domain::Int(v) => v.len() as f64,
-                })
-                .product::<f64>();
+            let cells = domains.iter().map(|d| d.len() as f64).product::<f64>();
             f64::from(b.groups).min(cells.max(1.0))
         }
         Keys::Selected => f64::from(b.groups),
@@ -271,6 +258,15 @@ pub fn noise(
     let n_keys = checked.aggregate.group_expr.len();
     let selected = checked.keys == Keys::Selected;
     let by_units = selected && selects_by_units(&checked.stats);
+    // The statistic whose noisy values partition selection already drew: released as they
+    // are, no draw of its own.
+    let thresholded = |s: &Statistic| {
+        selected
+            && matches!(
+                (s, by_units),
+                (Statistic::CountRows, false) | (Statistic::CountUnits, true)
+            )
+    };
 
     // The study's minimum cell size needs a noisy size per group: a count the query releases,
     // or else one more noisy row count (one more share of the budget).
@@ -292,8 +288,7 @@ pub fn noise(
         .stats
         .iter()
         .map(|s| match s {
-            Statistic::CountRows if selected && !by_units => 0,
-            Statistic::CountUnits if by_units => 0,
+            s if thresholded(s) => 0,
             Statistic::Avg { .. } => 2,
             Statistic::Var { .. } => 3,
             _ => 1,
@@ -366,14 +361,7 @@ pub fn noise(
         let name = |part: &str| format!("__s{i}_{part}");
         let m = rows.len();
         match s {
-            Statistic::CountRows if selected && !by_units => {
-                let (counts, acc) = threshold_counts
-                    .clone()
-                    .ok_or_else(|| eng("no thresholded counts"))?;
-                values.push(Arc::new(Int64Array::from(counts)));
-                accuracies.push(Some(Float64Array::from(vec![acc; m])));
-            }
-            Statistic::CountUnits if by_units => {
+            s if thresholded(s) => {
                 let (counts, acc) = threshold_counts
                     .clone()
                     .ok_or_else(|| eng("no thresholded counts"))?;
