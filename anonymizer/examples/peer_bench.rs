@@ -155,8 +155,11 @@ async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
                         sql,
                         epsilon: 1.0,
                         delta: 0.0,
+                        // The kit's workload is pure DP, as its peers run it.
+                        mechanism: Some(anonymizer::Mechanism::Laplace),
+                        accuracy: None,
                         filter: &everyone,
-                        budget_left: (f64::MAX, 1.0),
+                        budget: anonymizer::Account::new(f64::MAX, 1.0),
                         min_cell_size: None,
                     })
                     .await?;

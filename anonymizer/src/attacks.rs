@@ -13,6 +13,7 @@ use crate::engine::{Engine, Limits, Request};
 use crate::error::Error;
 use crate::policy::Policy;
 use crate::tests::{engine, patients_table, visits};
+use ledger::budget::Account;
 
 fn req<'a>(sql: &'a str, filter: &'a ConsentFilter) -> Request<'a> {
     Request {
@@ -20,8 +21,10 @@ fn req<'a>(sql: &'a str, filter: &'a ConsentFilter) -> Request<'a> {
         sql,
         epsilon: 1.0,
         delta: 1e-6,
+        mechanism: None,
+        accuracy: None,
         filter,
-        budget_left: (1e9, 1e-3),
+        budget: Account::new(1e9, 1e-3),
         min_cell_size: None,
     }
 }
@@ -157,7 +160,11 @@ async fn a_failure_after_the_checks_is_charged_and_says_nothing() {
     let sql = "SELECT a.sex, COUNT(*) FROM visits a JOIN visits b \
                ON a.patient_id = b.patient_id GROUP BY a.sex";
     match e.run(&req(sql, &all)).await {
-        Err(Error::Failed { epsilon, delta }) => {
+        Err(Error::Failed {
+            epsilon,
+            delta,
+            rho: None,
+        }) => {
             assert_eq!((epsilon, delta), (1.0, 0.0));
         }
         other => panic!("{other:?}"),

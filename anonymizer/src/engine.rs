@@ -48,9 +48,11 @@ use crate::clamp::{clamp_f64, clamp_i64};
 use crate::consent::{ConsentFilter, UnitSet};
 use crate::dataset::{Dataset, UNIT_COLUMN};
 use crate::error::{Error, Result};
+use crate::mechanisms::Mechanism;
 use crate::plan::{self, Checked, Statistic};
-use crate::release::{self, Noised};
+use crate::release::{self, Noised, Spending};
 use crate::scan::{GuardedTable, catalog_table};
+use ledger::budget::{Account, Spend};
 
 /// One query.
 #[derive(Debug, Clone)]
@@ -59,14 +61,21 @@ pub struct Request<'a> {
     pub scope: &'a str,
     /// The SQL (DataFusion dialect).
     pub sql: &'a str,
-    /// Epsilon to spend.
+    /// Epsilon to spend (0 with an accuracy target). With Gaussian noise it stands for rho
+    /// `epsilon² / 2`, what a pure query of that epsilon costs in zCDP.
     pub epsilon: f64,
     /// Delta to spend (needed only for keys chosen by partition selection).
     pub delta: f64,
+    /// The noise asked for; `None` lets the engine choose: Laplace while the account composes
+    /// by adding epsilons, Gaussian once it accounts in zCDP (the smaller error for a rho).
+    pub mechanism: Option<Mechanism>,
+    /// Instead of an epsilon: the 95% half-width wanted on every noisy count and sum; the
+    /// engine spends the least budget that reaches it.
+    pub accuracy: Option<f64>,
     /// Who may be included.
     pub filter: &'a ConsentFilter,
-    /// Epsilon and delta left in the budget of (study, dataset).
-    pub budget_left: (f64, f64),
+    /// The privacy account of (study, dataset): its grant and what was spent.
+    pub budget: Account,
     /// The study's minimum cell size, if its approval sets one (CMS: 11): a group whose noisy
     /// count is from 1 to this minus 1 is released with its statistics suppressed (null).
     /// Post-processing of noisy values: it costs no privacy. Part of the repeat key.
@@ -81,10 +90,13 @@ pub struct Release {
     pub schema: SchemaRef,
     /// The noisy rows.
     pub batches: Vec<RecordBatch>,
-    /// Epsilon spent, from OpenDP's privacy maps (0 for a repeat).
+    /// Epsilon spent, from OpenDP's privacy maps (0 for a repeat); with Gaussian noise, that
+    /// of the pure parts only.
     pub epsilon: f64,
     /// Delta spent.
     pub delta: f64,
+    /// With Gaussian noise: the rho spent by the whole query.
+    pub rho: Option<f64>,
     /// The normalized SQL.
     pub sql: String,
     /// SHA-256 of the consent snapshot (see [`consent_digest`]).
@@ -145,10 +157,10 @@ pub struct Prepared {
     pub sql: String,
     /// The checked plan.
     pub checked: Checked,
-    /// Epsilon it spends.
-    pub epsilon: f64,
-    /// Delta it spends (only partition selection spends delta).
-    pub delta: f64,
+    /// Its noise and budget.
+    pub spending: Spending,
+    /// What it is charged (the budget asked; the draws may spend a little less).
+    pub cost: Spend,
 }
 
 /// A consent filter prepared for this engine: its snapshot digest and its set of units.
@@ -641,18 +653,30 @@ impl Engine {
         h.finalize().into()
     }
 
-    /// The scope that repeats are recognized within: the request's, and the minimum cell size
-    /// that shapes the answer.
-    pub fn repeat_scope(scope: &str, min_cell_size: Option<u64>) -> String {
-        match min_cell_size {
-            Some(m) => format!("{scope}\nmin_cell_size={m}"),
-            None => scope.to_owned(),
+    /// The scope that repeats are recognized within: the request's, and what else shapes the
+    /// answer (the minimum cell size, the mechanism and the accuracy asked).
+    pub fn repeat_scope(req: &Request<'_>) -> String {
+        let mut scope = req.scope.to_owned();
+        if let Some(m) = req.min_cell_size {
+            scope.push_str(&format!("\nmin_cell_size={m}"));
         }
+        if let Some(m) = req.mechanism {
+            scope.push_str(&format!("\nmechanism={}", m.name()));
+        }
+        if let Some(a) = req.accuracy {
+            scope.push_str(&format!("\naccuracy={a:e}"));
+        }
+        scope
     }
 
     fn cache_key(req: &Request<'_>, sql: &str, consent: &[u8; 32]) -> [u8; 32] {
-        let scope = Self::repeat_scope(req.scope, req.min_cell_size);
-        Self::repeat_key(&scope, sql, req.epsilon, req.delta, consent)
+        Self::repeat_key(
+            &Self::repeat_scope(req),
+            sql,
+            req.epsilon,
+            req.delta,
+            consent,
+        )
     }
 
     /// Puts back a release recorded earlier (the broker's kept releases, after a restart),
@@ -725,6 +749,7 @@ impl Engine {
             let repeat = Release {
                 epsilon: 0.0,
                 delta: 0.0,
+                rho: None,
                 repeated: true,
                 ..r.clone()
             };
@@ -733,8 +758,9 @@ impl Engine {
         let p = self.prepare(req, sql).await?;
         // From here on the query is charged, whatever happens: a failure says only that.
         let charged = Error::Failed {
-            epsilon: p.epsilon,
-            delta: p.delta,
+            epsilon: p.cost.epsilon,
+            delta: p.cost.delta,
+            rho: p.cost.concentrated.then_some(p.cost.rho),
         };
         let run = async {
             let noised = self
@@ -751,6 +777,7 @@ impl Engine {
                 batches,
                 epsilon: noised.epsilon,
                 delta: noised.delta,
+                rho: noised.rho,
                 sql: p.sql.clone(),
                 consent_digest: consent,
                 mechanism: noised.mechanism.clone(),
@@ -778,19 +805,23 @@ impl Engine {
     /// Stage 1: checks the request and the query, and what it costs. Depends on the SQL, the
     /// policy, the request and the budget only.
     pub async fn prepare(&self, req: &Request<'_>, sql: String) -> Result<Prepared> {
-        if !(req.epsilon.is_finite()
-            && req.epsilon >= MIN_EPSILON
-            && (0.0..1.0).contains(&req.delta))
-        {
+        let spend_ok = match req.accuracy {
+            Some(a) => a.is_finite() && a > 0.0 && req.epsilon == 0.0,
+            None => req.epsilon.is_finite() && req.epsilon >= MIN_EPSILON,
+        };
+        if !(spend_ok && (0.0..1.0).contains(&req.delta)) {
             return Err(Error::InvalidQuery(format!(
-                "epsilon must be at least {MIN_EPSILON} and finite, and delta in [0, 1)"
+                "give either an epsilon (at least {MIN_EPSILON}, finite) or an accuracy (a \
+                 positive 95% half-width), and a delta in [0, 1)"
             )));
         }
-        if req.epsilon > req.budget_left.0 + 1e-12 {
-            return Err(Error::BudgetExhausted {
-                what: "epsilon",
-                needed: req.epsilon,
-                left: req.budget_left.0,
+        if req.mechanism == Some(Mechanism::Gaussian) && req.budget.delta <= 0.0 {
+            return Err(Error::Refused {
+                construct: "Gaussian noise".into(),
+                advice: "the study's grant has no delta, and zero-concentrated DP converts to \
+                         (epsilon, delta) only with delta > 0; use Laplace noise, or ask the IRB \
+                         for a delta"
+                    .into(),
             });
         }
         let plan = self.analyzed(&sql).await?;
@@ -810,18 +841,76 @@ impl Engine {
         } else {
             0.0
         };
-        if delta > req.budget_left.1 + 1e-15 {
-            return Err(Error::BudgetExhausted {
-                what: "delta",
-                needed: delta,
-                left: req.budget_left.1,
+        let rows = release::summed_rows(&checked, &self.dataset);
+        let draws = release::draws(&checked, req.min_cell_size).max(1) as f64;
+        let spend = |mechanism: Mechanism| -> Result<(Spending, Spend)> {
+            let budget = match (req.accuracy, mechanism) {
+                (Some(a), m) => release::share_for_accuracy(&checked, rows, m, a)? * draws,
+                (None, Mechanism::Laplace) => req.epsilon,
+                (None, Mechanism::Gaussian) => req.epsilon * req.epsilon / 2.0,
+            };
+            let cost = match mechanism {
+                Mechanism::Laplace => Spend::pure(budget, delta),
+                Mechanism::Gaussian => Spend::concentrated(0.0, delta, budget),
+            };
+            let spending = Spending {
+                mechanism,
+                budget,
+                delta,
+            };
+            Ok((spending, cost))
+        };
+        let (spending, cost) = match req.mechanism {
+            Some(m) => spend(m)?,
+            None => {
+                // Laplace while epsilons add up within the grant (what it costs is then its
+                // epsilon, which no conversion beats for a few queries); past that every
+                // query costs rho, and Gaussian noise has the smaller error for a rho.
+                let laplace = spend(Mechanism::Laplace)?;
+                if req.budget.delta <= 0.0 || req.budget.adds_up(&laplace.1) {
+                    laplace
+                } else {
+                    let gaussian = spend(Mechanism::Gaussian)?;
+                    if gaussian.1.rho <= laplace.1.rho {
+                        gaussian
+                    } else {
+                        laplace
+                    }
+                }
+            }
+        };
+        if !(spending.budget.is_finite() && spending.budget > 0.0) {
+            return Err(Error::InvalidQuery(
+                "the accuracy asked needs no noise, or more than any budget".into(),
+            ));
+        }
+        if !req.budget.admits(&cost) {
+            let b = &req.budget;
+            return Err(if delta > b.delta_left() + 1e-15 {
+                Error::BudgetExhausted {
+                    what: "delta",
+                    needed: delta,
+                    left: b.delta_left(),
+                }
+            } else if spending.mechanism == Mechanism::Gaussian {
+                Error::BudgetExhausted {
+                    what: "rho",
+                    needed: cost.rho,
+                    left: b.rho_left(),
+                }
+            } else {
+                Error::BudgetExhausted {
+                    what: "epsilon",
+                    needed: cost.epsilon,
+                    left: b.epsilon_left(),
+                }
             });
         }
         Ok(Prepared {
             sql,
             checked,
-            epsilon: req.epsilon,
-            delta,
+            spending,
+            cost,
         })
     }
 
@@ -864,14 +953,7 @@ impl Engine {
         min_cell: Option<u64>,
     ) -> Result<Noised> {
         let raw = self.aggregate(&p.checked, consented).await?;
-        release::noise(
-            &p.checked,
-            &raw,
-            &self.dataset,
-            p.epsilon,
-            p.delta,
-            min_cell,
-        )
+        release::noise(&p.checked, &raw, &self.dataset, p.spending, min_cell)
     }
 
     /// Runs the aggregate over consented, bounded, clamped rows: one row per group with the
@@ -1055,7 +1137,12 @@ impl Engine {
         let plan = self.analyzed(sql).await?;
         let checked = plan::check(plan, &self.dataset.policy)?;
         let raw = self.aggregate(&checked, None).await?;
-        let noised = release::noise(&checked, &raw, &self.dataset, 1.0, 1e-6, None)?;
+        let spending = Spending {
+            mechanism: Mechanism::Laplace,
+            budget: 1.0,
+            delta: 1e-6,
+        };
+        let noised = release::noise(&checked, &raw, &self.dataset, spending, None)?;
         Ok((
             finish_direct(&checked, &noised)?,
             self.finish_planned(&checked, &noised).await?,
@@ -1090,8 +1177,11 @@ impl Engine {
         plan::check(self.analyzed(sql).await?, &self.dataset.policy)
     }
 
-    /// The L1 sensitivity each raw column's noise is calibrated to, for a query (tests).
-    pub(crate) async fn calibration_for_tests(&self, sql: &str) -> Result<Vec<(String, f64)>> {
+    /// The sensitivity each raw column's noise is calibrated to, for a query (tests).
+    pub(crate) async fn calibration_for_tests(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<(String, release::Sensitivity)>> {
         let checked = self.checked_for_tests(sql).await?;
         Ok(release::sensitivities(
             &checked,

@@ -15,7 +15,7 @@ pub enum Error {
     /// The query would spend more than the budget left.
     #[error("privacy budget exhausted: the query needs {what} {needed}, {left} left")]
     BudgetExhausted {
-        /// Which part of the budget: `epsilon` or `delta`.
+        /// Which part of the budget: `epsilon`, `rho` or `delta`.
         what: &'static str,
         /// What the query needs of it.
         needed: f64,
@@ -58,6 +58,8 @@ pub enum Error {
         epsilon: f64,
         /// Delta charged.
         delta: f64,
+        /// Rho charged, for a query with Gaussian noise.
+        rho: Option<f64>,
     },
 }
 

@@ -417,11 +417,13 @@ impl Engine {
                 Err(Error::Failed {
                     epsilon: 0.0,
                     delta: 0.0,
+                    rho: None,
                 })
             }
             Ok(Err(_)) | Err(_) => Err(Error::Failed {
                 epsilon: 0.0,
                 delta: 0.0,
+                rho: None,
             }),
         }
     }

@@ -46,4 +46,6 @@ pub use consent::ConsentFilter;
 pub use dataset::Dataset;
 pub use engine::{Engine, Flight, Limits, Release, Request};
 pub use error::{Error, Result};
+pub use ledger::budget::{Account, Spend};
+pub use mechanisms::Mechanism;
 pub use policy::Policy;

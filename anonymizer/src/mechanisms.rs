@@ -5,12 +5,18 @@
 
 use std::collections::HashMap;
 
-use opendp::accuracy::{discrete_laplacian_scale_to_accuracy, laplacian_scale_to_accuracy};
+use opendp::accuracy::{
+    accuracy_to_discrete_gaussian_scale, accuracy_to_discrete_laplacian_scale,
+    accuracy_to_gaussian_scale, accuracy_to_laplacian_scale, discrete_gaussian_scale_to_accuracy,
+    discrete_laplacian_scale_to_accuracy, gaussian_scale_to_accuracy, laplacian_scale_to_accuracy,
+};
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
-use opendp::measurements::{make_laplace, make_laplace_threshold, make_private_quantile};
-use opendp::measures::MaxDivergence;
+use opendp::measurements::{
+    make_gaussian, make_laplace, make_laplace_threshold, make_private_quantile,
+};
+use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
 use opendp::metrics::{
-    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, SymmetricDistance,
+    AbsoluteDistance, L0PInfDistance, L1Distance, L01InfDistance, L2Distance, SymmetricDistance,
 };
 
 use crate::error::{Error, Result};
@@ -18,36 +24,94 @@ use crate::error::{Error, Result};
 /// Confidence level of released accuracy intervals: 95%.
 pub const ALPHA: f64 = 0.05;
 
+/// The noise a query's statistics get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mechanism {
+    /// Laplace noise (discrete for integers), pure DP, calibrated to the L1 sensitivity.
+    Laplace,
+    /// Gaussian noise (discrete for integers), zero-concentrated DP (rho), calibrated to the
+    /// L2 sensitivity.
+    Gaussian,
+}
+
+impl Mechanism {
+    /// Its name in requests and receipts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Laplace => "laplace",
+            Mechanism::Gaussian => "gaussian",
+        }
+    }
+
+    /// Parses a request's name (`laplace` or `gaussian`, any case).
+    pub fn parse(s: &str) -> Option<Mechanism> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "laplace" => Some(Mechanism::Laplace),
+            "gaussian" => Some(Mechanism::Gaussian),
+            _ => None,
+        }
+    }
+
+    /// The noise scale whose 95% half-width is `accuracy` (`discrete`: integer noise).
+    pub fn scale_for(self, accuracy: f64, discrete: bool) -> Result<f64> {
+        let f = match (self, discrete) {
+            (Mechanism::Laplace, false) => accuracy_to_laplacian_scale,
+            (Mechanism::Laplace, true) => accuracy_to_discrete_laplacian_scale,
+            (Mechanism::Gaussian, false) => accuracy_to_gaussian_scale,
+            (Mechanism::Gaussian, true) => accuracy_to_discrete_gaussian_scale,
+        };
+        f(accuracy, ALPHA).map_err(opendp)
+    }
+
+    /// The half-width of this noise at `scale` at confidence `1 - alpha`.
+    pub fn accuracy_at(self, scale: f64, alpha: f64, discrete: bool) -> Result<f64> {
+        let f = match (self, discrete) {
+            (Mechanism::Laplace, false) => laplacian_scale_to_accuracy,
+            (Mechanism::Laplace, true) => discrete_laplacian_scale_to_accuracy,
+            (Mechanism::Gaussian, false) => gaussian_scale_to_accuracy,
+            (Mechanism::Gaussian, true) => discrete_gaussian_scale_to_accuracy,
+        };
+        f(scale, alpha).map_err(opendp)
+    }
+
+    /// The privacy loss of noise at `scale` on a statistic of this sensitivity (L1 for
+    /// Laplace: epsilon; L2 for Gaussian: rho), in closed form: for planning a spend (the
+    /// draw itself reads OpenDP's map).
+    pub fn loss_at(self, sensitivity: f64, scale: f64) -> f64 {
+        match self {
+            Mechanism::Laplace => sensitivity / scale,
+            Mechanism::Gaussian => (sensitivity / scale).powi(2) / 2.0,
+        }
+    }
+}
+
 /// Noisy values with what they cost and how accurate they are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Noisy<T> {
     /// One value per input value (per group).
     pub values: Vec<T>,
-    /// The noise scale used.
+    /// The noise scale used (Laplace: its scale; Gaussian: its standard deviation).
     pub scale: f64,
     /// Half-width of the 95% interval of each value's noise.
     pub accuracy: f64,
-    /// Epsilon spent, from OpenDP's privacy map.
-    pub epsilon: f64,
+    /// Privacy loss from OpenDP's privacy map: epsilon (Laplace) or rho (Gaussian).
+    pub loss: f64,
 }
 
 fn opendp(e: opendp::error::Error) -> Error {
     Error::Mechanism(e.to_string())
 }
 
-/// Finds the smallest scale (starting from `sensitivity / epsilon`) whose privacy map stays
-/// within `epsilon`: the map may round up, so the scale is nudged until it holds.
-fn calibrate(
-    sensitivity: f64,
-    epsilon: f64,
-    map: impl Fn(f64) -> Result<f64>,
-) -> Result<(f64, f64)> {
+/// Finds the smallest scale (starting from `start`) whose privacy map stays within `epsilon`
+/// (or rho): the map may round up, so the scale is nudged until it holds.
+fn calibrate(start: f64, epsilon: f64, map: impl Fn(f64) -> Result<f64>) -> Result<(f64, f64)> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
         return Err(Error::Mechanism(
             "epsilon must be positive and finite".into(),
         ));
     }
-    let mut scale = sensitivity / epsilon;
+    let mut scale = start;
     for _ in 0..64 {
         let spent = map(scale)?;
         if spent <= epsilon {
@@ -109,7 +173,7 @@ where
         make_laplace::<_, _, MaxDivergence>(domain.clone(), L1Distance::<T>::default(), scale, None)
             .map_err(opendp)
     };
-    let (scale, spent) = calibrate(sensitivity_f64, epsilon, |s| {
+    let (scale, spent) = calibrate(sensitivity_f64 / epsilon, epsilon, |s| {
         build(s)?.map(&sensitivity).map_err(opendp)
     })?;
     let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
@@ -117,7 +181,62 @@ where
         values: out,
         scale,
         accuracy: accuracy(scale, ALPHA).map_err(opendp)?,
-        epsilon: spent,
+        loss: spent,
+    })
+}
+
+/// Gaussian noise on integer counts or sums (OpenDP's discrete Gaussian): one patient changes
+/// the vector by at most `l2` in L2 norm; `rho` is the zCDP budget.
+pub fn gaussian_i64(values: &[i64], l2: f64, rho: f64) -> Result<Noisy<i64>> {
+    gaussian_vector(AtomDomain::<i64>::default(), values, l2, rho, true)
+}
+
+/// Gaussian noise on float sums: one patient changes the vector by at most `l2` in L2 norm
+/// (the caller includes the floating-point rounding slack).
+pub fn gaussian_f64(values: &[f64], l2: f64, rho: f64) -> Result<Noisy<f64>> {
+    gaussian_vector(AtomDomain::<f64>::new_non_nan(), values, l2, rho, false)
+}
+
+/// OpenDP's `make_gaussian` over a vector of `T` with L2 sensitivity `l2`, calibrated to
+/// `rho` (its privacy map, never a formula, says what it spends).
+fn gaussian_vector<T>(
+    atom: AtomDomain<T>,
+    values: &[T],
+    l2: f64,
+    rho: f64,
+    discrete: bool,
+) -> Result<Noisy<T>>
+where
+    T: opendp::traits::CheckAtom + Clone,
+    opendp::measurements::DiscreteGaussian: opendp::measurements::MakeNoise<
+            VectorDomain<AtomDomain<T>>,
+            L2Distance<f64>,
+            ZeroConcentratedDivergence,
+        >,
+    (VectorDomain<AtomDomain<T>>, L2Distance<f64>): opendp::core::MetricSpace,
+{
+    if !(rho.is_finite() && rho > 0.0) {
+        return Err(Error::Mechanism("rho must be positive and finite".into()));
+    }
+    let domain = VectorDomain::new(atom);
+    let build = |scale: f64| {
+        make_gaussian::<_, _, ZeroConcentratedDivergence>(
+            domain.clone(),
+            L2Distance::<f64>::default(),
+            scale,
+            None,
+        )
+        .map_err(opendp)
+    };
+    let (scale, spent) = calibrate(l2 / (2.0 * rho).sqrt(), rho, |s| {
+        build(s)?.map(&l2).map_err(opendp)
+    })?;
+    let out = build(scale)?.invoke(&values.to_vec()).map_err(opendp)?;
+    Ok(Noisy {
+        values: out,
+        scale,
+        accuracy: Mechanism::Gaussian.accuracy_at(scale, ALPHA, discrete)?,
+        loss: spent,
     })
 }
 
@@ -154,7 +273,7 @@ pub fn laplace_threshold(
         )
         .map_err(opendp)
     };
-    let (scale, spent) = calibrate(l1 as f64, epsilon, |s| {
+    let (scale, spent) = calibrate(l1 as f64 / epsilon, epsilon, |s| {
         Ok(build(s, i64::MAX / 4)?.map(&d_in).map_err(opendp)?.0)
     })?;
     // The smallest threshold whose delta fits (delta falls as the threshold rises).
@@ -180,7 +299,7 @@ pub fn laplace_threshold(
         values: Vec::new(),
         scale,
         accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
-        epsilon: eps_spent.max(spent),
+        loss: eps_spent.max(spent),
     };
     Ok((kept, info, delta_spent))
 }
@@ -211,7 +330,7 @@ pub fn quantile_scale(
     epsilon: f64,
 ) -> Result<(f64, f64)> {
     // The score's sensitivity is handled inside OpenDP's map; calibrate on it directly.
-    calibrate(max_rows as f64, epsilon, |s| {
+    calibrate(f64::from(max_rows) / epsilon, epsilon, |s| {
         private_quantile(candidates, alpha, s)?
             .map(&max_rows)
             .map_err(opendp)
@@ -243,11 +362,11 @@ mod tests {
     #[test]
     fn privacy_loss_comes_from_the_map_and_stays_within_budget() {
         let n = laplace_i64(&[100, 200, 300], 10, 0.5).unwrap();
-        assert!(n.epsilon <= 0.5 && n.epsilon > 0.49, "{}", n.epsilon);
+        assert!(n.loss <= 0.5 && n.loss > 0.49, "{}", n.loss);
         assert!((n.scale - 20.0).abs() < 0.01);
         assert_eq!(n.values.len(), 3);
         let f = laplace_f64(&[1.5, -2.0], 7.5, 1.0).unwrap();
-        assert!(f.epsilon <= 1.0 && f.epsilon > 0.99);
+        assert!(f.loss <= 1.0 && f.loss > 0.99);
         // 95% half-width of Laplace(b) is b ln 20.
         assert!((f.accuracy - f.scale * 20f64.ln()).abs() < 1e-9);
         assert!(laplace_i64(&[1], 1, 0.0).is_err());
@@ -264,7 +383,34 @@ mod tests {
         let (kept, info, delta) = laplace_threshold(&counts, 10, 10, 10, 1.0, 1e-6).unwrap();
         assert!(kept.contains_key(&1) && !kept.contains_key(&0));
         assert!(delta <= 1e-6 && delta > 0.0);
-        assert!(info.epsilon <= 1.0 + 1e-12);
+        assert!(info.loss <= 1.0 + 1e-12);
+    }
+
+    #[test]
+    fn gaussian_noise_is_calibrated_to_rho_by_the_map() {
+        // rho = l2^2 / (2 sigma^2): sensitivity 1 at rho 0.5 is sigma 1.
+        let n = gaussian_i64(&[100, 200, 300], 1.0, 0.5).unwrap();
+        assert!(n.loss <= 0.5 && n.loss > 0.499, "{}", n.loss);
+        assert!((n.scale - 1.0).abs() < 1e-3, "{}", n.scale);
+        assert_eq!(n.values.len(), 3);
+        let f = gaussian_f64(&[1.5, -2.0], 3.0, 0.02).unwrap();
+        assert!(f.loss <= 0.02 && f.loss > 0.0199);
+        assert!((f.scale - 3.0 / 0.04f64.sqrt()).abs() / f.scale < 1e-3);
+        // 95% half-width of N(0, sigma^2) is 1.96 sigma.
+        assert!(
+            (f.accuracy / f.scale - 1.96).abs() < 0.01,
+            "{}",
+            f.accuracy / f.scale
+        );
+        assert!(gaussian_i64(&[1], 1.0, 0.0).is_err());
+        // Scale and accuracy are each other's inverse.
+        for m in [Mechanism::Laplace, Mechanism::Gaussian] {
+            for discrete in [false, true] {
+                let s = m.scale_for(30.0, discrete).unwrap();
+                let a = m.accuracy_at(s, ALPHA, discrete).unwrap();
+                assert!((a - 30.0).abs() <= 1.0, "{m:?} {discrete}: {a}");
+            }
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn cell(
     let (value, mut spent) = mechanisms::quantile(&values, candidates, q, max_rows, e_value)?;
 
     let n = mechanisms::laplace_i64(&[values.len() as i64], i64::from(max_rows), e_count)?;
-    spent += n.epsilon;
+    spent += n.loss;
     let n_low = n.values[0] as f64 - n.accuracy;
 
     // The checking sums' sensitivity (with slack for rounding in `count - q n`).
@@ -108,7 +108,7 @@ pub fn cell(
         sensitivity,
         e_check,
     )?;
-    spent += checks.epsilon;
+    spent += checks.loss;
     let a_check = mechanisms::accuracy(checks.scale, alpha)?;
     let low = if checks.values[0] + a_check <= -q {
         low

@@ -20,12 +20,11 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch, UInt64Array};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use datafusion::scalar::ScalarValue;
-use opendp::accuracy::{discrete_laplacian_scale_to_accuracy, laplacian_scale_to_accuracy};
 use serde_json::json;
 
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::mechanisms;
+use crate::mechanisms::{self, Mechanism, Noisy};
 use crate::plan::{Checked, Keys, Statistic};
 use crate::policy::{Bounds, Domain};
 use crate::quantile;
@@ -36,10 +35,13 @@ pub struct Noised {
     pub batch: RecordBatch,
     /// Per aggregate: the name of its accuracy column, if it has one.
     pub accuracy_columns: Vec<Option<String>>,
-    /// Epsilon spent (sum over the statistics, each from its privacy map).
+    /// Epsilon of the pure parts (sum over them, each from its privacy map).
     pub epsilon: f64,
     /// Delta spent.
     pub delta: f64,
+    /// With Gaussian noise: the rho of the whole query (Gaussian parts from their maps, each
+    /// pure part's `epsilon² / 2`).
+    pub rho: Option<f64>,
     /// Mechanism parameters for the receipt.
     pub mechanism: serde_json::Value,
 }
@@ -175,14 +177,57 @@ pub fn selects_by_units(stats: &[Statistic]) -> bool {
     stats.contains(&Statistic::CountUnits) || !stats.contains(&Statistic::CountRows)
 }
 
-/// The L1 sensitivity the noise of each raw (pre-noise) column is calibrated to: `__n` (rows
+/// How far one patient can move a raw column (the vector of its values over the groups).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sensitivity {
+    /// In L1 norm: what Laplace noise is calibrated to.
+    pub l1: f64,
+    /// In L2 norm: what Gaussian noise is calibrated to.
+    pub l2: f64,
+}
+
+impl Sensitivity {
+    /// A column moved by at most `l1` in all and `linf` in any one group: its L2 norm is at
+    /// most `sqrt(l1 · linf)` (the sum of squares of values each at most `linf` and summing
+    /// to at most `l1`).
+    fn of(l1: f64, linf: f64) -> Sensitivity {
+        Sensitivity {
+            l1,
+            l2: (l1 * linf.min(l1)).sqrt(),
+        }
+    }
+
+    fn times(self, x: f64) -> Sensitivity {
+        Sensitivity {
+            l1: self.l1 * x,
+            l2: self.l2 * x,
+        }
+    }
+
+    fn plus(self, x: f64) -> Sensitivity {
+        Sensitivity {
+            l1: self.l1 + x,
+            l2: self.l2 + x,
+        }
+    }
+
+    /// The calibration `mechanism` uses.
+    pub fn of_mechanism(self, mechanism: Mechanism) -> f64 {
+        match mechanism {
+            Mechanism::Laplace => self.l1,
+            Mechanism::Gaussian => self.l2,
+        }
+    }
+}
+
+/// The sensitivity the noise of each raw (pre-noise) column is calibrated to: `__n` (rows
 /// per group), `__u` (patients per group), and per statistic `__s{i}_n`, `__s{i}_sum`,
 /// `__s{i}_sum2`; `rows` is the dataset's size (for the float-summation slack). Quantiles
 /// are released by their own mechanism (see [`crate::quantile`]) and are not listed.
-pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
+pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, Sensitivity)> {
     let b: Bounds = checked.bounds;
     let grouped = !checked.aggregate.group_expr.is_empty();
-    let r = b.rows_l1(grouped) as f64;
+    let r = Sensitivity::of(b.rows_l1(grouped) as f64, f64::from(b.rows_per_group));
     let units = match &checked.keys {
         Keys::None => 1.0,
         Keys::Public(domains) => {
@@ -191,6 +236,7 @@ pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
         }
         Keys::Selected => f64::from(b.groups),
     };
+    let units = Sensitivity::of(units, 1.0);
     let n = rows as f64;
     let slack = |x: f64| n * n * f64::EPSILON * x;
     let mut out = vec![("__n".to_string(), r), ("__u".to_string(), units)];
@@ -206,18 +252,18 @@ pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
                 out.push((
                     name("sum"),
                     if *integer {
-                        r * big.ceil()
+                        r.times(big.ceil())
                     } else {
-                        r * big + slack(big)
+                        r.times(big).plus(slack(big))
                     },
                 ));
             }
             Statistic::Avg { bounds, .. } | Statistic::Var { bounds, .. } => {
                 let h = (bounds[1] - bounds[0]) / 2.0;
                 out.push((name("n"), r));
-                out.push((name("sum"), r * h + slack(h)));
+                out.push((name("sum"), r.times(h).plus(slack(h))));
                 if matches!(s, Statistic::Var { .. }) {
-                    out.push((name("sum2"), r * h * h + slack(h * h)));
+                    out.push((name("sum2"), r.times(h * h).plus(slack(h * h))));
                 }
             }
             Statistic::Quantile { .. } => {}
@@ -226,51 +272,13 @@ pub fn sensitivities(checked: &Checked, rows: u64) -> Vec<(String, f64)> {
     out
 }
 
-/// The most rows a query's aggregate can sum: the dataset's rows, or for a join, every unit's
-/// bound of joined rows (for the float-summation slack).
-pub fn summed_rows(checked: &Checked, dataset: &Dataset) -> u64 {
-    dataset
-        .rows()
-        .max((dataset.units.len() as u64).saturating_mul(u64::from(checked.bounds.rows)))
-}
-
-/// Adds noise to every statistic and builds the released batch.
-pub fn noise(
-    checked: &Checked,
-    raw: &RecordBatch,
-    dataset: &Dataset,
-    epsilon: f64,
-    delta: f64,
-    min_cell: Option<u64>,
-) -> Result<Noised> {
-    let contribution = checked.bounds;
-    let g = contribution.groups;
-    let sens_list = sensitivities(checked, summed_rows(checked, dataset));
-    let sens = |column: &str| -> Result<f64> {
-        sens_list
-            .iter()
-            .find(|(c, _)| c == column)
-            .map(|(_, s)| *s)
-            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
-    };
-    // Integer mechanisms take integer sensitivities (whole numbers by construction).
-    let isens = |column: &str| -> Result<i64> { Ok(sens(column)?.ceil() as i64) };
-    let n_keys = checked.aggregate.group_expr.len();
+/// How many noisy vectors a query draws (each gets an equal share of its budget): one per
+/// count and sum, two per mean, three per variance, one per quantile, one for partition
+/// selection (whose noisy counts are then released for the statistic it thresholds), one for
+/// the group sizes the minimum cell size needs when nothing else gives them.
+pub fn draws(checked: &Checked, min_cell: Option<u64>) -> usize {
     let selected = checked.keys == Keys::Selected;
     let by_units = selected && selects_by_units(&checked.stats);
-    // The statistic whose noisy values partition selection already drew: released as they
-    // are, no draw of its own.
-    let thresholded = |s: &Statistic| {
-        selected
-            && matches!(
-                (s, by_units),
-                (Statistic::CountRows, false) | (Statistic::CountUnits, true)
-            )
-    };
-
-    // The study's minimum cell size needs a noisy size per group: a count the query releases,
-    // or else one more noisy row count (one more share of the budget).
-    let suppressing = min_cell.is_some_and(|m| m > 1);
     let gauged = selected
         || checked.stats.iter().any(|s| {
             matches!(
@@ -282,24 +290,212 @@ pub fn noise(
                     | Statistic::Var { .. }
             )
         });
-    let extra_gauge = suppressing && !gauged;
-    // Budget: one equal share per noisy vector.
-    let draws: usize = checked
+    let extra_gauge = min_cell.is_some_and(|m| m > 1) && !gauged;
+    checked
         .stats
         .iter()
         .map(|s| match s {
-            s if thresholded(s) => 0,
+            s if thresholded(s, selected, by_units) => 0,
             Statistic::Avg { .. } => 2,
             Statistic::Var { .. } => 3,
             _ => 1,
         })
         .sum::<usize>()
         + usize::from(selected)
-        + usize::from(extra_gauge);
-    let share = epsilon / draws.max(1) as f64;
-    let mut spent_eps = 0.0;
-    let mut spent_delta = 0.0;
-    let mut mech = Vec::new();
+        + usize::from(extra_gauge)
+}
+
+/// Whether `s` is the statistic whose noisy values partition selection already drew: released
+/// as they are, no draw of its own.
+fn thresholded(s: &Statistic, selected: bool, by_units: bool) -> bool {
+    selected
+        && matches!(
+            (s, by_units),
+            (Statistic::CountRows, false) | (Statistic::CountUnits, true)
+        )
+}
+
+/// The budget one share of a query needs so that every noisy count and sum it releases has a
+/// 95% half-width of at most `accuracy` under `mechanism` (epsilon for Laplace, rho for
+/// Gaussian), or a refusal for statistics whose accuracy is not one noisy vector's (means,
+/// variances, quantiles). Partition selection's share is Laplace's (its draw is Laplace noise).
+pub fn share_for_accuracy(
+    checked: &Checked,
+    rows: u64,
+    mechanism: Mechanism,
+    accuracy: f64,
+) -> Result<f64> {
+    if let Some(s) = checked.stats.iter().find(|s| {
+        matches!(
+            s,
+            Statistic::Avg { .. } | Statistic::Var { .. } | Statistic::Quantile { .. }
+        )
+    }) {
+        let what = match s {
+            Statistic::Avg { .. } => "AVG",
+            Statistic::Var { .. } => "VAR or STDDEV",
+            _ => "a quantile",
+        };
+        return Err(Error::Refused {
+            construct: format!("an accuracy target with {what}"),
+            advice: "an accuracy target applies to counts and sums; give an epsilon instead".into(),
+        });
+    }
+    let sens = sensitivities(checked, rows);
+    let selected = checked.keys == Keys::Selected;
+    let by_units = selected && selects_by_units(&checked.stats);
+    let mut share: f64 = 0.0;
+    let mut need = |column: &str, discrete: bool, m: Mechanism| -> Result<()> {
+        let s = sens
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| eng(format!("no sensitivity for {column}")))?;
+        let scale = m.scale_for(accuracy, discrete)?;
+        let loss = m.loss_at(s.of_mechanism(m), scale);
+        // Partition selection's pure share, in the query's currency.
+        let loss = match (m, mechanism) {
+            (Mechanism::Laplace, Mechanism::Gaussian) => loss * loss / 2.0,
+            _ => loss,
+        };
+        share = share.max(loss);
+        Ok(())
+    };
+    if selected {
+        need(
+            if by_units { "__u" } else { "__n" },
+            true,
+            Mechanism::Laplace,
+        )?;
+    }
+    for (i, s) in checked.stats.iter().enumerate() {
+        match s {
+            s if thresholded(s, selected, by_units) => {}
+            Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
+                need(&format!("__s{i}_n"), true, mechanism)?
+            }
+            Statistic::Sum { integer, .. } => need(&format!("__s{i}_sum"), *integer, mechanism)?,
+            _ => {}
+        }
+    }
+    Ok(share)
+}
+
+/// The most rows a query's aggregate can sum: the dataset's rows, or for a join, every unit's
+/// bound of joined rows (for the float-summation slack).
+pub fn summed_rows(checked: &Checked, dataset: &Dataset) -> u64 {
+    dataset
+        .rows()
+        .max((dataset.units.len() as u64).saturating_mul(u64::from(checked.bounds.rows)))
+}
+
+/// The noise a query gets and its budget: epsilon for Laplace, rho for Gaussian.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spending {
+    /// Laplace or Gaussian noise on counts and sums.
+    pub mechanism: Mechanism,
+    /// The budget in the mechanism's measure: epsilon (Laplace) or rho (Gaussian).
+    pub budget: f64,
+    /// Delta for partition selection.
+    pub delta: f64,
+}
+
+impl Spending {
+    /// The epsilon of a pure part (partition selection, a quantile) given `share` of the
+    /// budget: the share itself under Laplace; under Gaussian, the epsilon whose rho
+    /// (`epsilon² / 2`) is the share.
+    fn pure(&self, share: f64) -> f64 {
+        match self.mechanism {
+            Mechanism::Laplace => share,
+            Mechanism::Gaussian => (2.0 * share).sqrt(),
+        }
+    }
+}
+
+/// What a query's draws spent, and their receipt entries.
+#[derive(Default)]
+struct Tally {
+    /// Epsilon of the pure parts (Laplace, partition selection, quantiles).
+    eps: f64,
+    /// Rho of the pure parts: `epsilon² / 2` each.
+    pure_rho: f64,
+    /// Rho of the Gaussian parts.
+    rho: f64,
+    /// Delta of partition selection.
+    delta: f64,
+    mech: Vec<serde_json::Value>,
+}
+
+impl Tally {
+    fn pure(&mut self, eps: f64) {
+        self.eps += eps;
+        self.pure_rho += eps * eps / 2.0;
+    }
+
+    /// One noisy vector: its loss from the privacy map, in the mechanism's measure.
+    fn record(&mut self, m: Mechanism, what: &str, scale: f64, loss: f64) {
+        let measure = match m {
+            Mechanism::Laplace => {
+                self.pure(loss);
+                "epsilon"
+            }
+            Mechanism::Gaussian => {
+                self.rho += loss;
+                "rho"
+            }
+        };
+        self.mech
+            .push(json!({"statistic": what, "mechanism": m.name(), "scale": scale, measure: loss}));
+    }
+}
+
+/// Noise of `mechanism` on integer values of sensitivity `s`, from a share of the budget.
+fn noisy_ints(m: Mechanism, values: &[i64], s: Sensitivity, share: f64) -> Result<Noisy<i64>> {
+    match m {
+        // Integer mechanisms take integer L1 sensitivities (whole numbers by construction).
+        Mechanism::Laplace => mechanisms::laplace_i64(values, s.l1.ceil() as i64, share),
+        Mechanism::Gaussian => mechanisms::gaussian_i64(values, s.l2, share),
+    }
+}
+
+/// Noise of `mechanism` on float values of sensitivity `s`, from a share of the budget.
+fn noisy_floats(m: Mechanism, values: &[f64], s: Sensitivity, share: f64) -> Result<Noisy<f64>> {
+    match m {
+        Mechanism::Laplace => mechanisms::laplace_f64(values, s.l1, share),
+        Mechanism::Gaussian => mechanisms::gaussian_f64(values, s.l2, share),
+    }
+}
+
+/// Adds noise to every statistic and builds the released batch.
+pub fn noise(
+    checked: &Checked,
+    raw: &RecordBatch,
+    dataset: &Dataset,
+    spending: Spending,
+    min_cell: Option<u64>,
+) -> Result<Noised> {
+    let Spending {
+        mechanism: noise_kind,
+        budget,
+        delta,
+    } = spending;
+    let contribution = checked.bounds;
+    let g = contribution.groups;
+    let sens_list = sensitivities(checked, summed_rows(checked, dataset));
+    let sens = |column: &str| -> Result<Sensitivity> {
+        sens_list
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
+    };
+    let n_keys = checked.aggregate.group_expr.len();
+    let selected = checked.keys == Keys::Selected;
+    let by_units = selected && selects_by_units(&checked.stats);
+    let is_thresholded = |s: &Statistic| thresholded(s, selected, by_units);
+    // Budget: one equal share per noisy vector.
+    let share = budget / draws(checked, min_cell).max(1) as f64;
+    let mut tally = Tally::default();
 
     let mut threshold_counts: Option<(Vec<i64>, f64)> = None;
     // Each released group's noisy size, for the minimum cell size.
@@ -324,11 +520,17 @@ pub fn noise(
             let counts: HashMap<u64, i64> = (0..raw.num_rows())
                 .map(|r| (r as u64, n.value(r)))
                 .collect();
-            let (kept, info, d) =
-                mechanisms::laplace_threshold(&counts, g, isens(column)?, linf, share, delta)?;
-            spent_eps += info.epsilon;
-            spent_delta += d;
-            mech.push(json!({"statistic": what, "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.epsilon, "delta": d}));
+            let (kept, info, d) = mechanisms::laplace_threshold(
+                &counts,
+                g,
+                sens(column)?.l1.ceil() as i64,
+                linf,
+                spending.pure(share),
+                delta,
+            )?;
+            tally.pure(info.loss);
+            tally.delta += d;
+            tally.mech.push(json!({"statistic": what, "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.loss, "delta": d}));
             let mut rows: Vec<(u64, i64)> = kept.into_iter().collect();
             rows.sort_unstable();
             threshold_counts = Some((rows.iter().map(|r| r.1.max(0)).collect(), info.accuracy));
@@ -343,25 +545,27 @@ pub fn noise(
 
     let mut values: Vec<ArrayRef> = Vec::new();
     let mut accuracies: Vec<Option<Float64Array>> = Vec::new();
-    let acc_at = |scale: f64, alpha: f64, discrete: bool| -> Result<f64> {
-        let r = if discrete {
-            discrete_laplacian_scale_to_accuracy(scale, alpha)
-        } else {
-            laplacian_scale_to_accuracy(scale, alpha)
-        };
-        r.map_err(|e| Error::Mechanism(e.to_string()))
+    let ints_of = |column: &str| -> Result<Noisy<i64>> {
+        noisy_ints(
+            noise_kind,
+            &ints(col(raw, column)?, rows)?,
+            sens(column)?,
+            share,
+        )
     };
-    let mut record = |what: &str, mechanism: &str, scale: f64, eps: f64| {
-        spent_eps += eps;
-        mech.push(
-            json!({"statistic": what, "mechanism": mechanism, "scale": scale, "epsilon": eps}),
-        );
+    let floats_of = |column: &str| -> Result<Noisy<f64>> {
+        noisy_floats(
+            noise_kind,
+            &floats(col(raw, column)?, rows)?,
+            sens(column)?,
+            share,
+        )
     };
     for (i, s) in checked.stats.iter().enumerate() {
         let name = |part: &str| format!("__s{i}_{part}");
         let m = rows.len();
         match s {
-            s if thresholded(s) => {
+            s if is_thresholded(s) => {
                 let (counts, acc) = threshold_counts
                     .clone()
                     .ok_or_else(|| eng("no thresholded counts"))?;
@@ -369,12 +573,8 @@ pub fn noise(
                 accuracies.push(Some(Float64Array::from(vec![acc; m])));
             }
             Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
-                let n = mechanisms::laplace_i64(
-                    &ints(col(raw, &name("n"))?, rows)?,
-                    isens(&name("n"))?,
-                    share,
-                )?;
-                record(&format!("count {i}"), "laplace", n.scale, n.epsilon);
+                let n = ints_of(&name("n"))?;
+                tally.record(noise_kind, &format!("count {i}"), n.scale, n.loss);
                 gauge.get_or_insert_with(|| n.values.clone());
                 values.push(Arc::new(Int64Array::from(
                     n.values.iter().map(|v| (*v).max(0)).collect::<Vec<_>>(),
@@ -383,21 +583,13 @@ pub fn noise(
             }
             Statistic::Sum { integer, .. } => {
                 if *integer {
-                    let n = mechanisms::laplace_i64(
-                        &ints(col(raw, &name("sum"))?, rows)?,
-                        isens(&name("sum"))?,
-                        share,
-                    )?;
-                    record(&format!("sum {i}"), "laplace", n.scale, n.epsilon);
+                    let n = ints_of(&name("sum"))?;
+                    tally.record(noise_kind, &format!("sum {i}"), n.scale, n.loss);
                     values.push(Arc::new(Int64Array::from(n.values.clone())));
                     accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
                 } else {
-                    let n = mechanisms::laplace_f64(
-                        &floats(col(raw, &name("sum"))?, rows)?,
-                        sens(&name("sum"))?,
-                        share,
-                    )?;
-                    record(&format!("sum {i}"), "laplace", n.scale, n.epsilon);
+                    let n = floats_of(&name("sum"))?;
+                    tally.record(noise_kind, &format!("sum {i}"), n.scale, n.loss);
                     values.push(Arc::new(Float64Array::from(n.values.clone())));
                     accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
                 }
@@ -405,24 +597,11 @@ pub fn noise(
             Statistic::Avg { bounds, .. } | Statistic::Var { bounds, .. } => {
                 let [lo, hi] = *bounds;
                 let (mid, h) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-                let cnt = mechanisms::laplace_i64(
-                    &ints(col(raw, &name("n"))?, rows)?,
-                    isens(&name("n"))?,
-                    share,
-                )?;
-                record(&format!("count {i}"), "laplace", cnt.scale, cnt.epsilon);
+                let cnt = ints_of(&name("n"))?;
+                tally.record(noise_kind, &format!("count {i}"), cnt.scale, cnt.loss);
                 gauge.get_or_insert_with(|| cnt.values.clone());
-                let sum = mechanisms::laplace_f64(
-                    &floats(col(raw, &name("sum"))?, rows)?,
-                    sens(&name("sum"))?,
-                    share,
-                )?;
-                record(
-                    &format!("centred sum {i}"),
-                    "laplace",
-                    sum.scale,
-                    sum.epsilon,
-                );
+                let sum = floats_of(&name("sum"))?;
+                tally.record(noise_kind, &format!("centred sum {i}"), sum.scale, sum.loss);
                 // Union bound: each noisy part within its (1 - 0.05/parts) interval gives 95%
                 // for the statistic built from them.
                 let alpha = if matches!(s, Statistic::Var { .. }) {
@@ -430,21 +609,17 @@ pub fn noise(
                 } else {
                     0.025
                 };
-                let (a_cnt, a_sum) = (
-                    acc_at(cnt.scale, alpha, true)?,
-                    acc_at(sum.scale, alpha, false)?,
-                );
+                let acc_at = |scale: f64, discrete: bool| -> Result<f64> {
+                    noise_kind.accuracy_at(scale, alpha, discrete)
+                };
+                let (a_cnt, a_sum) = (acc_at(cnt.scale, true)?, acc_at(sum.scale, false)?);
                 let sum2 = if matches!(s, Statistic::Var { .. }) {
-                    let n = mechanisms::laplace_f64(
-                        &floats(col(raw, &name("sum2"))?, rows)?,
-                        sens(&name("sum2"))?,
-                        share,
-                    )?;
-                    record(
+                    let n = floats_of(&name("sum2"))?;
+                    tally.record(
+                        noise_kind,
                         &format!("centred sum of squares {i}"),
-                        "laplace",
                         n.scale,
-                        n.epsilon,
+                        n.loss,
                     );
                     Some(n)
                 } else {
@@ -469,7 +644,7 @@ pub fn noise(
                         (Some(s2), Statistic::Var { sample, stddev, .. }) => {
                             let mean_y2 = (s2.values[r] / n).clamp(0.0, h * h);
                             let var = (mean_y2 - mean_y * mean_y).max(0.0);
-                            let a_sum2 = acc_at(s2.scale, alpha, false)?;
+                            let a_sum2 = acc_at(s2.scale, false)?;
                             let a =
                                 var_accuracy(n, mean_y, mean_y2, [a_cnt, a_sum, a_sum2], *sample)
                                     .map_or(h * h, |a| a.min(h * h));
@@ -498,7 +673,7 @@ pub fn noise(
                 let candidates: Vec<f64> = (0..=1000)
                     .map(|j| bounds[0] + (bounds[1] - bounds[0]) * f64::from(j) / 1000.0)
                     .collect();
-                let per_group = share / f64::from(g).min(m.max(1) as f64);
+                let per_group = spending.pure(share) / f64::from(g).min(m.max(1) as f64);
                 let mut out = Vec::with_capacity(m);
                 let mut acc = Vec::with_capacity(m);
                 let mut eps_q: f64 = 0.0;
@@ -523,17 +698,13 @@ pub fn noise(
                     acc.push(c.half_width);
                 }
                 let total = eps_q * f64::from(g).min(m.max(1) as f64);
-                record(
-                    &format!(
+                tally.pure(total);
+                tally.mech.push(json!({"statistic": format!(
                         "quantile {i} (q = {q}, 1001 candidates; 95% interval from a noisy \
                          count, two bracketing quantiles and noisy counts outside them, budget \
                          split {:?})",
                         quantile::SPLIT
-                    ),
-                    "private_quantile",
-                    0.0,
-                    total,
-                );
+                    ), "mechanism": "private_quantile", "scale": 0.0, "epsilon": total}));
                 values.push(Arc::new(Float64Array::from(out)));
                 accuracies.push(Some(Float64Array::from(acc)));
             }
@@ -545,9 +716,13 @@ pub fn noise(
     let mut cells_suppressed = 0u64;
     if let Some(min) = min_cell.filter(|&m| m > 1) {
         if gauge.is_none() {
-            let n = mechanisms::laplace_i64(&ints(col(raw, "__n")?, rows)?, isens("__n")?, share)?;
-            spent_eps += n.epsilon;
-            mech.push(json!({"statistic": "group size (for the minimum cell size)", "mechanism": "laplace", "scale": n.scale, "epsilon": n.epsilon}));
+            let n = ints_of("__n")?;
+            tally.record(
+                noise_kind,
+                "group size (for the minimum cell size)",
+                n.scale,
+                n.loss,
+            );
             gauge = Some(n.values);
         }
         let sizes = gauge.as_ref().ok_or_else(|| eng("no group sizes"))?;
@@ -605,17 +780,23 @@ pub fn noise(
         }
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(eng)?;
-    if spent_eps > epsilon * (1.0 + 1e-9) {
+    // The query's spend in its budget's measure, from the privacy maps.
+    let (spent, rho) = match noise_kind {
+        Mechanism::Laplace => (tally.eps, None),
+        Mechanism::Gaussian => (tally.rho + tally.pure_rho, Some(tally.rho + tally.pure_rho)),
+    };
+    if spent > budget * (1.0 + 1e-9) {
         return Err(Error::Mechanism(format!(
-            "privacy loss {spent_eps} exceeds the {epsilon} requested"
+            "privacy loss {spent} exceeds the {budget} requested"
         )));
     }
     let mechanism = json!({
+        "noise": noise_kind.name(),
         "keys": match checked.keys { Keys::None => "none", Keys::Public(_) => "public", Keys::Selected => "selected" },
         "max_rows_per_unit": contribution.rows,
         "max_groups_per_unit": g,
         "max_rows_per_group": contribution.rows_per_group,
-        "statistics": mech,
+        "statistics": tally.mech,
     });
     let mut mechanism = mechanism;
     if let Some(m) = min_cell {
@@ -625,8 +806,9 @@ pub fn noise(
     Ok(Noised {
         batch,
         accuracy_columns,
-        epsilon: spent_eps,
-        delta: spent_delta,
+        epsilon: tally.eps,
+        delta: tally.delta,
+        rho,
         mechanism,
     })
 }

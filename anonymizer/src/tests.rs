@@ -13,7 +13,9 @@ use crate::consent::ConsentFilter;
 use crate::dataset::Dataset;
 use crate::engine::{Engine, Request};
 use crate::error::Error;
+use crate::mechanisms::Mechanism;
 use crate::policy::Policy;
+use ledger::budget::Account;
 
 pub(crate) const POLICY: &str = r#"
 privacy_unit = "patient_id"
@@ -128,8 +130,10 @@ fn req<'a>(sql: &'a str, scope: &'a str, filter: &'a ConsentFilter) -> Request<'
         sql,
         epsilon: 1.0,
         delta: 1e-6,
+        mechanism: None,
+        accuracy: None,
         filter,
-        budget_left: (10.0, 1e-5),
+        budget: Account::new(10.0, 1e-5),
         min_cell_size: None,
     }
 }
@@ -505,7 +509,7 @@ async fn budget_is_checked_before_running_and_repeats_are_free() {
     let e = engine(500);
     let all = ConsentFilter::everyone();
     let mut r = req("SELECT COUNT(*) FROM visits", "s1", &all);
-    r.budget_left = (0.5, 0.0);
+    r.budget = Account::new(0.5, 0.0);
     assert!(matches!(
         e.run(&r).await,
         Err(Error::BudgetExhausted {
@@ -520,7 +524,7 @@ async fn budget_is_checked_before_running_and_repeats_are_free() {
         &all,
     );
     let mut selected = Request {
-        budget_left: (10.0, 1e-9),
+        budget: Account::new(10.0, 1e-9),
         ..selected
     };
     selected.delta = 1e-6;
@@ -533,13 +537,13 @@ async fn budget_is_checked_before_running_and_repeats_are_free() {
         refused.to_string().contains("needs delta 0.000001"),
         "{refused}"
     );
-    r.budget_left = (1.0, 0.0);
+    r.budget = Account::new(1.0, 0.0);
     let first = e.run(&r).await.unwrap();
     assert!(!first.repeated && first.epsilon > 0.0);
     // The same query (formatted differently) returns the same answer and spends nothing,
     // even with no budget left.
     let mut again = req("SELECT   COUNT(*)\n  FROM visits -- again", "s1", &all);
-    again.budget_left = (0.0, 0.0);
+    again.budget = Account::new(0.0, 0.0);
     let second = e.run(&again).await.unwrap();
     assert!(second.repeated);
     assert_eq!(second.epsilon, 0.0);
@@ -628,7 +632,7 @@ async fn accuracy_intervals_cover_the_exact_answer() {
             let scope = format!("cover-{i}");
             let mut r = req(sql, &scope, &all);
             r.epsilon = 0.5;
-            r.budget_left = (f64::MAX, 1.0);
+            r.budget = Account::new(f64::MAX, 1.0);
             let out = e.run(&r).await.unwrap();
             let x = column_f64(&out.batches, "x")[0];
             let ci = column_f64(&out.batches, "x_ci95")[0];
@@ -649,6 +653,151 @@ async fn accuracy_intervals_cover_the_exact_answer() {
             widths / 200.0
         );
     }
+}
+
+/// With Gaussian noise the 95% half-widths of counts, distinct counts, sums and means cover
+/// the exact answer at least 95% of the time (counts and sums: OpenDP's exact Gaussian
+/// accuracy; means: a union bound). 200 draws each: a coverage below 170 would have
+/// probability < 1e-9 if the intervals held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaussian_intervals_cover_the_exact_answer() {
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    for sql in [
+        "SELECT COUNT(*) AS x FROM visits",
+        "SELECT COUNT(DISTINCT patient_id) AS x FROM visits",
+        "SELECT SUM(systolic_bp) AS x FROM visits",
+        "SELECT SUM(hba1c) AS x FROM visits WHERE hba1c <= 14",
+        "SELECT AVG(hba1c) AS x FROM visits WHERE hba1c <= 14",
+    ] {
+        let truth = column_f64(&exact(&e, sql).await, "x")[0];
+        let mut covered = 0;
+        for i in 0..200 {
+            let scope = format!("gauss-{i}");
+            let mut r = req(sql, &scope, &all);
+            r.epsilon = 0.5;
+            r.mechanism = Some(Mechanism::Gaussian);
+            r.budget = Account::new(f64::MAX, 0.5);
+            let out = e.run(&r).await.unwrap();
+            assert_eq!(out.mechanism["noise"], "gaussian", "{sql}");
+            let x = column_f64(&out.batches, "x")[0];
+            let ci = column_f64(&out.batches, "x_ci95")[0];
+            assert!(ci.is_finite() && ci > 0.0, "{sql}: {ci}");
+            if (x - truth).abs() <= ci {
+                covered += 1;
+            }
+        }
+        eprintln!("{sql}: Gaussian covered {covered} of 200, exact {truth:.3}");
+        assert!(covered >= 170, "{sql}: covered {covered} of 200");
+    }
+}
+
+/// A Gaussian query spends rho (epsilon² / 2 of the epsilon asked, from OpenDP's maps) and no
+/// pure epsilon; by default the engine picks Laplace while the account adds epsilons up, and
+/// Gaussian once it accounts in zCDP; a grant without delta refuses Gaussian noise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gaussian_queries_spend_rho_and_the_default_follows_the_account() {
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    let sql = "SELECT sex, COUNT(DISTINCT patient_id) AS n, AVG(hba1c) AS a FROM visits \
+               WHERE hba1c <= 14 GROUP BY sex";
+    let mut r = req(sql, "g1", &all);
+    r.epsilon = 0.2;
+    r.mechanism = Some(Mechanism::Gaussian);
+    r.budget = Account::new(1.0, 1e-6);
+    let g = e.run(&r).await.unwrap();
+    let rho = g.rho.unwrap();
+    assert!(rho <= 0.02 * (1.0 + 1e-9) && rho > 0.0199, "{rho}");
+    assert_eq!(g.epsilon, 0.0);
+    let stats = g.mechanism["statistics"].as_array().unwrap();
+    assert_eq!(stats.len(), 3, "{stats:?}");
+    assert!(
+        stats
+            .iter()
+            .all(|s| s["mechanism"] == "gaussian" && s["rho"].as_f64().is_some())
+    );
+
+    // Fresh account: Laplace (its epsilon is what it costs).
+    let mut auto = req(sql, "g2", &all);
+    auto.epsilon = 0.2;
+    auto.budget = Account::new(1.0, 1e-6);
+    let l = e.run(&auto).await.unwrap();
+    assert_eq!(l.mechanism["noise"], "laplace");
+    assert!(l.rho.is_none() && l.epsilon > 0.19);
+    // An account already in zCDP (a Gaussian receipt): Gaussian, at the same rho.
+    let mut zcdp = req(sql, "g3", &all);
+    zcdp.epsilon = 0.05;
+    zcdp.budget = Account {
+        spent: ledger::budget::Spend::concentrated(0.0, 0.0, 0.001),
+        ..Account::new(1.0, 1e-6)
+    };
+    let z = e.run(&zcdp).await.unwrap();
+    assert_eq!(z.mechanism["noise"], "gaussian");
+    // And one whose epsilons no longer add up within the grant.
+    let mut past = req(sql, "g4", &all);
+    past.epsilon = 0.05;
+    past.budget = Account {
+        spent: ledger::budget::Spend::pure(0.98, 0.0),
+        ..Account::new(1.0, 1e-6)
+    };
+    // Basic composition is nearly spent, and rho of 0.98 in one query converts far above 1.
+    assert!(matches!(
+        e.run(&past).await,
+        Err(Error::BudgetExhausted { .. })
+    ));
+
+    // Without delta in the grant there is no conversion: Gaussian is refused, Laplace runs.
+    let mut no_delta = req(sql, "g5", &all);
+    no_delta.mechanism = Some(Mechanism::Gaussian);
+    no_delta.budget = Account::new(1.0, 0.0);
+    assert!(matches!(e.run(&no_delta).await, Err(Error::Refused { .. })));
+    no_delta.mechanism = None;
+    assert_eq!(
+        e.run(&no_delta).await.unwrap().mechanism["noise"],
+        "laplace"
+    );
+}
+
+/// An accuracy target buys the least budget that reaches it: the released half-widths are at
+/// most the target and within a few percent of it, for both mechanisms; means refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accuracy_target_spends_the_least_that_reaches_it() {
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    let sql = "SELECT sex, COUNT(DISTINCT patient_id) AS n, SUM(systolic_bp) AS s FROM visits \
+               GROUP BY sex";
+    for (m, target) in [
+        (Mechanism::Laplace, 30.0),
+        (Mechanism::Gaussian, 30.0),
+        (Mechanism::Laplace, 5000.0),
+        (Mechanism::Gaussian, 5000.0),
+    ] {
+        let scope = format!("acc-{m:?}-{target}");
+        let mut r = req(sql, &scope, &all);
+        r.epsilon = 0.0;
+        r.accuracy = Some(target);
+        r.mechanism = Some(m);
+        r.budget = Account::new(1e6, 1e-6);
+        let out = e.run(&r).await.unwrap();
+        // The worst statistic reaches the target; the other is better.
+        let widths: Vec<f64> = ["n_ci95", "s_ci95"]
+            .iter()
+            .flat_map(|c| column_f64(&out.batches, c))
+            .collect();
+        let worst = widths.iter().copied().fold(0.0, f64::max);
+        assert!(
+            worst <= target * 1.001 && worst >= target * 0.97,
+            "{m:?} {target}: {widths:?}"
+        );
+    }
+    let mut mean = req("SELECT AVG(hba1c) FROM visits", "acc-mean", &all);
+    mean.epsilon = 0.0;
+    mean.accuracy = Some(1.0);
+    assert!(matches!(e.run(&mean).await, Err(Error::Refused { .. })));
+    // Both an epsilon and an accuracy: refused.
+    let mut both = req(sql, "acc-both", &all);
+    both.accuracy = Some(30.0);
+    assert!(matches!(e.run(&both).await, Err(Error::InvalidQuery(_))));
 }
 
 /// The released batch built without a second query is the one DataFusion builds, and only
@@ -766,7 +915,8 @@ async fn noise_has_the_calibrated_scale() {
 /// L1 distance between the raw statistic columns of two aggregate outputs, matching groups by
 /// their keys (a group missing on one side counts as zero). Groups never released are left
 /// out: keys outside the public domains (the test data's one such value is diagnosis Z00).
-fn l1(a: &RecordBatch, b: &RecordBatch, n_keys: usize, col: &str) -> f64 {
+/// How far a raw column moved between two runs, over all groups: (L1, L2).
+fn moved(a: &RecordBatch, b: &RecordBatch, n_keys: usize, col: &str) -> (f64, f64) {
     let map = |x: &RecordBatch| -> HashMap<String, f64> {
         let keys: Vec<_> = x.columns()[..n_keys].to_vec();
         let v = arrow::compute::cast(x.column_by_name(col).unwrap(), &DataType::Float64).unwrap();
@@ -789,9 +939,11 @@ fn l1(a: &RecordBatch, b: &RecordBatch, n_keys: usize, col: &str) -> f64 {
     };
     let (ma, mb) = (map(a), map(b));
     let keys: std::collections::BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
-    keys.iter()
+    let d: Vec<f64> = keys
+        .iter()
         .map(|k| (ma.get(*k).unwrap_or(&0.0) - mb.get(*k).unwrap_or(&0.0)).abs())
-        .sum()
+        .collect();
+    (d.iter().sum(), d.iter().map(|x| x * x).sum::<f64>().sqrt())
 }
 
 /// Policies whose bounds the sensitivity tests try: the default (10 rows per patient), 2
@@ -936,10 +1088,15 @@ fn worst_ratio(
         if a.column_by_name(&col).is_none() {
             continue;
         }
-        let d = l1(&a, &b, n_keys, &col);
-        let r = d / (sens * scale);
-        if r > worst.0 {
-            worst = (r, format!("{col}: moved {d} against {sens} x {scale}"));
+        let (d1, d2) = moved(&a, &b, n_keys, &col);
+        for (what, d, s) in [("L1", d1, sens.l1), ("L2", d2, sens.l2)] {
+            let r = d / (s * scale);
+            if r > worst.0 {
+                worst = (
+                    r,
+                    format!("{col}: moved {d} in {what} against {s} x {scale}"),
+                );
+            }
         }
     }
     worst
@@ -969,11 +1126,39 @@ proptest::proptest! {
 fn calibrations_are_those_the_bounds_give_and_a_smaller_one_is_caught() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let policies: HashMap<&str, Policy> = bound_policies().into_iter().collect();
-    let cal = |p: &str, sql: &str, col: &str| -> f64 {
+    let cal = |p: &str, sql: &str, col: &str| -> crate::release::Sensitivity {
         let e = engine_with(policies[p].clone(), 40);
         let c = rt.block_on(e.calibration_for_tests(sql)).unwrap();
         c.into_iter().find(|(c, _)| c == col).unwrap().1
     };
+    // L2: sqrt(L1 x L-infinity). 3 diagnoses, 10 rows a patient, 10 per group: sqrt(10 x 10);
+    // patients per diagnosis: sqrt(3 x 1); 2 rows per group, 3 groups: sqrt(6 x 2).
+    for (p, sql, col, expected) in [
+        (
+            "default",
+            "SELECT diagnosis, COUNT(*) FROM visits GROUP BY diagnosis",
+            "__s0_n",
+            10.0,
+        ),
+        (
+            "default",
+            "SELECT diagnosis, COUNT(DISTINCT patient_id) FROM visits GROUP BY diagnosis",
+            "__s0_n",
+            3f64.sqrt(),
+        ),
+        (
+            "per table",
+            "SELECT diagnosis, COUNT(*) FROM visits GROUP BY diagnosis",
+            "__s0_n",
+            12f64.sqrt(),
+        ),
+    ] {
+        let got = cal(p, sql, col).l2;
+        assert!(
+            (got - expected).abs() <= expected * 1e-9,
+            "{p}: {sql} {col}: L2 {got}, expected {expected}"
+        );
+    }
     // Known by hand from the bounds.
     for (p, sql, col, expected) in [
         ("default", "SELECT COUNT(*) FROM visits", "__s0_n", 10.0),
@@ -1049,7 +1234,7 @@ fn calibrations_are_those_the_bounds_give_and_a_smaller_one_is_caught() {
             10.0 * 14.0,
         ),
     ] {
-        let got = cal(p, sql, col);
+        let got = cal(p, sql, col).l1;
         assert!(
             (got - expected).abs() <= expected * 1e-9,
             "{p}: {sql} {col}: {got}, expected {expected}"
@@ -1173,7 +1358,7 @@ async fn the_minimum_cell_size_suppresses_small_groups_after_noise() {
     let sql = "SELECT sex, COUNT(*) AS n, AVG(hba1c) AS a FROM visits GROUP BY sex";
     let mut r = req(sql, "cells", &all);
     r.epsilon = 1000.0;
-    r.budget_left = (1e6, 1e-5);
+    r.budget = Account::new(1e6, 1e-5);
     let plain = e.run(&r).await.unwrap();
     let counts = column_f64(&plain.batches, "n");
     assert!(counts.iter().all(|c| c.is_finite() && *c >= 1.0));

@@ -34,6 +34,8 @@ struct KeptRelease {
     /// Spent.
     epsilon: f64,
     delta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rho: Option<f64>,
     consent_digest: String,
     result_digest: String,
     mechanism: serde_json::Value,
@@ -48,7 +50,8 @@ pub struct Kept {
 
 /// What a query asked, as the repeat key needs it.
 pub struct Asked<'a> {
-    /// The repeat scope ([`Engine::repeat_scope`]: study, dataset digest, minimum cell size).
+    /// The repeat scope ([`Engine::repeat_scope`]: study, dataset digest, minimum cell size,
+    /// mechanism and accuracy asked).
     pub scope: &'a str,
     /// Epsilon asked.
     pub epsilon: f64,
@@ -97,6 +100,7 @@ impl Kept {
             delta_asked: asked.delta,
             epsilon: release.epsilon,
             delta: release.delta,
+            rho: release.rho,
             consent_digest: hex(&release.consent_digest),
             result_digest: hex(&release.result_digest),
             mechanism: release.mechanism.clone(),
@@ -199,6 +203,7 @@ fn restore_one(
             batches,
             epsilon: kept.epsilon,
             delta: kept.delta,
+            rho: kept.rho,
             sql: kept.sql,
             consent_digest: *consent_digest.bytes(),
             result_digest: digest,

@@ -378,6 +378,11 @@ pub struct QueryReceipt {
     pub epsilon: f64,
     /// Delta spent.
     pub delta: f64,
+    /// Rho (zero-concentrated DP) spent, for a query with Gaussian noise: its whole spend in
+    /// zCDP (each pure part's `epsilon² / 2` included). Absent for pure and approximate DP
+    /// queries, whose rho is `epsilon² / 2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rho: Option<f64>,
     /// Digest of the consent snapshot (the included or excluded subjects).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent_digest: Option<Digest>,
@@ -720,6 +725,7 @@ mod tests {
                 mechanism,
                 epsilon,
                 delta: 1e-300,
+                rho: None,
                 consent_digest: None,
                 result_digest: Some(Digest::of(b"y")),
                 outcome: Outcome::Released,

@@ -26,6 +26,7 @@
 //! - [`bundle`]: offline evidence bundles for sponsors and their verifier.
 //! - [`keyfile`]: private key files (mode 0600).
 
+pub mod budget;
 pub mod bundle;
 mod decode;
 pub mod duo;

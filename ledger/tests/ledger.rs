@@ -194,7 +194,7 @@ fn budgets_are_never_overspent() {
     }
     let e = w.ledger.append_as_operator(receipt(&w, 0.25));
     assert!(matches!(e, Err(Error::BudgetExhausted { .. })), "{e:?}");
-    let (eps, _) = w.ledger.state().budget_left("t2d", "ehr").unwrap();
+    let eps = epsilon_left(&w);
     assert!(eps.abs() < 1e-9);
     assert_eq!(w.ledger.state().receipts_of_study("t2d").len(), 4);
 }
@@ -219,7 +219,7 @@ fn a_failed_query_is_charged_and_releases_nothing() {
     w.ledger
         .append_as_operator(failed(0.4, Some("the query failed while running"), false))
         .unwrap();
-    let (eps, _) = w.ledger.state().budget_left("t2d", "ehr").unwrap();
+    let eps = epsilon_left(&w);
     assert!((eps - 0.6).abs() < 1e-9, "debited: {eps}");
     for bad in [
         failed(0.1, None, false),
@@ -306,7 +306,7 @@ fn concurrent_receipts_respect_the_budget() {
         }
     });
     assert_eq!(ok.into_inner(), 10);
-    let (spent, _) = w.ledger.state().spent("t2d", "ehr");
+    let spent = w.ledger.state().spent("t2d", "ehr").epsilon;
     assert!(spent <= 1.0 + 1e-9);
 }
 
@@ -483,6 +483,7 @@ fn sponsor_bundles_verify_offline_and_catch_tampering() {
             mechanism: Default::default(),
             epsilon: 0.0,
             delta: 0.0,
+            rho: None,
             consent_digest: None,
             result_digest: None,
             outcome: Outcome::Denied,

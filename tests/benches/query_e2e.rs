@@ -133,7 +133,7 @@ async fn measure(
                     sql: sql.clone(),
                     mode: v1::Mode::Dp as i32,
                     epsilon: 0.01 + i as f64 * 1e-9,
-                    delta: 0.0,
+                    ..Default::default()
                 };
                 let t = Instant::now();
                 let stream = q.run(req).await?.into_inner();

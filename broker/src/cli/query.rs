@@ -27,9 +27,19 @@ pub struct QueryArgs {
     /// The SQL (DataFusion dialect): aggregates for DP; rows for an extract.
     #[arg(long, env = "CONSENTRY_SQL")]
     pub sql: String,
-    /// Privacy spend of a DP query.
-    #[arg(long, env = "CONSENTRY_EPSILON", default_value_t = 0.1)]
-    pub epsilon: f64,
+    /// Privacy spend of a DP query (0.1 unless --accuracy is given). With Gaussian noise it
+    /// stands for rho = epsilon^2 / 2, what a pure query of that epsilon costs in zCDP.
+    #[arg(long, env = "CONSENTRY_EPSILON", conflicts_with = "accuracy")]
+    pub epsilon: Option<f64>,
+    /// Instead of an epsilon: the 95% half-width wanted on each noisy count and sum; the broker
+    /// spends the least budget that reaches it and says what it spent.
+    #[arg(long, env = "CONSENTRY_ACCURACY")]
+    pub accuracy: Option<f64>,
+    /// The noise: laplace (pure DP) or gaussian (zero-concentrated DP, which composes far
+    /// better over many queries). By default Laplace while the study's budget composes by
+    /// adding epsilons, Gaussian once it accounts in zCDP.
+    #[arg(long, env = "CONSENTRY_MECHANISM", value_enum)]
+    pub mechanism: Option<NoiseArg>,
     /// Delta of a DP query (needed for GROUP BY keys without a public domain).
     #[arg(long, env = "CONSENTRY_DELTA", default_value_t = 0.0)]
     pub delta: f64,
@@ -45,6 +55,15 @@ pub struct QueryArgs {
     pub json: bool,
 }
 
+/// The noise a researcher may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NoiseArg {
+    /// Laplace noise (pure DP).
+    Laplace,
+    /// Gaussian noise (zero-concentrated DP).
+    Gaussian,
+}
+
 /// Runs `broker query`.
 pub fn query(args: QueryArgs) -> anyhow::Result<()> {
     if args.json && args.out.is_none() {
@@ -57,7 +76,17 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
         let (mode, epsilon, delta) = if args.extract {
             (v1::Mode::Extract, 0.0, 0.0)
         } else {
-            (v1::Mode::Dp, args.epsilon, args.delta)
+            let epsilon = match (args.epsilon, args.accuracy) {
+                (Some(e), _) => e,
+                (None, Some(_)) => 0.0,
+                (None, None) => 0.1,
+            };
+            (v1::Mode::Dp, epsilon, args.delta)
+        };
+        let mechanism = match args.mechanism {
+            None => "",
+            Some(NoiseArg::Laplace) => "laplace",
+            Some(NoiseArg::Gaussian) => "gaussian",
         };
         let stream = q
             .run(v1::QueryRequest {
@@ -67,6 +96,8 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
                 mode: mode as i32,
                 epsilon,
                 delta,
+                mechanism: mechanism.into(),
+                accuracy: args.accuracy.unwrap_or(0.0),
             })
             .await
             .map_err(conn::status)?
@@ -77,9 +108,15 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
             "receipt_index": h.receipt_index,
             "epsilon_spent": h.epsilon_spent,
             "delta_spent": h.delta_spent,
+            "rho_spent": h.rho_spent,
+            "mechanism": h.mechanism,
             "repeated": h.repeated,
             "epsilon_left": budget.epsilon_left,
             "delta_left": budget.delta_left,
+            "rho_left": budget.rho_left,
+            "epsilon_guaranteed": budget.epsilon_guaranteed,
+            "delta_guaranteed": budget.delta_guaranteed,
+            "accountant": budget.accountant,
             "rows_suppressed": h.rows_suppressed,
             "normalized_sql": h.normalized_sql,
             "dataset_version": h.dataset_version,
@@ -101,17 +138,23 @@ pub fn query(args: QueryArgs) -> anyhow::Result<()> {
             }
             None => println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?),
         }
+        let spent = if h.repeated {
+            "nothing (identical repeat)".to_owned()
+        } else if h.mechanism == "gaussian" {
+            format!("rho {:.6} (Gaussian noise)", h.rho_spent)
+        } else {
+            format!("epsilon {} ({} noise)", h.epsilon_spent, h.mechanism)
+        };
         eprintln!(
-            "receipt {}; epsilon spent {}{}; budget left: epsilon {}, delta {}",
+            "receipt {}; spent {spent}; budget left: epsilon {:.6} (or rho {:.6}), delta {}; \
+             the study's spend amounts to ({:.6}, {:e})-DP ({} accounting)",
             h.receipt_index,
-            h.epsilon_spent,
-            if h.repeated {
-                " (identical repeat)"
-            } else {
-                ""
-            },
             budget.epsilon_left,
-            budget.delta_left
+            budget.rho_left,
+            budget.delta_left,
+            budget.epsilon_guaranteed,
+            budget.delta_guaranteed,
+            budget.accountant,
         );
         Ok(())
     })

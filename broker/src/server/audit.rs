@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use arrow::array::{Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
+use ledger::budget::{Account, Spend};
 use ledger::entry::{Body, Outcome, QueryMode};
 use ledger::ids::{Role, Timestamp};
 use proto::v1::{self, audit_server::Audit};
@@ -113,6 +114,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
             sql: r.sql,
             epsilon: r.epsilon,
             delta: r.delta,
+            rho: r.rho,
             outcome: match r.outcome {
                 Outcome::Released => "released",
                 Outcome::Denied => "denied",
@@ -218,7 +220,7 @@ impl Audit for AuditService {
     ) -> Result<Response<v1::BudgetUsageResponse>, Status> {
         let caller = caller(&req)?;
         let study = req.into_inner().study;
-        let granted: std::collections::HashMap<String, f64> = {
+        let granted: std::collections::HashMap<String, (f64, f64)> = {
             let st = self.0.ledger.state();
             let s = st
                 .study(&study)
@@ -226,7 +228,7 @@ impl Audit for AuditService {
             s.approval
                 .iter()
                 .flat_map(|(_, a)| a.grants.iter())
-                .map(|g| (g.dataset.to_string(), g.epsilon))
+                .map(|g| (g.dataset.to_string(), (g.epsilon, g.delta)))
                 .collect()
         };
         let f = v1::AuditRequest {
@@ -238,20 +240,29 @@ impl Audit for AuditService {
         let rs = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
             .await
             .map_err(|_| Status::internal("an audit task failed"))??;
-        let mut cum: std::collections::HashMap<String, (f64, f64)> = Default::default();
+        let mut cum: std::collections::HashMap<String, Spend> = Default::default();
         let points = rs
             .into_iter()
             .map(|r| {
                 let c = cum.entry(r.dataset.clone()).or_default();
-                c.0 += r.epsilon;
-                c.1 += r.delta;
+                *c = c.plus(&Spend::of_receipt(r.epsilon, r.delta, r.rho));
+                let (epsilon, delta) = granted.get(&r.dataset).copied().unwrap_or((0.0, 0.0));
+                let g = Account {
+                    epsilon,
+                    delta,
+                    spent: *c,
+                }
+                .guarantee();
                 v1::BudgetPoint {
                     time: r.time,
-                    epsilon_granted: granted.get(&r.dataset).copied().unwrap_or(0.0),
+                    epsilon_granted: epsilon,
                     dataset: r.dataset,
                     receipt_index: r.index,
-                    epsilon_cumulative: c.0,
-                    delta_cumulative: c.1,
+                    epsilon_cumulative: c.epsilon,
+                    delta_cumulative: c.delta,
+                    rho_cumulative: c.rho,
+                    epsilon_guaranteed: g.epsilon,
+                    delta_guaranteed: g.delta,
                 }
             })
             .collect();

@@ -13,6 +13,8 @@
 //! | `x-consentry-mode` | `dp` or `extract` | `dp` |
 //! | `x-consentry-epsilon` | epsilon spent by a DP query | [`DEFAULT_EPSILON`] |
 //! | `x-consentry-delta` | delta spent by a DP query | 0 |
+//! | `x-consentry-mechanism` | `laplace` or `gaussian` noise | chosen by the account |
+//! | `x-consentry-accuracy` | a 95% half-width wanted instead of an epsilon | none |
 //!
 //! The `FlightInfo`'s `app_metadata` carries the query header as JSON (receipt index, budget
 //! left, digests). Catalog calls list only the datasets the caller's active studies are approved
@@ -236,24 +238,21 @@ fn query_request(
             )));
         }
     };
-    let (epsilon, delta) = if mode == v1::Mode::Extract {
-        (
-            number(req, "x-consentry-epsilon", 0.0)?,
-            number(req, "x-consentry-delta", 0.0)?,
-        )
+    let accuracy = number(req, "x-consentry-accuracy", 0.0)?;
+    let default_epsilon = if mode == v1::Mode::Extract || accuracy != 0.0 {
+        0.0
     } else {
-        (
-            number(req, "x-consentry-epsilon", DEFAULT_EPSILON)?,
-            number(req, "x-consentry-delta", 0.0)?,
-        )
+        DEFAULT_EPSILON
     };
     Ok(v1::QueryRequest {
         study,
         dataset,
         sql,
         mode: mode as i32,
-        epsilon,
-        delta,
+        epsilon: number(req, "x-consentry-epsilon", default_epsilon)?,
+        delta: number(req, "x-consentry-delta", 0.0)?,
+        mechanism: header(req, "x-consentry-mechanism")?.unwrap_or_default(),
+        accuracy,
     })
 }
 
@@ -264,12 +263,17 @@ fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
             "epsilon_granted": b.epsilon_granted, "delta_granted": b.delta_granted,
             "epsilon_spent": b.epsilon_spent, "delta_spent": b.delta_spent,
             "epsilon_left": b.epsilon_left, "delta_left": b.delta_left,
+            "rho_spent": b.rho_spent, "rho_left": b.rho_left,
+            "epsilon_guaranteed": b.epsilon_guaranteed, "delta_guaranteed": b.delta_guaranteed,
+            "accountant": b.accountant,
         })
     });
     serde_json::json!({
         "receipt_index": h.receipt_index,
         "epsilon_spent": h.epsilon_spent,
         "delta_spent": h.delta_spent,
+        "rho_spent": h.rho_spent,
+        "mechanism": h.mechanism,
         "repeated": h.repeated,
         "normalized_sql": h.normalized_sql,
         "result_digest": h.result_digest,

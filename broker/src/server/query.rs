@@ -29,8 +29,7 @@ const CHUNK: usize = 1 << 20;
 struct Authorized {
     reg: Arc<DatasetRegistered>,
     filter: ledger::state::ConsentFilter,
-    budget_left: (f64, f64),
-    granted: (f64, f64),
+    account: ledger::budget::Account,
     extract_k: Option<u32>,
     min_cell_size: Option<u64>,
 }
@@ -47,6 +46,7 @@ struct Denial {
 struct Charged {
     epsilon: f64,
     delta: f64,
+    rho: Option<f64>,
     reg: Arc<DatasetRegistered>,
 }
 
@@ -170,14 +170,13 @@ fn authorize(
     let filter = st
         .consent_filter(&q.dataset, &q.study, now)
         .map_err(|e| deny(FailedPrecondition, format!("consent filter: {e}")))?;
-    let budget_left = st
-        .budget_left(&q.study, &q.dataset)
+    let account = st
+        .account(&q.study, &q.dataset)
         .ok_or_else(|| deny(PermissionDenied, "no budget for this dataset"))?;
     Ok(Authorized {
         reg,
         filter,
-        budget_left,
-        granted: (grant.epsilon, grant.delta),
+        account,
         extract_k: grant.extract_k,
         min_cell_size: grant.min_cell_size.map(u64::from),
     })
@@ -191,13 +190,18 @@ fn anonymizer_denial(e: &anonymizer::Error, reg: Option<&Arc<DatasetRegistered>>
         E::Refused { .. } | E::InvalidQuery(_) => Code::InvalidArgument,
         E::BudgetExhausted { .. } => Code::ResourceExhausted,
         E::Policy(_) | E::Dataset(_) | E::BadValue { .. } => Code::FailedPrecondition,
-        E::Failed { epsilon, delta } => {
+        E::Failed {
+            epsilon,
+            delta,
+            rho,
+        } => {
             return Denial {
                 code: Code::Internal,
                 reason: FAILED.into(),
                 charged: reg.map(|reg| Charged {
                     epsilon: *epsilon,
                     delta: *delta,
+                    rho: *rho,
                     reg: reg.clone(),
                 }),
             };
@@ -243,6 +247,7 @@ impl QueryService {
             mechanism: BTreeMap::new(),
             epsilon: 0.0,
             delta: 0.0,
+            rho: None,
             consent_digest: None,
             result_digest: None,
             outcome: Outcome::Denied,
@@ -256,6 +261,7 @@ impl QueryService {
             receipt.dataset_digest = Some(c.reg.digest.clone());
             receipt.epsilon = c.epsilon;
             receipt.delta = c.delta;
+            receipt.rho = c.rho;
         }
         tracing::info!(caller = %caller.id, study = %q.study, code = ?d.code,
             charged = d.charged.is_some(), "query denied");
@@ -284,6 +290,7 @@ struct Released {
     mechanism: BTreeMap<String, serde_json::Value>,
     epsilon: f64,
     delta: f64,
+    rho: Option<f64>,
     consent_digest: [u8; 32],
     result_digest: [u8; 32],
     repeated: bool,
@@ -302,6 +309,12 @@ impl QueryService {
         auth: &Authorized,
         r: Released,
     ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+        let noise = r
+            .mechanism
+            .get("noise")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let receipt = QueryReceipt {
             study: q.study.clone(),
             researcher: PrincipalId::new(&caller.id)
@@ -314,6 +327,7 @@ impl QueryService {
             mechanism: r.mechanism,
             epsilon: r.epsilon,
             delta: r.delta,
+            rho: r.rho,
             consent_digest: Some(Digest::from_bytes(r.consent_digest)),
             result_digest: Some(Digest::from_bytes(r.result_digest)),
             outcome: Outcome::Released,
@@ -334,12 +348,17 @@ impl QueryService {
             }
             Err(s) => return Err(s),
         };
-        let spent = self.0.ledger.state().spent(&q.study, &q.dataset);
+        let account = ledger::budget::Account {
+            spent: self.0.ledger.state().spent(&q.study, &q.dataset),
+            ..auth.account
+        };
         let header = v1::QueryHeader {
             receipt_index: appended.index,
-            budget: Some(super::registry::budget(auth.granted, spent)),
+            budget: Some(super::registry::budget(&account)),
             epsilon_spent: r.epsilon,
             delta_spent: r.delta,
+            rho_spent: r.rho.unwrap_or(0.0),
+            mechanism: noise,
             repeated: r.repeated,
             normalized_sql: r.sql,
             result_digest: Digest::from_bytes(r.result_digest).to_string(),
@@ -419,6 +438,7 @@ impl QueryService {
             mechanism,
             epsilon: 0.0,
             delta: 0.0,
+            rho: None,
             consent_digest: x.consent_digest,
             result_digest: x.result_digest,
             repeated: false,
@@ -519,13 +539,28 @@ impl QueryService {
                 .await?
         } else {
             let scope = format!("{}\n{}", q.study, auth.reg.digest);
+            let mechanism = match q.mechanism.trim() {
+                "" => None,
+                m => match anonymizer::Mechanism::parse(m) {
+                    Some(m) => Some(m),
+                    None => {
+                        let d = deny(
+                            Code::InvalidArgument,
+                            format!("unknown mechanism {m:?}: laplace or gaussian"),
+                        );
+                        return Err(self.denied(&caller, &q, sql, mode, d).await);
+                    }
+                },
+            };
             let ereq = EngineRequest {
                 scope: &scope,
                 sql: &sql,
                 epsilon: q.epsilon,
                 delta: q.delta,
+                mechanism,
+                accuracy: (q.accuracy != 0.0).then_some(q.accuracy),
                 filter: &filter,
-                budget_left: auth.budget_left,
+                budget: auth.account,
                 min_cell_size: auth.min_cell_size,
             };
             // `_flight` is held until the release is remembered: an identical query in flight
@@ -552,6 +587,7 @@ impl QueryService {
                 mechanism,
                 epsilon: release.epsilon,
                 delta: release.delta,
+                rho: release.rho,
                 consent_digest: release.consent_digest,
                 result_digest: release.result_digest,
                 repeated: release.repeated,
@@ -568,7 +604,7 @@ impl QueryService {
             // and after a restart.
             engine.remember(&ereq, &release);
             if !release.repeated {
-                let repeat_scope = anonymizer::Engine::repeat_scope(&scope, auth.min_cell_size);
+                let repeat_scope = anonymizer::Engine::repeat_scope(&ereq);
                 let asked = crate::kept::Asked {
                     scope: &repeat_scope,
                     epsilon: q.epsilon,

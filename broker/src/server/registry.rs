@@ -14,14 +14,20 @@ use super::{Broker, appended, caller, signed_by_caller};
 pub struct RegistryService(pub Arc<Broker>);
 
 /// A budget as granted and spent.
-pub(crate) fn budget((eg, dg): (f64, f64), (es, ds): (f64, f64)) -> v1::Budget {
+pub(crate) fn budget(a: &ledger::budget::Account) -> v1::Budget {
+    let g = a.guarantee();
     v1::Budget {
-        epsilon_left: (eg - es).max(0.0),
-        delta_left: (dg - ds).max(0.0),
-        epsilon_spent: es,
-        delta_spent: ds,
-        epsilon_granted: eg,
-        delta_granted: dg,
+        epsilon_left: a.epsilon_left(),
+        delta_left: a.delta_left(),
+        epsilon_spent: a.spent.epsilon,
+        delta_spent: a.spent.delta,
+        epsilon_granted: a.epsilon,
+        delta_granted: a.delta,
+        rho_spent: a.spent.rho,
+        rho_left: a.rho_left(),
+        epsilon_guaranteed: g.epsilon,
+        delta_guaranteed: g.delta,
+        accountant: g.accountant.to_owned(),
     }
 }
 
@@ -36,10 +42,11 @@ pub(crate) fn study_message(st: &ledger::State, s: &ledger::state::Study) -> v1:
                     dataset: g.dataset.to_string(),
                     dp: g.dp,
                     extract_k: g.extract_k.unwrap_or(0),
-                    budget: Some(budget(
-                        (g.epsilon, g.delta),
-                        st.spent(id, g.dataset.as_str()),
-                    )),
+                    budget: Some(budget(&ledger::budget::Account {
+                        epsilon: g.epsilon,
+                        delta: g.delta,
+                        spent: st.spent(id, g.dataset.as_str()),
+                    })),
                 })
                 .collect(),
             a.valid_from.to_string(),

@@ -343,6 +343,7 @@ pub fn receipt_body(cast: &Cast, i: u64, sql_len: usize) -> Body {
         mechanism,
         epsilon: if released { 0.001 } else { 0.0 },
         delta: 0.0,
+        rho: None,
         consent_digest: Some(Digest::of(&i.to_le_bytes())),
         result_digest: released.then(|| Digest::of(&(!i).to_le_bytes())),
         outcome: if released {

@@ -11,6 +11,7 @@
 use foldhash::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use crate::budget::{Account, Spend};
 use crate::duo::StudyUse;
 use crate::entry::{ConsentBasis, DatasetRegistered, StudyApproved, StudyRegistered};
 use crate::error::Error;
@@ -150,7 +151,7 @@ pub struct State {
     /// Bumped on every consent change touching a dataset; keys the filter cache.
     generation: HashMap<DatasetId, u64>,
     studies: HashMap<StudyId, Study>,
-    spent: HashMap<(StudyId, DatasetId), (f64, f64)>,
+    spent: HashMap<(StudyId, DatasetId), Spend>,
     receipts_by_study: HashMap<String, Vec<u64>>,
     /// Registration, approvals, suspensions and closure of each study (entry indexes).
     study_events: HashMap<StudyId, Vec<u64>>,
@@ -222,25 +223,29 @@ impl State {
         self.studies.values()
     }
 
-    /// Epsilon and delta spent by released queries of `study` on `dataset`.
-    pub fn spent(&self, study: &str, dataset: &str) -> (f64, f64) {
+    /// What the charged receipts (released and failed) of `study` on `dataset` spent.
+    pub fn spent(&self, study: &str, dataset: &str) -> Spend {
         let key = (StudyId::new(study), DatasetId::new(dataset));
         match key {
-            (Ok(s), Ok(d)) => self.spent.get(&(s, d)).copied().unwrap_or((0.0, 0.0)),
-            _ => (0.0, 0.0),
+            (Ok(s), Ok(d)) => self.spent.get(&(s, d)).copied().unwrap_or_default(),
+            _ => Spend::default(),
         }
     }
 
-    /// Budget left for (`study`, `dataset`): the approval's grant minus what was spent, or
-    /// `None` if the study has no approval covering the dataset.
-    pub fn budget_left(&self, study: &str, dataset: &str) -> Option<(f64, f64)> {
+    /// The privacy account of (`study`, `dataset`): the approval's grant and what was spent
+    /// (see [`crate::budget`] for what fits), or `None` if the study has no approval covering
+    /// the dataset.
+    pub fn account(&self, study: &str, dataset: &str) -> Option<Account> {
         let (_, approval) = self.studies.get(study)?.approval.as_ref()?;
         let grant = approval
             .grants
             .iter()
             .find(|g| g.dataset.as_str() == dataset)?;
-        let (e, d) = self.spent(study, dataset);
-        Some(((grant.epsilon - e).max(0.0), (grant.delta - d).max(0.0)))
+        Some(Account {
+            epsilon: grant.epsilon,
+            delta: grant.delta,
+            spent: self.spent(study, dataset),
+        })
     }
 
     /// The SQL of the extract that `study` took of `dataset`, if it took one: any later

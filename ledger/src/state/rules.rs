@@ -7,6 +7,7 @@ use super::consent::{Grant, Objection};
 use super::{
     Dataset, DatasetVersion, Principal, ReceiptRef, State, Study, StudyStatus, invalid, not_found,
 };
+use crate::budget::Spend;
 use crate::duo::Modifier;
 use crate::entry::{
     Body, ConsentGranted, ConsentRevoked, ConsentScope, DatasetRegistered, Entry, Outcome,
@@ -439,23 +440,15 @@ impl State {
                         self.receipts_by_study.insert(b.study.clone(), vec![index]);
                     }
                 }
-                if let Some((study, dataset, eps, delta)) = debit {
+                if let Some((study, dataset, cost)) = debit {
                     let key = (study, dataset);
                     if b.mode == QueryMode::Extract && b.outcome == Outcome::Released {
                         self.extracts
                             .entry(key.clone())
                             .or_insert_with(|| b.sql.clone());
                     }
-                    match self.spent.get_mut(&key) {
-                        Some(spent) => {
-                            spent.0 += eps;
-                            spent.1 += delta;
-                        }
-                        None => {
-                            // As if added to (0, 0): a spend of -0.0 is stored as 0.0.
-                            self.spent.insert(key.clone(), (0.0 + eps, 0.0 + delta));
-                        }
-                    }
+                    let spent = self.spent.entry(key.clone()).or_default();
+                    *spent = spent.plus(&cost);
                     let (study, dataset) = key;
                     self.released.push(ReceiptRef {
                         index,
@@ -766,7 +759,7 @@ impl State {
     }
 
     /// Checks a receipt; for a released or failed (charged) one returns the debit.
-    fn check_receipt(&self, b: &QueryReceipt) -> Result<Option<(StudyId, DatasetId, f64, f64)>> {
+    fn check_receipt(&self, b: &QueryReceipt) -> Result<Option<(StudyId, DatasetId, Spend)>> {
         if !self.principals.contains_key(&b.researcher) {
             return Err(not_found("principal", &b.researcher));
         }
@@ -776,12 +769,24 @@ impl State {
         }
         check_budget(b.epsilon, "epsilon", false)?;
         check_budget(b.delta, "delta", true)?;
+        if let Some(rho) = b.rho {
+            check_budget(rho, "rho", false)?;
+            if rho < b.epsilon * b.epsilon / 2.0 {
+                return Err(invalid(
+                    "rho is at least the epsilon of the receipt's pure parts squared over 2",
+                ));
+            }
+        }
         match b.outcome {
             Outcome::Denied => {
                 if b.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
                     return Err(invalid("a denied receipt gives its reason"));
                 }
-                if b.epsilon != 0.0 || b.delta != 0.0 || b.result_digest.is_some() {
+                if b.epsilon != 0.0
+                    || b.delta != 0.0
+                    || b.rho.is_some()
+                    || b.result_digest.is_some()
+                {
                     return Err(invalid(
                         "a denied query spends nothing and releases nothing",
                     ));
@@ -840,29 +845,24 @@ impl State {
                         b.study
                     )));
                 }
-                let (left_e, left_d) = self
-                    .budget_left(st.reg.study.as_str(), dataset.as_str())
+                let account = self
+                    .account(st.reg.study.as_str(), dataset.as_str())
                     .ok_or_else(|| {
                         Error::Forbidden(format!(
                             "study {} has no approval for dataset {dataset}",
                             b.study
                         ))
                     })?;
-                // A tiny tolerance absorbs floating-point rounding of many small spends.
-                if b.epsilon > left_e + 1e-12 || b.delta > left_d + 1e-15 {
+                let cost = Spend::of_receipt(b.epsilon, b.delta, b.rho);
+                if !account.admits(&cost) {
                     return Err(Error::BudgetExhausted {
                         study: b.study.clone(),
                         dataset: dataset.to_string(),
-                        epsilon_left: left_e,
-                        delta_left: left_d,
+                        epsilon_left: account.epsilon_left(),
+                        delta_left: account.delta_left(),
                     });
                 }
-                Ok(Some((
-                    st.reg.study.clone(),
-                    dataset.clone(),
-                    b.epsilon,
-                    b.delta,
-                )))
+                Ok(Some((st.reg.study.clone(), dataset.clone(), cost)))
             }
         }
     }

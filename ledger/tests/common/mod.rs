@@ -203,6 +203,15 @@ pub fn world(dir: &Path) -> World {
     w
 }
 
+/// The largest epsilon study `t2d` may still spend on `ehr` in one pure query.
+pub fn epsilon_left(w: &World) -> f64 {
+    w.ledger
+        .state()
+        .account("t2d", "ehr")
+        .expect("t2d is approved on ehr")
+        .epsilon_left()
+}
+
 /// A released receipt spending `epsilon` on `ehr` version 1.
 pub fn receipt(w: &World, epsilon: f64) -> Body {
     receipt_on(&w.ledger, &w.researcher.id, epsilon)
@@ -224,6 +233,7 @@ pub fn receipt_on(ledger: &Ledger, researcher: &PrincipalId, epsilon: f64) -> Bo
         mechanism: Default::default(),
         epsilon,
         delta: 0.0,
+        rho: None,
         consent_digest: Some(Digest::of(b"snapshot")),
         result_digest: Some(Digest::of(b"result")),
         outcome: Outcome::Released,
@@ -238,6 +248,7 @@ pub fn denied(receipt: Body) -> Body {
         Body::QueryReceipt(r) => Body::QueryReceipt(QueryReceipt {
             epsilon: 0.0,
             delta: 0.0,
+            rho: None,
             result_digest: None,
             outcome: Outcome::Denied,
             reason: Some("cell below the minimum size".into()),

@@ -210,7 +210,7 @@ async fn an_empty_answer_after_the_draw_is_released_and_charged() {
         .await
         .unwrap();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
-    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.5);
+    assert_eq!(w.ledger.state().spent("s1", "visits").epsilon, 0.5);
     assert_eq!(w.receipt(h.receipt_index).outcome, Outcome::Released);
 }
 
@@ -236,7 +236,7 @@ async fn identical_queries_in_flight_are_charged_once() {
     }
     assert_eq!(fresh, 1, "one draw, seven repeats");
     assert_eq!(digests.len(), 1);
-    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.5);
+    assert_eq!(w.ledger.state().spent("s1", "visits").epsilon, 0.5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -387,7 +387,7 @@ async fn no_query_is_free_and_no_date_step_can_fail() {
         let e = w.run(&alice, World::dp("s1", &sql, 0.1)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{t}: {e:?}");
     }
-    assert_eq!(w.ledger.state().spent("s1", "visits").0, 0.0);
+    assert_eq!(w.ledger.state().spent("s1", "visits").epsilon, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

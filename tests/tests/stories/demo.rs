@@ -102,6 +102,8 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
         mode: proto::v1::Mode::Dp as i32,
         epsilon: 1.0,
         delta: 0.0,
+        mechanism: String::new(),
+        accuracy: 0.0,
     };
     let (header, batches) = w.run(&alice, req.clone()).await.unwrap();
     assert_eq!(header.epsilon_spent, 1.0);

@@ -2,6 +2,7 @@
 
 use arrow::array::{AsArray, Float64Array};
 use arrow::datatypes::Int64Type;
+use proto::v1;
 use tonic::Code;
 
 use crate::world::{CONSENTED, World, key};
@@ -164,7 +165,7 @@ async fn refusals_have_the_right_code_and_a_receipt() {
         assert!(!r.reason.unwrap_or_default().is_empty());
     }
     // Nothing was spent by any refusal.
-    assert_eq!(w.ledger.state().spent("s1", "visits"), (0.0, 0.0));
+    assert_eq!(w.ledger.state().spent("s1", "visits"), Default::default());
 }
 
 trait CloneKey {
@@ -199,9 +200,81 @@ async fn concurrent_queries_never_overspend() {
     }
     assert_eq!(ok, 10, "released");
     assert_eq!(exhausted, 90);
-    let (spent, _) = w.ledger.state().spent("s1", "visits");
+    let spent = w.ledger.state().spent("s1", "visits").epsilon;
     assert!(spent <= 1.0 + 1e-9, "spent {spent}");
     assert!((spent - 1.0).abs() < 1e-9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_gaussian_queries_never_overspend_the_converted_grant() {
+    // A grant of (1, 1e-6) holds rho of about 0.023 (OpenDP's conversion at half the delta);
+    // each query asks a tenth of it and a bit (rho = epsilon^2 / 2): 10 fit, 100 ask at once.
+    let w = std::sync::Arc::new(World::ready(1.0).await);
+    let total = w.ledger.state().account("s1", "visits").unwrap().rho_left();
+    let eps = (2.0 * total / 10.5).sqrt();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let w = w.clone();
+        tasks.spawn(async move {
+            let sql = format!("SELECT COUNT(*) AS n FROM visits WHERE hba1c > {i}.5");
+            let q = v1::QueryRequest {
+                mechanism: "gaussian".into(),
+                ..World::dp("s1", &sql, eps)
+            };
+            w.run(&key("alice"), q).await
+        });
+    }
+    let (mut ok, mut exhausted) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok((h, _)) => {
+                assert_eq!(h.mechanism, "gaussian");
+                assert!(h.rho_spent > 0.0 && h.rho_spent <= eps * eps / 2.0 * (1.0 + 1e-9));
+                ok += 1;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("unexpected refusal {e:?}"),
+        }
+    }
+    assert_eq!((ok, exhausted), (10, 90));
+    let (account, rho) = {
+        let st = w.ledger.state();
+        let rho: f64 = st
+            .receipts_of_study("s1")
+            .iter()
+            .filter_map(|&i| match w.receipt(i) {
+                r if r.outcome == ledger::entry::Outcome::Released => r.rho,
+                _ => None,
+            })
+            .sum();
+        (st.account("s1", "visits").unwrap(), rho)
+    };
+    let g = account.guarantee();
+    assert_eq!(g.accountant, "zcdp");
+    assert!(g.epsilon <= 1.0 + 1e-9 && g.delta <= 1e-6, "{g:?}");
+    // What the receipts say is what the account holds.
+    assert!((rho - account.spent.rho).abs() < 1e-12);
+    // A pure query of any size no longer composes by addition: refused too.
+    let e = w
+        .run(
+            &key("alice"),
+            World::dp("s1", "SELECT COUNT(*) FROM visits", 0.2),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // The IRB's burn-down shows rho and the (epsilon, delta) it amounts to.
+    let points = w
+        .audit(&key("irb"))
+        .budget_usage(v1::BudgetUsageRequest { study: "s1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .points;
+    let last = points.last().unwrap();
+    assert_eq!(points.len(), 10);
+    assert!((last.rho_cumulative - account.spent.rho).abs() < 1e-12);
+    assert!((last.epsilon_guaranteed - g.epsilon).abs() < 1e-9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -293,7 +366,7 @@ async fn an_extract_is_generalized_pseudonymized_k_anonymous_and_receipted() {
         h.result_digest
     );
     assert_eq!(r.epsilon, 0.0);
-    assert_eq!(w.ledger.state().spent("x1", "visits"), (0.0, 0.0));
+    assert_eq!(w.ledger.state().spent("x1", "visits"), Default::default());
 
     // The same extract again gets the same pseudonyms; another study's are unrelated.
     let (_, again) = w.run(&alice, World::extract("x1", sql)).await.unwrap();

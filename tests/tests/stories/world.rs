@@ -348,6 +348,8 @@ impl World {
             mode: v1::Mode::Dp as i32,
             epsilon: eps,
             delta: 0.0,
+            mechanism: String::new(),
+            accuracy: 0.0,
         }
     }
 
