@@ -206,7 +206,10 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
                 Some(d) => domains.push(d.clone()),
                 None => all_public = false,
             },
-            _ => all_public = false,
+            e => match literal_domain(e) {
+                Some(d) => domains.push(d),
+                None => all_public = false,
+            },
         }
     }
     // Keys read only from tables with one row per unit (a patient's demographics) are the
@@ -456,6 +459,56 @@ fn check_no_subquery(e: &Expr) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The values a CASE expression can take when every branch (each THEN, and the ELSE) is a
+/// literal: the key's public domain, known from the SQL alone, so an age band or any other
+/// recoding needs no partition selection. A row whose CASE gives NULL (no ELSE, or a NULL
+/// branch) is in no released group. Text and integer literals; anything else is `None`.
+fn literal_domain(e: &Expr) -> Option<Domain> {
+    let Expr::Case(case) = e else {
+        return None;
+    };
+    let branches = case
+        .when_then_expr
+        .iter()
+        .map(|(_, then)| then.as_ref())
+        .chain(case.else_expr.as_deref());
+    let (mut text, mut ints) = (Vec::<String>::new(), Vec::<i64>::new());
+    for b in branches {
+        let mut b = strip_alias(b);
+        while let Expr::Cast(c) = b {
+            b = c.expr.as_ref();
+        }
+        let Expr::Literal(v, _) = b else {
+            return None;
+        };
+        match v {
+            v if v.is_null() => {}
+            ScalarValue::Utf8(Some(x))
+            | ScalarValue::LargeUtf8(Some(x))
+            | ScalarValue::Utf8View(Some(x)) => {
+                if !text.contains(x) {
+                    text.push(x.clone());
+                }
+            }
+            ScalarValue::Int8(Some(_))
+            | ScalarValue::Int16(Some(_))
+            | ScalarValue::Int32(Some(_))
+            | ScalarValue::Int64(Some(_)) => {
+                let x: i64 = v.to_string().parse().ok()?;
+                if !ints.contains(&x) {
+                    ints.push(x);
+                }
+            }
+            _ => return None,
+        }
+    }
+    match (text.is_empty(), ints.is_empty()) {
+        (false, true) => Some(Domain::Text(text)),
+        (true, false) => Some(Domain::Int(ints)),
+        _ => None,
+    }
 }
 
 fn strip_alias(e: &Expr) -> &Expr {

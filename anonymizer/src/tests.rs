@@ -655,6 +655,46 @@ async fn accuracy_intervals_cover_the_exact_answer() {
     }
 }
 
+/// A GROUP BY of a CASE whose branches are literals (an age band, a lab range) has a public
+/// domain, the literals: every band is released, an empty one too, without partition
+/// selection or delta, and never a key outside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_recoded_by_a_literal_case_are_public() {
+    let e = engine(300);
+    let all = ConsentFilter::everyone();
+    let band = "CASE WHEN hba1c > 7 THEN 'high' WHEN hba1c > 5 THEN 'mid' WHEN hba1c > 100 \
+                THEN 'impossible' END";
+    let sql = format!(
+        "SELECT {band} AS b, COUNT(DISTINCT patient_id) AS n FROM visits GROUP BY {band} \
+         ORDER BY b"
+    );
+    let mut r = req(&sql, "case", &all);
+    r.delta = 0.0;
+    r.epsilon = 5.0;
+    let out = e.run(&r).await.unwrap();
+    assert_eq!(out.mechanism["keys"], "public", "{}", out.mechanism);
+    assert_eq!(out.delta, 0.0);
+    assert_eq!(column_str(&out.batches, "b"), ["high", "impossible", "mid"]);
+    let exact = exact(&e, &sql).await;
+    let truth: HashMap<String, f64> = column_str(&exact, "b")
+        .into_iter()
+        .zip(column_f64(&exact, "n"))
+        .collect();
+    for (b, (n, ci)) in column_str(&out.batches, "b").iter().zip(
+        column_f64(&out.batches, "n")
+            .into_iter()
+            .zip(column_f64(&out.batches, "n_ci95")),
+    ) {
+        let t = truth.get(b).copied().unwrap_or(0.0);
+        assert!((n - t).abs() <= 4.0 * ci, "{b}: {n} vs {t} (ci {ci})");
+    }
+    // A branch that is not a literal keeps partition selection (and its delta).
+    let mixed = "SELECT CASE WHEN hba1c > 7 THEN 'high' ELSE sex END AS b, COUNT(*) AS n \
+                 FROM visits GROUP BY CASE WHEN hba1c > 7 THEN 'high' ELSE sex END";
+    let out = e.run(&req(mixed, "case2", &all)).await.unwrap();
+    assert_eq!(out.mechanism["keys"], "selected");
+}
+
 /// With Gaussian noise the 95% half-widths of counts, distinct counts, sums and means cover
 /// the exact answer at least 95% of the time (counts and sums: OpenDP's exact Gaussian
 /// accuracy; means: a union bound). 200 draws each: a coverage below 170 would have
@@ -996,6 +1036,12 @@ fn engine_with(policy: Policy, patients: i64) -> Engine {
 /// number of GROUP BY keys.
 const SENSITIVITY_QUERIES: &[(&str, usize)] = &[
     ("SELECT COUNT(*) FROM visits", 0),
+    (
+        "SELECT CASE WHEN hba1c > 7 THEN 'high' WHEN hba1c > 5 THEN 'mid' ELSE 'low' END AS b, \
+         COUNT(DISTINCT patient_id), COUNT(*) FROM visits \
+         GROUP BY CASE WHEN hba1c > 7 THEN 'high' WHEN hba1c > 5 THEN 'mid' ELSE 'low' END",
+        1,
+    ),
     ("SELECT COUNT(DISTINCT patient_id) FROM visits", 0),
     ("SELECT COUNT(*) FROM patients", 0),
     (
