@@ -3,7 +3,7 @@ metrics as `accuracy_bench` (anonymizer/examples/accuracy_bench.rs) on the peer 
 table: one JSON line per query with the median absolute and relative error over every cell of
 RUNS runs against the exact answer (Polars, no privacy).
 
-usage: accuracy_peers.py VISITS.parquet [RUNS]
+usage: accuracy_peers.py VISITS.parquet [RUNS] [cohorts]     (cohorts: only the 100 cohort counts)
 
 Each query gets OpenDP's best bounds that hold for the table: patient_id as the privacy unit,
 at most 10 rows per patient (the kit's bound), one row per patient and group kept
@@ -76,6 +76,8 @@ def main():
     lf = df.lazy()
 
     def grouped(name, keys, key_frame, pre, agg, epsilon, truth):
+        if only_cohorts:
+            return
         abs_e, rel_e, widths = [], [], []
         for _ in range(runs):
             q = context(lf, keys, epsilon=epsilon).query()
@@ -91,6 +93,7 @@ def main():
     def truth_of(keys, frame):
         return cells(frame, keys, "n")
 
+    only_cohorts = len(sys.argv) > 3 and sys.argv[3] == "cohorts"
     by_dx = df.group_by("diagnosis").agg(pl.col("patient_id").n_unique().alias("n"))
     grouped("patients by diagnosis", ["diagnosis"], pl.DataFrame({"diagnosis": DIAGNOSES}),
             lambda q: q.truncate_per_group(1, by=["diagnosis"]), dp.len(signed=True), 1.0,
@@ -116,7 +119,7 @@ def main():
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if dp.m.make_zCDP_to_approxDP(dp.m.make_gaussian(
+        if dp.c.make_zCDP_to_approxDP(dp.m.make_gaussian(
                 dp.atom_domain(T=float, nan=False), dp.absolute_distance(T=float), 1.0 / (2 * mid) ** 0.5)
         ).map(1.0).epsilon(1e-6) <= 1.0:
             lo = mid

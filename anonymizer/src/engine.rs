@@ -844,8 +844,15 @@ impl Engine {
         let rows = release::summed_rows(&checked, &self.dataset);
         let draws = release::draws(&checked, req.min_cell_size).max(1) as f64;
         let spend = |mechanism: Mechanism| -> Result<(Spending, Spend)> {
+            // The least spend of any query (a coarse accuracy target buys no cheaper probe).
+            let floor = match mechanism {
+                Mechanism::Laplace => MIN_EPSILON,
+                Mechanism::Gaussian => MIN_EPSILON * MIN_EPSILON / 2.0,
+            };
             let budget = match (req.accuracy, mechanism) {
-                (Some(a), m) => release::share_for_accuracy(&checked, rows, m, a)? * draws,
+                (Some(a), m) => {
+                    (release::share_for_accuracy(&checked, rows, m, a)? * draws).max(floor)
+                }
                 (None, Mechanism::Laplace) => req.epsilon,
                 (None, Mechanism::Gaussian) => req.epsilon * req.epsilon / 2.0,
             };

@@ -59,6 +59,11 @@ impl Mechanism {
             (Mechanism::Laplace, false) => accuracy_to_laplacian_scale,
             (Mechanism::Laplace, true) => accuracy_to_discrete_laplacian_scale,
             (Mechanism::Gaussian, false) => accuracy_to_gaussian_scale,
+            // Wide discrete Gaussian noise: the continuous scale for a half-width two
+            // narrower, which `accuracy_at`'s bound for it then meets.
+            (Mechanism::Gaussian, true) if accuracy > 2.0 * EXACT_DISCRETE_GAUSSIAN => {
+                return accuracy_to_gaussian_scale(accuracy - 2.0, ALPHA).map_err(opendp);
+            }
             (Mechanism::Gaussian, true) => accuracy_to_discrete_gaussian_scale,
         };
         f(accuracy, ALPHA).map_err(opendp)
@@ -70,6 +75,15 @@ impl Mechanism {
             (Mechanism::Laplace, false) => laplacian_scale_to_accuracy,
             (Mechanism::Laplace, true) => discrete_laplacian_scale_to_accuracy,
             (Mechanism::Gaussian, false) => gaussian_scale_to_accuracy,
+            // OpenDP's exact discrete Gaussian accuracy walks the support (time proportional
+            // to the scale); past a scale of 1,000 the discrete law is the continuous one
+            // rounded, so its half-width is at most the continuous one rounded up, plus one.
+            (Mechanism::Gaussian, true) if scale > EXACT_DISCRETE_GAUSSIAN => {
+                return Ok(gaussian_scale_to_accuracy(scale, alpha)
+                    .map_err(opendp)?
+                    .ceil()
+                    + 1.0);
+            }
             (Mechanism::Gaussian, true) => discrete_gaussian_scale_to_accuracy,
         };
         f(scale, alpha).map_err(opendp)
@@ -85,6 +99,10 @@ impl Mechanism {
         }
     }
 }
+
+/// The largest discrete Gaussian scale whose accuracy OpenDP computes exactly (see
+/// [`Mechanism::accuracy_at`]).
+const EXACT_DISCRETE_GAUSSIAN: f64 = 1000.0;
 
 /// Noisy values with what they cost and how accurate they are.
 #[derive(Debug, Clone, PartialEq)]
@@ -403,6 +421,16 @@ mod tests {
             f.accuracy / f.scale
         );
         assert!(gaussian_i64(&[1], 1.0, 0.0).is_err());
+        // Wide discrete Gaussian noise is bounded in constant time (an exact computation walks
+        // the support) and the bound holds: against the exact value where both are quick.
+        let exact = discrete_gaussian_scale_to_accuracy(1500.0, ALPHA).unwrap();
+        let bound = Mechanism::Gaussian
+            .accuracy_at(1500.0, ALPHA, true)
+            .unwrap();
+        assert!(bound >= exact && bound <= exact + 2.0, "{bound} vs {exact}");
+        let huge = Mechanism::Gaussian.accuracy_at(1e12, ALPHA, true).unwrap();
+        let s = Mechanism::Gaussian.scale_for(1e12, true).unwrap();
+        assert!(huge > 1.9e12 && s > 5e11);
         // Scale and accuracy are each other's inverse.
         for m in [Mechanism::Laplace, Mechanism::Gaussian] {
             for discrete in [false, true] {

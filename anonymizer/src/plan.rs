@@ -45,6 +45,20 @@ pub enum Statistic {
     Quantile { arg: Expr, bounds: [f64; 2], q: f64 },
 }
 
+/// A statistic over a column whose bounds depend on a key (`bounds_by`) that is also a GROUP BY
+/// key: each group holds one key, so its values take that key's bounds. The aggregated values
+/// are normalized per row to [-1, 1] (centred on the key's midpoint and divided by its
+/// half-range for AVG and VAR; divided by its largest magnitude for SUM), the noise is
+/// calibrated to [-1, 1], and each released group's value and interval are scaled back with its
+/// key's bounds (post-processing): a group's noise fits its own range, not the widest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rescale {
+    /// Which GROUP BY expression holds the key.
+    pub key: usize,
+    /// Bounds per key value (as text); a group whose key has none releases NULL.
+    pub per_key: std::collections::BTreeMap<String, [f64; 2]>,
+}
+
 /// How the released group keys are chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Keys {
@@ -65,6 +79,9 @@ pub struct Checked {
     pub aggregate: Aggregate,
     /// One statistic per aggregate expression, in order.
     pub stats: Vec<Statistic>,
+    /// Per statistic: its values' bounds per GROUP BY key, when they depend on that key (see
+    /// [`Rescale`]).
+    pub rescales: Vec<Option<Rescale>>,
     /// How keys are chosen.
     pub keys: Keys,
     /// Whether the aggregate's input joins tables (its rows are then bounded per unit again).
@@ -187,12 +204,23 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
     let sources = walk_input(&aggregate.input, policy, &mut input)?;
     let schema = aggregate.input.schema().as_ref();
     let resolve = |c: &Column| resolve(policy, schema, &sources, c);
+    let group_columns: Vec<Option<Column>> = aggregate
+        .group_expr
+        .iter()
+        .map(|g| match strip_alias(g) {
+            Expr::Column(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
     let bounds_of = |c: &Column, cp: &ColumnPolicy, func: &str| {
-        value_bounds(c, cp, func, &resolve, &input.narrowed)
+        value_bounds(c, cp, func, &resolve, &input.narrowed, &group_columns)
     };
     let mut stats = Vec::with_capacity(aggregate.aggr_expr.len());
+    let mut rescales = Vec::with_capacity(aggregate.aggr_expr.len());
     for e in &aggregate.aggr_expr {
-        stats.push(statistic(e, schema, &resolve, &bounds_of)?);
+        let (s, r) = statistic(e, schema, &resolve, &bounds_of)?;
+        stats.push(s);
+        rescales.push(r);
     }
     let mut domains = Vec::new();
     let mut all_public = true;
@@ -242,6 +270,7 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
         plan,
         aggregate,
         stats,
+        rescales,
         keys,
     })
 }
@@ -572,16 +601,20 @@ fn narrowing(e: &Expr) -> Option<(Column, Vec<String>)> {
 /// The bounds of column `c` aggregated by `func`, and the expression to aggregate: the column
 /// itself, or for bounds that depend on a key column (`bounds_by`), the value clamped to its
 /// row's key's bounds (NULL for a key without bounds) with the bounds' hull over the keys the
-/// WHERE lets through. A key the WHERE names without bounds is refused, naming it.
+/// WHERE lets through. A key the WHERE names without bounds is refused, naming it. When the key
+/// is also a GROUP BY column (`group_columns`), a SUM, AVG or VAR aggregates the values
+/// normalized to [-1, 1] by their key's bounds, and the per-key bounds come back for the
+/// release to scale each group (see [`Rescale`]).
 fn value_bounds<'a>(
     c: &Column,
     cp: &ColumnPolicy,
     func: &str,
     resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
     narrowed: &[(Column, Vec<String>)],
-) -> Result<(Option<Expr>, [f64; 2])> {
+    group_columns: &[Option<Column>],
+) -> Result<KeyedBounds> {
     if let Some(b) = cp.bounds {
-        return Ok((None, b));
+        return Ok((None, b, None));
     }
     let (Some(key), Some(per_key)) = (&cp.bounds_by, &cp.key_bounds) else {
         return Err(refuse(
@@ -640,16 +673,41 @@ fn value_bounds<'a>(
         .fold([f64::INFINITY, f64::NEG_INFINITY], |h, (_, b)| {
             [h[0].min(b[0]), h[1].max(b[1])]
         });
+    let grouped = group_columns.iter().position(|g| {
+        g.as_ref()
+            .is_some_and(|g| g.name == key_col.name && g.relation == key_col.relation)
+    });
+    let normalize = match func {
+        "SUM" => Some(false),
+        "AVG" | "VAR/STDDEV" => Some(true),
+        _ => None,
+    }
+    .filter(|_| grouped.is_some());
     let key_text = Expr::TryCast(datafusion::logical_expr::TryCast::new(
         Box::new(Expr::Column(key_col)),
         arrow::datatypes::DataType::Utf8,
     ));
     let arms = reachable
-        .into_iter()
+        .iter()
         .map(|(v, b)| {
+            let value = Expr::Column(c.clone());
+            let then = match normalize {
+                None => crate::clamp::clamp_f64(&value, *b, 0.0),
+                // Centred on the key's midpoint, over its half-range.
+                Some(true) => {
+                    let h = ((b[1] - b[0]) / 2.0).max(f64::MIN_POSITIVE);
+                    crate::clamp::clamp_f64(&value, *b, (b[0] + b[1]) / 2.0)
+                        / datafusion::prelude::lit(h)
+                }
+                // Over its largest magnitude.
+                Some(false) => {
+                    let big = b[0].abs().max(b[1].abs()).max(f64::MIN_POSITIVE);
+                    crate::clamp::clamp_f64(&value, *b, 0.0) / datafusion::prelude::lit(big)
+                }
+            };
             (
-                Box::new(datafusion::prelude::lit(v)),
-                Box::new(crate::clamp::clamp_f64(&Expr::Column(c.clone()), b, 0.0)),
+                Box::new(datafusion::prelude::lit(v.clone())),
+                Box::new(then),
             )
         })
         .collect();
@@ -658,11 +716,25 @@ fn value_bounds<'a>(
         arms,
         None,
     ));
-    Ok((Some(case), hull))
+    Ok(match (normalize, grouped) {
+        (Some(_), Some(key)) => (
+            Some(case),
+            [-1.0, 1.0],
+            Some(Rescale {
+                key,
+                per_key: reachable.into_iter().collect(),
+            }),
+        ),
+        _ => (Some(case), hull, None),
+    })
 }
 
-/// What a bounded aggregate reads: the expression and its bounds.
-type BoundsOf<'b> = dyn Fn(&Column, &ColumnPolicy, &str) -> Result<(Option<Expr>, [f64; 2])> + 'b;
+/// What [`value_bounds`] gives: the expression to aggregate (`None`: the column), its bounds,
+/// and, for values normalized per GROUP BY key, the bounds per key.
+type KeyedBounds = (Option<Expr>, [f64; 2], Option<Rescale>);
+
+/// What a bounded aggregate reads: the expression, its bounds, its bounds per GROUP BY key.
+type BoundsOf<'b> = dyn Fn(&Column, &ColumnPolicy, &str) -> Result<KeyedBounds> + 'b;
 
 /// The bounds of an aggregated column, and the expression to aggregate (the argument, or the
 /// value clamped by its key's bounds).
@@ -671,7 +743,7 @@ fn bounded<'a>(
     resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
     bounds_of: &BoundsOf<'_>,
     func: &str,
-) -> Result<(Expr, [f64; 2], bool)> {
+) -> Result<(Expr, [f64; 2], bool, Option<Rescale>)> {
     let Expr::Column(c) = strip_alias(arg) else {
         return Err(refuse(
             format!("{func} of an expression"),
@@ -680,9 +752,14 @@ fn bounded<'a>(
     };
     let (_, cp) = resolve(c)?;
     readable(cp, &c.name, func)?;
-    let (by_key, bounds) = bounds_of(c, cp, func)?;
+    let (by_key, bounds, rescale) = bounds_of(c, cp, func)?;
     let keyed = by_key.is_some();
-    Ok((by_key.unwrap_or_else(|| arg.clone()), bounds, keyed))
+    Ok((
+        by_key.unwrap_or_else(|| arg.clone()),
+        bounds,
+        keyed,
+        rescale,
+    ))
 }
 
 fn statistic<'a>(
@@ -690,7 +767,7 @@ fn statistic<'a>(
     schema: &DFSchema,
     resolve: &dyn Fn(&Column) -> Result<(&'a str, &'a ColumnPolicy)>,
     bounds_of: &BoundsOf<'_>,
-) -> Result<Statistic> {
+) -> Result<(Statistic, Option<Rescale>)> {
     let Expr::AggregateFunction(f) = strip_alias(e) else {
         return Err(refuse(
             "this aggregate expression",
@@ -732,7 +809,8 @@ fn statistic<'a>(
                     .is_some_and(|[lo, hi]| lo.fract() == 0.0 && hi.fract() == 0.0)
             })
     };
-    match name.as_str() {
+    let mut rescale = None;
+    let stat = match name.as_str() {
         "count" => match (p.distinct, arg0) {
             (false, None) => Ok(Statistic::CountRows),
             (false, Some(a)) if literal(a) => Ok(Statistic::CountRows),
@@ -743,7 +821,7 @@ fn statistic<'a>(
             )),
             (false, Some(a)) => {
                 if is_unit(a) {
-                    return Ok(Statistic::CountRows);
+                    return Ok((Statistic::CountRows, None));
                 }
                 let Expr::Column(c) = strip_alias(a) else {
                     return Err(refuse("COUNT of an expression", "count a column or rows"));
@@ -758,7 +836,8 @@ fn statistic<'a>(
         )),
         "sum" => {
             let a = arg0.ok_or_else(|| Error::InvalidQuery("SUM needs an argument".into()))?;
-            let (arg, bounds, keyed) = bounded(a, resolve, bounds_of, "SUM")?;
+            let (arg, bounds, keyed, r) = bounded(a, resolve, bounds_of, "SUM")?;
+            rescale = r;
             Ok(Statistic::Sum {
                 arg,
                 bounds,
@@ -766,22 +845,24 @@ fn statistic<'a>(
             })
         }
         "avg" | "mean" => {
-            let (arg, bounds, _) = bounded(
+            let (arg, bounds, _, r) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("AVG needs an argument".into()))?,
                 resolve,
                 bounds_of,
                 "AVG",
             )?;
+            rescale = r;
             Ok(Statistic::Avg { arg, bounds })
         }
         "var" | "var_samp" | "var_sample" | "var_pop" | "var_population" | "stddev"
         | "stddev_samp" | "stddev_pop" => {
-            let (arg, bounds, _) = bounded(
+            let (arg, bounds, _, r) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("VAR needs an argument".into()))?,
                 resolve,
                 bounds_of,
                 "VAR/STDDEV",
             )?;
+            rescale = r;
             Ok(Statistic::Var {
                 arg,
                 bounds,
@@ -790,7 +871,7 @@ fn statistic<'a>(
             })
         }
         "median" => {
-            let (arg, bounds, _) = bounded(
+            let (arg, bounds, _, _) = bounded(
                 arg0.ok_or_else(|| Error::InvalidQuery("MEDIAN needs an argument".into()))?,
                 resolve,
                 bounds_of,
@@ -825,12 +906,13 @@ fn statistic<'a>(
                     "a percentile must be between 0 and 1".into(),
                 ));
             }
-            let (arg, bounds, _) = bounded(&col, resolve, bounds_of, "PERCENTILE_CONT")?;
+            let (arg, bounds, _, _) = bounded(&col, resolve, bounds_of, "PERCENTILE_CONT")?;
             Ok(Statistic::Quantile { arg, bounds, q })
         }
         other => Err(refuse(
             format!("the aggregate {}", other.to_uppercase()),
             "use COUNT, SUM, AVG, VAR, STDDEV, MEDIAN or PERCENTILE_CONT",
         )),
-    }
+    };
+    stat.map(|s| (s, rescale))
 }

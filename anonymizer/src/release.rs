@@ -25,7 +25,7 @@ use serde_json::json;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::mechanisms::{self, Mechanism, Noisy};
-use crate::plan::{Checked, Keys, Statistic};
+use crate::plan::{Checked, Keys, Rescale, Statistic};
 use crate::policy::{Bounds, Domain};
 use crate::quantile;
 
@@ -412,6 +412,53 @@ impl Spending {
     }
 }
 
+/// Scales the last released statistic's values and intervals back from [-1, 1] with each
+/// group's key's bounds (see [`Rescale`]): post-processing of noisy values. A group whose key
+/// has no bounds releases NULL.
+fn rescale(
+    s: &Statistic,
+    r: &Rescale,
+    groups: &Groups,
+    raw: &RecordBatch,
+    values: &mut [ArrayRef],
+    accuracies: &mut [Option<Float64Array>],
+) -> Result<()> {
+    let key_column = arrow::compute::cast(raw.column(r.key), &DataType::Utf8).map_err(eng)?;
+    let key_column = key_column.as_string::<i32>();
+    let (Some(v), Some(Some(a))) = (values.last_mut(), accuracies.last_mut()) else {
+        return Err(eng("no statistic to rescale"));
+    };
+    let noisy = arrow::compute::cast(v, &DataType::Float64).map_err(eng)?;
+    let noisy = noisy.as_primitive::<Float64Type>();
+    let mut out = Vec::with_capacity(groups.rows.len());
+    let mut acc = Vec::with_capacity(groups.rows.len());
+    for (j, row) in groups.rows.iter().enumerate() {
+        let key = match &groups.public {
+            Some(combos) => combos.get(j).map(|c| c[r.key].clone()),
+            None => row
+                .filter(|&x| key_column.is_valid(x))
+                .map(|x| key_column.value(x).to_owned()),
+        };
+        let Some([lo, hi]) = key.and_then(|k| r.per_key.get(&k).copied()) else {
+            out.push(None);
+            acc.push(None);
+            continue;
+        };
+        let h = (hi - lo) / 2.0;
+        let (shift, factor) = match s {
+            Statistic::Sum { .. } => (0.0, lo.abs().max(hi.abs())),
+            Statistic::Avg { .. } => ((lo + hi) / 2.0, h),
+            Statistic::Var { stddev: true, .. } => (0.0, h),
+            _ => (0.0, h * h),
+        };
+        out.push(noisy.is_valid(j).then(|| shift + factor * noisy.value(j)));
+        acc.push(a.is_valid(j).then(|| factor * a.value(j)));
+    }
+    *v = Arc::new(Float64Array::from(out));
+    *a = Float64Array::from(acc);
+    Ok(())
+}
+
 /// What a query's draws spent, and their receipt entries.
 #[derive(Default)]
 struct Tally {
@@ -708,6 +755,9 @@ pub fn noise(
                 values.push(Arc::new(Float64Array::from(out)));
                 accuracies.push(Some(Float64Array::from(acc)));
             }
+        }
+        if let Some(r) = checked.rescales.get(i).and_then(Option::as_ref) {
+            rescale(s, r, &groups, raw, &mut values, &mut accuracies)?;
         }
     }
 

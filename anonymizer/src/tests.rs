@@ -357,6 +357,61 @@ async fn bounds_by_key_follow_the_where_and_name_a_key_without_bounds() {
     assert!(kept > 0 && kept < counted, "{kept} of {counted}");
 }
 
+/// GROUP BY the bounds key: each group's mean, sum and standard deviation take that key's
+/// bounds, so I10 ([5, 6]) gets a far narrower interval than E11 ([4, 14]), every released value lies
+/// in its key's range, and they are near the exact ones; a key without bounds releases NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_by_the_bounds_key_each_group_takes_its_bounds() {
+    let policy = bound_policies()
+        .into_iter()
+        .find(|(n, _)| *n == "by diagnosis")
+        .unwrap()
+        .1;
+    let e = engine_with(policy, 300);
+    let all = ConsentFilter::everyone();
+    let sql = "SELECT diagnosis, AVG(hba1c) AS m, SUM(hba1c) AS s, STDDEV(hba1c) AS sd \
+               FROM visits GROUP BY diagnosis ORDER BY diagnosis";
+    let mut r = req(sql, "by-key", &all);
+    r.epsilon = 3.0;
+    let out = e.run(&r).await.unwrap();
+    let keys = column_str(&out.batches, "diagnosis");
+    assert_eq!(keys, ["E11", "I10", "J45"]);
+    let at = |c: &str, k: &str| {
+        let i = keys.iter().position(|x| x == k).unwrap();
+        out.batches[0]
+            .column_by_name(c)
+            .unwrap()
+            .as_primitive::<Float64Type>()
+            .clone()
+            .iter()
+            .nth(i)
+            .unwrap()
+    };
+    for c in ["m", "m_ci95", "s", "s_ci95", "sd", "sd_ci95"] {
+        assert_eq!(at(c, "J45"), None, "{c} of a key without bounds");
+    }
+    // (The means' intervals also depend on each group's count and mean.)
+    let ratio = at("m_ci95", "E11").unwrap() / at("m_ci95", "I10").unwrap();
+    assert!(ratio > 5.0, "E11 / I10 half-widths: {ratio}");
+    let s_ratio = at("s_ci95", "E11").unwrap() / at("s_ci95", "I10").unwrap();
+    assert!(
+        (14.0 / 6.0 - s_ratio).abs() < 0.01,
+        "sum half-widths: {s_ratio}"
+    );
+    assert!((5.0..=6.0).contains(&at("m", "I10").unwrap()));
+    assert!((4.0..=14.0).contains(&at("m", "E11").unwrap()));
+    // Near the truth (the exact answer over the rows of each code clamped to its bounds).
+    let exact = exact(
+        &e,
+        "SELECT diagnosis, AVG(LEAST(GREATEST(hba1c, 4.0), 14.0)) AS m FROM visits \
+         WHERE diagnosis = 'E11' GROUP BY diagnosis",
+    )
+    .await;
+    let truth = column_f64(&exact, "m")[0];
+    let (m, ci) = (at("m", "E11").unwrap(), at("m_ci95", "E11").unwrap());
+    assert!((m - truth).abs() <= 4.0 * ci, "{m} vs {truth} ({ci})");
+}
+
 #[test]
 fn a_unit_of_two_types_is_refused_when_loaded() {
     // Numbered apart, integer and text ids would share dense numbers: a consent for one
@@ -830,6 +885,20 @@ async fn an_accuracy_target_spends_the_least_that_reaches_it() {
             "{m:?} {target}: {widths:?}"
         );
     }
+    // A coarse target buys no probe cheaper than the least epsilon of any query.
+    for m in [Mechanism::Laplace, Mechanism::Gaussian] {
+        let scope = format!("acc-coarse-{m:?}");
+        let mut r = req(sql, &scope, &all);
+        r.epsilon = 0.0;
+        r.accuracy = Some(1e300);
+        r.mechanism = Some(m);
+        let out = e.run(&r).await.unwrap();
+        let spent = out.rho.map_or(out.epsilon, |rho| (2.0 * rho).sqrt());
+        assert!(
+            spent >= crate::engine::MIN_EPSILON * 0.999,
+            "{m:?}: {spent}"
+        );
+    }
     let mut mean = req("SELECT AVG(hba1c) FROM visits", "acc-mean", &all);
     mean.epsilon = 0.0;
     mean.accuracy = Some(1.0);
@@ -1036,6 +1105,10 @@ fn engine_with(policy: Policy, patients: i64) -> Engine {
 /// number of GROUP BY keys.
 const SENSITIVITY_QUERIES: &[(&str, usize)] = &[
     ("SELECT COUNT(*) FROM visits", 0),
+    (
+        "SELECT diagnosis, AVG(hba1c), SUM(hba1c), VAR(hba1c) FROM visits GROUP BY diagnosis",
+        1,
+    ),
     (
         "SELECT CASE WHEN hba1c > 7 THEN 'high' WHEN hba1c > 5 THEN 'mid' ELSE 'low' END AS b, \
          COUNT(DISTINCT patient_id), COUNT(*) FROM visits \

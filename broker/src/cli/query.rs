@@ -292,7 +292,8 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
                             "index": r.index, "time": r.time, "study": r.study,
                             "researcher": r.researcher, "dataset": r.dataset,
                             "version": r.version, "mode": r.mode, "sql": r.sql,
-                            "epsilon": r.epsilon, "delta": r.delta, "outcome": r.outcome,
+                            "epsilon": r.epsilon, "delta": r.delta, "rho": r.rho,
+                            "outcome": r.outcome,
                             "reason": r.reason, "result_digest": r.result_digest,
                             "consent_digest": r.consent_digest,
                             "rows_suppressed": r.rows_suppressed,
@@ -316,6 +317,9 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
                             "receipt_index": p.receipt_index,
                             "epsilon_cumulative": p.epsilon_cumulative,
                             "delta_cumulative": p.delta_cumulative,
+                            "rho_cumulative": p.rho_cumulative,
+                            "epsilon_guaranteed": p.epsilon_guaranteed,
+                            "delta_guaranteed": p.delta_guaranteed,
                             "epsilon_granted": p.epsilon_granted,
                         })
                     })

@@ -202,6 +202,12 @@ fn study_json(s: &v1::Study) -> serde_json::Value {
                 "epsilon_left": b.map(|b| b.epsilon_left),
                 "delta_granted": b.map(|b| b.delta_granted),
                 "delta_spent": b.map(|b| b.delta_spent),
+                "delta_left": b.map(|b| b.delta_left),
+                "rho_spent": b.map(|b| b.rho_spent),
+                "rho_left": b.map(|b| b.rho_left),
+                "epsilon_guaranteed": b.map(|b| b.epsilon_guaranteed),
+                "delta_guaranteed": b.map(|b| b.delta_guaranteed),
+                "accountant": b.map(|b| b.accountant.clone()),
             })
         })
         .collect();

@@ -309,6 +309,7 @@ impl QueryService {
         auth: &Authorized,
         r: Released,
     ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+        let spend = (r.epsilon, r.delta, r.rho);
         let noise = r
             .mechanism
             .get("noise")
@@ -346,7 +347,22 @@ impl QueryService {
                 let d = deny(Code::ResourceExhausted, s.message().to_owned());
                 return Err(self.denied(caller, q, sql, mode, d).await);
             }
-            Err(s) => return Err(s),
+            // Any other refusal of a drawn answer is still charged: the draw read the rows,
+            // so how it ends must not be free (nor say more than that it failed).
+            Err(s) => {
+                tracing::error!(code = ?s.code(), "a release's receipt was refused");
+                let d = Denial {
+                    code: Code::Internal,
+                    reason: FAILED.into(),
+                    charged: Some(Charged {
+                        epsilon: spend.0,
+                        delta: spend.1,
+                        rho: spend.2,
+                        reg: auth.reg.clone(),
+                    }),
+                };
+                return Err(self.denied(caller, q, sql, mode, d).await);
+            }
         };
         let account = ledger::budget::Account {
             spent: self.0.ledger.state().spent(&q.study, &q.dataset),

@@ -277,6 +277,38 @@ async fn concurrent_gaussian_queries_never_overspend_the_converted_grant() {
     assert!((last.epsilon_guaranteed - g.epsilon).abs() < 1e-9);
 }
 
+/// A Gaussian query with several pure parts (partition selection and quantiles, each
+/// epsilon_i with rho epsilon_i^2 / 2) is released and charged its rho, whether or not any
+/// group clears the threshold: how it ends never depends on the data for free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gaussian_queries_with_several_pure_parts_are_charged_whatever_the_data() {
+    let w = World::ready(10.0).await;
+    let before = w.ledger.state().spent("s1", "visits");
+    let mut charged = 0.0;
+    for (i, cut) in [0.0, 1e9].iter().enumerate() {
+        // With no cut every zip clears the threshold; with an impossible one, none does.
+        let sql = format!(
+            "SELECT zip, MEDIAN(hba1c) AS m{i}, APPROX_PERCENTILE_CONT(hba1c, 0.9) AS p{i} \
+             FROM visits WHERE hba1c >= {cut} GROUP BY zip"
+        );
+        let q = v1::QueryRequest {
+            mechanism: "gaussian".into(),
+            delta: 1e-7,
+            ..World::dp("s1", &sql, 0.5)
+        };
+        let (h, _) = w.run(&key("alice"), q).await.unwrap();
+        assert_eq!(h.mechanism, "gaussian");
+        assert!(
+            h.rho_spent > 0.0 && h.rho_spent <= 0.125 * (1.0 + 1e-9),
+            "{}",
+            h.rho_spent
+        );
+        charged += h.rho_spent;
+    }
+    let after = w.ledger.state().spent("s1", "visits");
+    assert!((after.rho - before.rho - charged).abs() < 1e-12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn averages_are_noisy_but_near_the_truth() {
     let w = World::ready(10.0).await;
