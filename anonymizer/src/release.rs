@@ -78,14 +78,23 @@ fn key_string(cols: &[ArrayRef], row: usize) -> Result<String> {
     let mut s = String::new();
     for c in cols {
         let v = ScalarValue::try_from_array(c, row).map_err(eng)?;
-        s.push_str(&if v.is_null() {
-            "\u{0}null".to_string()
-        } else {
-            v.to_string()
-        });
-        s.push('\u{1f}');
+        push_key(&mut s, (!v.is_null()).then(|| v.to_string()).as_deref());
     }
     Ok(s)
+}
+
+/// Appends one key to a group's lookup string, self-delimited (its length, then its text; `-`
+/// for NULL), so that distinct key tuples never share a string: two public combinations
+/// reading one group would release it twice, each with its own noise.
+fn push_key(s: &mut String, key: Option<&str>) {
+    match key {
+        Some(k) => {
+            s.push_str(&k.len().to_string());
+            s.push(':');
+            s.push_str(k);
+        }
+        None => s.push('-'),
+    }
 }
 
 /// The released rows: indexes into the raw batch (`None` for a public key with no rows), and
@@ -112,14 +121,22 @@ fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result
             })
             .collect();
     }
-    let rows = combos
-        .iter()
-        .map(|c| {
-            index
-                .get(&c.iter().map(|v| format!("{v}\u{1f}")).collect::<String>())
-                .copied()
-        })
-        .collect();
+    let mut used = std::collections::HashSet::new();
+    let mut rows = Vec::with_capacity(combos.len());
+    for c in &combos {
+        let mut key = String::new();
+        for v in c {
+            push_key(&mut key, Some(v));
+        }
+        let row = index.get(&key).copied();
+        // Each group is released at most once (the encoding is injective; fail closed if not).
+        if let Some(r) = row
+            && !used.insert(r)
+        {
+            return Err(eng("two public key combinations read one group"));
+        }
+        rows.push(row);
+    }
     Ok(Groups {
         rows,
         public: Some(combos),

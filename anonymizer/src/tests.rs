@@ -730,10 +730,10 @@ async fn keys_recoded_by_a_literal_case_are_public() {
     assert_eq!(out.mechanism["keys"], "public", "{}", out.mechanism);
     assert_eq!(out.delta, 0.0);
     assert_eq!(column_str(&out.batches, "b"), ["high", "impossible", "mid"]);
-    let exact = exact(&e, &sql).await;
-    let truth: HashMap<String, f64> = column_str(&exact, "b")
+    let exact_bands = exact(&e, &sql).await;
+    let truth: HashMap<String, f64> = column_str(&exact_bands, "b")
         .into_iter()
-        .zip(column_f64(&exact, "n"))
+        .zip(column_f64(&exact_bands, "n"))
         .collect();
     for (b, (n, ci)) in column_str(&out.batches, "b").iter().zip(
         column_f64(&out.batches, "n")
@@ -743,6 +743,30 @@ async fn keys_recoded_by_a_literal_case_are_public() {
         let t = truth.get(b).copied().unwrap_or(0.0);
         assert!((n - t).abs() <= 4.0 * ci, "{b}: {n} vs {t} (ci {ci})");
     }
+    // Literals that would join into one lookup string ('' + US US, US + US, US US + '', with
+    // US the unit separator) are distinct combinations of keys: only the one that holds the
+    // rows gets them; the others are empty. (Each copy of a group, noised apart, would be a
+    // free draw.)
+    let us = '\u{1f}';
+    let k1 = format!(
+        "CASE WHEN sex = 'F' THEN '' WHEN sex = 'X1' THEN '{us}' WHEN sex = 'X2' THEN '{us}{us}' END"
+    );
+    let k2 = format!(
+        "CASE WHEN sex = 'F' THEN '{us}{us}' WHEN sex = 'X1' THEN '{us}' WHEN sex = 'X2' THEN '' END"
+    );
+    let sql = format!("SELECT {k1} AS a, {k2} AS b, COUNT(*) AS n FROM visits GROUP BY {k1}, {k2}");
+    let mut r = req(&sql, "case-collide", &all);
+    r.epsilon = 1000.0;
+    r.budget = Account::new(1e6, 1e-5);
+    let out = e.run(&r).await.unwrap();
+    let women = column_f64(
+        &exact(&e, "SELECT COUNT(*) AS n FROM visits WHERE sex = 'F'").await,
+        "n",
+    )[0];
+    let counts = column_f64(&out.batches, "n");
+    assert_eq!(counts.len(), 9);
+    let holding = counts.iter().filter(|&&n| n > women / 2.0).count();
+    assert_eq!(holding, 1, "women counted in {holding} cells: {counts:?}");
     // A branch that is not a literal keeps partition selection (and its delta).
     let mixed = "SELECT CASE WHEN hba1c > 7 THEN 'high' ELSE sex END AS b, COUNT(*) AS n \
                  FROM visits GROUP BY CASE WHEN hba1c > 7 THEN 'high' ELSE sex END";
