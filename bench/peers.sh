@@ -4,16 +4,20 @@
 #
 #   bench/peers.sh [CONTENDER ...]      (default: every contender of the kit, plus ours)
 #
-# env: PEERS  the kit (default ../shared/bench/peers beside this repository)
+# env: PEERS  the peer kit's directory (required: the kit is not part of this repository)
 #      OUT    where raw/ and results-DATE.md go (default bench/results)
 #      SIZES  "1m 10m" (default), as the kit
 # Our two contenders are `consentry` (DP) and `consentry-plain` (the same SQL on DataFusion
 # without privacy, same process shape). The kit is copied, never changed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-peers=${PEERS:-$root/../shared/bench/peers}
 out=${OUT:-$root/bench/results}
-[ -f "$peers/run_all.sh" ] || { echo "no peer kit at $peers (set PEERS)" >&2; exit 2; }
+if [ -z "${PEERS:-}" ]; then
+  echo "set PEERS to the peer kit's directory (the one holding run_all.sh and contenders.txt)" >&2
+  exit 2
+fi
+peers=$PEERS
+[ -f "$peers/run_all.sh" ] || { echo "no peer kit at $peers: no run_all.sh there" >&2; exit 2; }
 command -v /usr/bin/time > /dev/null || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 2; }
 
 echo "== building the runner (profile peer: release with link-time optimization)"

@@ -171,7 +171,7 @@ broker ledger prove-consistency --old "$OLD_SIZE"
 step "the sponsor verifies the study offline with only the ledger's verifier key"
 broker ledger verifier-key > ledger.pub
 broker ledger bundle --study t2d-outcomes --consistency-from "$OLD_SIZE" --out bundle.json
-broker ledger verify-bundle --key ledger.pub --bundle bundle.json --old-checkpoint "$SPONSOR_CHECKPOINT"
+broker ledger verify-bundle --verifier-key ledger.pub --bundle bundle.json --old-checkpoint "$SPONSOR_CHECKPOINT"
 
 step "full verification of the ledger"
 broker ledger verify

@@ -269,7 +269,7 @@ fn bundles_checked_with_another_ledgers_key_fail() {
             &[
                 "ledger",
                 "verify-bundle",
-                "--key",
+                "--verifier-key",
                 key.trim(),
                 "--bundle",
                 bundle.to_str().unwrap(),

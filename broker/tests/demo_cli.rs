@@ -243,7 +243,7 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
     let verify = |files: &[&str]| {
         let mut args = vec![
             "verify",
-            "--key",
+            "--verifier-key",
             vkey,
             "--bundle",
             bundle.to_str().unwrap(),
@@ -295,7 +295,7 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
     // Another ledger's key fails the bundle itself.
     let other = ledger::note::SignerKey::generate("other.example/ledger").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["verify", "--key", &other.verifier().to_text()])
+        .args(["verify", "--verifier-key", &other.verifier().to_text()])
         .args(["--bundle", bundle.to_str().unwrap()])
         .output()
         .unwrap();

@@ -66,10 +66,6 @@ pub struct Bundle {
     pub consistency: Vec<BundleConsistency>,
 }
 
-fn b64_hashes(hs: &[merkle::Hash]) -> Vec<String> {
-    hs.iter().map(|h| B64.encode(h)).collect()
-}
-
 /// Builds the bundle of `study` against a fresh checkpoint, with consistency proofs from each
 /// size in `consistency_from`.
 pub fn make_bundle(ledger: &Ledger, study: &str, consistency_from: &[u64]) -> Result<Bundle> {
@@ -126,7 +122,7 @@ pub fn make_bundle(ledger: &Ledger, study: &str, consistency_from: &[u64]) -> Re
         out.push(BundleEntry {
             index: i,
             leaf_b64: B64.encode(ledger.leaf(i)?),
-            proof: b64_hashes(&ledger.inclusion_proof(i, Some(cp.size))?),
+            proof: merkle::base64_hashes(&ledger.inclusion_proof(i, Some(cp.size))?),
         });
     }
     let mut consistency = Vec::new();
@@ -140,7 +136,7 @@ pub fn make_bundle(ledger: &Ledger, study: &str, consistency_from: &[u64]) -> Re
         }
         consistency.push(BundleConsistency {
             old_size: old,
-            proof: b64_hashes(&ledger.consistency_proof(old, Some(cp.size))?),
+            proof: merkle::base64_hashes(&ledger.consistency_proof(old, Some(cp.size))?),
         });
     }
     Ok(Bundle {

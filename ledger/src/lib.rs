@@ -49,14 +49,14 @@ pub use state::State;
 
 #[cfg(test)]
 mod test_support {
-    /// `../shared/testdata` beside the repository. The package directory is read when the
-    /// tests run (cargo sets it), not when they were built, so a test binary reused from
-    /// another checkout of the same sources still finds the vectors.
-    pub(crate) fn shared_testdata() -> std::path::PathBuf {
+    /// The known-answer vectors in `ledger/testdata` (see its README for their sources). The
+    /// package directory is read when the tests run (cargo sets it), not when they were built,
+    /// so a test binary reused from another checkout of the same sources finds its own copy.
+    pub(crate) fn testdata() -> std::path::PathBuf {
         let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
             || env!("CARGO_MANIFEST_DIR").into(),
             std::path::PathBuf::from,
         );
-        dir.join("../../shared/testdata")
+        dir.join("testdata")
     }
 }

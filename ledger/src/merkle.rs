@@ -56,6 +56,14 @@ pub enum ProofError {
     RootMismatch,
 }
 
+/// Hashes in standard base64, as proofs are printed, served and bundled.
+pub fn base64_hashes(hs: &[Hash]) -> Vec<String> {
+    use base64::Engine as _;
+    hs.iter()
+        .map(|h| base64::engine::general_purpose::STANDARD.encode(h))
+        .collect()
+}
+
 /// Leaf hash, RFC 9162 section 2.1.1: `SHA-256(0x00 || data)`.
 pub fn leaf_hash(data: &[u8]) -> Hash {
     Sha256::new()
@@ -547,7 +555,7 @@ mod tests {
     }
 
     fn vectors_dir() -> PathBuf {
-        crate::test_support::shared_testdata().join("rfc9162")
+        crate::test_support::testdata().join("rfc9162")
     }
 
     fn json_files(dir: &Path, out: &mut Vec<PathBuf>) {

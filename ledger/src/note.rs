@@ -536,7 +536,7 @@ mod tests {
     }
 
     fn vector() -> Vector {
-        let path = crate::test_support::shared_testdata().join("signed-note/peterneumann.json");
+        let path = crate::test_support::testdata().join("signed-note/peterneumann.json");
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 

@@ -10,26 +10,42 @@ use tonic::transport::Channel;
 
 use crate::client::{self, Bearer};
 
-/// A broker to call, as a principal.
-#[derive(Debug, Args, Clone)]
+/// A broker to call, as a principal: global flags of `broker`, given before or after the
+/// command (`broker --key K study create ...` or `broker study create ... --key K`).
+#[derive(Debug, Args, Clone, PartialEq, Eq)]
 pub struct Conn {
-    /// The broker's address.
-    #[arg(long, env = "CONSENTRY_URL", default_value = "http://127.0.0.1:50051")]
+    /// The broker's address (client commands).
+    #[arg(
+        long,
+        env = "CONSENTRY_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub url: String,
     /// The caller's private key file (signed-note text form, mode 0600): it signs the
-    /// entries the command writes and the bearer token of every call.
-    #[arg(long, env = "CONSENTRY_KEY")]
-    pub key: PathBuf,
+    /// entries a command writes and the bearer token of every call (client commands, `token`,
+    /// `ledger append` and `ledger cosign`).
+    #[arg(long, env = "CONSENTRY_KEY", global = true)]
+    pub key: Option<PathBuf>,
 }
 
 /// An authenticated channel.
 pub type Auth = InterceptedService<Channel, Bearer>;
 
 impl Conn {
+    /// The caller's key file, which this command needs.
+    pub fn key_path(&self) -> anyhow::Result<&std::path::Path> {
+        self.key.as_deref().context(
+            "this command signs as a principal: give its private key file with --key FILE \
+             (or CONSENTRY_KEY)",
+        )
+    }
+
     /// The caller's key.
     pub fn signer(&self) -> anyhow::Result<SignerKey> {
-        ledger::keyfile::read_private_key(&self.key)
-            .with_context(|| format!("reading the key {}", self.key.display()))
+        let path = self.key_path()?;
+        ledger::keyfile::read_private_key(path)
+            .with_context(|| format!("reading the key {}", path.display()))
     }
 
     /// Connects, with a fresh bearer token on every call.

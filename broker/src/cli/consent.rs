@@ -14,9 +14,6 @@ use crate::client;
 /// Arguments of `broker consent`.
 #[derive(Debug, Args)]
 pub struct ConsentArgs {
-    /// The broker and the caller.
-    #[command(flatten)]
-    pub conn: Conn,
     /// The consent command.
     #[command(subcommand)]
     pub command: ConsentCommand,
@@ -142,9 +139,9 @@ fn new_consent_id() -> anyhow::Result<String> {
 }
 
 /// Runs a consent command.
-pub fn run(args: ConsentArgs) -> anyhow::Result<()> {
+pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
     conn::block_on(async move {
-        let (key, auth) = args.conn.channel().await?;
+        let (key, auth) = conn.channel().await?;
         let mut c = v1::consent_client::ConsentClient::new(auth);
         let me = key.name().to_owned();
         match args.command {

@@ -59,9 +59,6 @@ pub enum DatasetCommand {
     /// against the column policy, hashes it, signs the registration and uploads the files.
     /// Prints the entry's index and the version's digest.
     Register {
-        /// The broker and the custodian.
-        #[command(flatten)]
-        conn: Conn,
         /// The dataset id.
         #[arg(long, env = "CONSENTRY_DATASET")]
         dataset: String,
@@ -85,11 +82,7 @@ pub enum DatasetCommand {
         tables: Vec<String>,
     },
     /// List the registered dataset versions: custodian, digest, rows, tables, entry index.
-    List {
-        /// The broker and the caller.
-        #[command(flatten)]
-        conn: Conn,
-    },
+    List,
     /// Print each file's SHA-256, size and rows (JSON), as a dataset registration records
     /// them: compare a local copy with the `sha256` of its file in the registered entry
     /// (`broker verify --file` does that against a study's bundle).
@@ -169,17 +162,16 @@ pub fn group_tables(args: &[String]) -> anyhow::Result<Vec<TableFiles>> {
 }
 
 /// Runs a dataset command.
-pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
+pub fn run(conn: &Conn, args: DatasetArgs) -> anyhow::Result<()> {
     match args.command {
         DatasetCommand::Register {
-            conn,
             dataset,
             version,
             policy,
             basis,
             tables,
         } => register(conn, &dataset, version, &policy, basis, &tables),
-        DatasetCommand::List { conn } => conn::block_on(async move {
+        DatasetCommand::List => conn::block_on(async move {
             let (_, ch) = conn.channel().await?;
             let r = v1::registry_client::RegistryClient::new(ch)
                 .list_datasets(v1::ListDatasetsRequest {})
@@ -248,7 +240,7 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
 }
 
 fn register(
-    conn: Conn,
+    conn: &Conn,
     dataset: &str,
     version: Option<u32>,
     policy_path: &std::path::Path,

@@ -64,9 +64,6 @@ pub enum LedgerCommand {
     /// The entry file holds `{"kind": KIND, "body": {...}}` (see the README for every kind);
     /// `author` defaults to the key's name and `time` to now. Use `-` to read stdin.
     Append {
-        /// The author's private key file.
-        #[arg(long, env = "CONSENTRY_KEY")]
-        key: PathBuf,
         /// The entry JSON file, or `-` for stdin.
         #[arg(long, env = "CONSENTRY_ENTRY")]
         entry: PathBuf,
@@ -75,11 +72,7 @@ pub enum LedgerCommand {
     Checkpoint,
     /// As a witness: cosign the latest checkpoint with the witness's key and append the
     /// cosignature to the ledger. Prints the cosigned checkpoint.
-    Cosign {
-        /// The witness's private key file.
-        #[arg(long, env = "CONSENTRY_KEY")]
-        key: PathBuf,
-    },
+    Cosign,
     /// Print an entry as JSON: the decoded entry and `leaf_b64`, the exact leaf bytes.
     Entry {
         /// The entry's index.
@@ -147,11 +140,6 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Hashes as base64 strings, as proofs are printed and served.
-pub(crate) fn b64_all(hs: &[ledger::merkle::Hash]) -> Vec<String> {
-    hs.iter().map(|h| B64.encode(h)).collect()
-}
-
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -214,7 +202,7 @@ fn fill_dataset_digest(obj: &mut serde_json::Map<String, serde_json::Value>) -> 
 }
 
 /// Runs `broker ledger …`.
-pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
+pub fn run(conn: &super::conn::Conn, args: LedgerArgs) -> anyhow::Result<()> {
     let data_dir = &args.data_dir;
     match args.command {
         LedgerCommand::Init { origin, operator } => {
@@ -239,9 +227,8 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("{}", key.verifier());
         }
-        LedgerCommand::Append { key, entry } => {
-            let key = keyfile::read_private_key(&key)
-                .with_context(|| format!("reading the key {}", key.display()))?;
+        LedgerCommand::Append { entry } => {
+            let key = conn.signer()?;
             let entry = read_entry(&entry, &key)?;
             let ledger = open(data_dir)?;
             let appended = ledger.append(SignedEntry::sign(&key, entry))?;
@@ -254,9 +241,8 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         LedgerCommand::Checkpoint => {
             print!("{}", open(data_dir)?.checkpoint()?);
         }
-        LedgerCommand::Cosign { key } => {
-            let key = keyfile::read_private_key(&key)
-                .with_context(|| format!("reading the key {}", key.display()))?;
+        LedgerCommand::Cosign => {
+            let key = conn.signer()?;
             let ledger = open(data_dir)?;
             let checkpoint = ledger.checkpoint()?;
             let (text, _) = ledger::note::signatures(&checkpoint)?;
@@ -298,7 +284,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 "tree_size": size,
                 "leaf_hash": B64.encode(ledger.leaf_hash(index)?),
                 "root": B64.encode(ledger.root(size)?),
-                "hashes": b64_all(&proof),
+                "hashes": ledger::merkle::base64_hashes(&proof),
             }))?;
         }
         LedgerCommand::ProveConsistency { old, new } => {
@@ -310,7 +296,7 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 "new_size": new,
                 "old_root": B64.encode(ledger.root(old)?),
                 "new_root": B64.encode(ledger.root(new)?),
-                "hashes": b64_all(&proof),
+                "hashes": ledger::merkle::base64_hashes(&proof),
             }))?;
         }
         LedgerCommand::Verify => {

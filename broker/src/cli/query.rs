@@ -15,9 +15,6 @@ use crate::client;
 /// Arguments of `broker query`.
 #[derive(Debug, Args)]
 pub struct QueryArgs {
-    /// The broker and the researcher.
-    #[command(flatten)]
-    pub conn: Conn,
     /// The study the query is made within.
     #[arg(long, env = "CONSENTRY_STUDY")]
     pub study: String,
@@ -65,12 +62,12 @@ pub enum NoiseArg {
 }
 
 /// Runs `broker query`.
-pub fn query(args: QueryArgs) -> anyhow::Result<()> {
+pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
     if args.json && args.out.is_none() {
         bail!("--json prints the header only; give --out for the result");
     }
     conn::block_on(async move {
-        let (_, auth) = args.conn.channel().await?;
+        let (_, auth) = conn.channel().await?;
         let mut q = v1::query_client::QueryClient::new(auth)
             .max_decoding_message_size(crate::server::MAX_MESSAGE);
         let (mode, epsilon, delta) = if args.extract {
@@ -189,9 +186,6 @@ fn write_batches(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
 /// Arguments of `broker audit`.
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// The broker and the caller (an IRB, the operator, or a study's sponsor or researcher).
-    #[command(flatten)]
-    pub conn: Conn,
     /// The audit command.
     #[command(subcommand)]
     pub command: AuditCommand,
@@ -272,9 +266,9 @@ pub enum AuditCommand {
 }
 
 /// Runs `broker audit`.
-pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
+pub fn audit(conn: &Conn, args: AuditArgs) -> anyhow::Result<()> {
     conn::block_on(async move {
-        let (_, auth) = args.conn.channel().await?;
+        let (_, auth) = conn.channel().await?;
         let mut a = v1::audit_client::AuditClient::new(auth)
             .max_decoding_message_size(crate::server::MAX_MESSAGE);
         match args.command {
@@ -355,9 +349,6 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<()> {
 /// Arguments of `broker bundle`.
 #[derive(Debug, Args)]
 pub struct BundleArgs {
-    /// The broker and the caller (the study's sponsor, a researcher of it, an IRB).
-    #[command(flatten)]
-    pub conn: Conn,
     /// The study.
     #[arg(long, env = "CONSENTRY_STUDY")]
     pub study: String,
@@ -368,9 +359,9 @@ pub struct BundleArgs {
 
 /// Runs `broker bundle`: fetches a study's evidence bundle (check it offline with
 /// `broker verify`).
-pub fn bundle(args: BundleArgs) -> anyhow::Result<()> {
+pub fn bundle(conn: &Conn, args: BundleArgs) -> anyhow::Result<()> {
     conn::block_on(async move {
-        let (_, auth) = args.conn.channel().await?;
+        let (_, auth) = conn.channel().await?;
         let b = v1::ledger_client::LedgerClient::new(auth)
             .max_decoding_message_size(crate::server::MAX_MESSAGE)
             .bundle(v1::BundleRequest { study: args.study })

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 use ledger::ids::PrincipalId;
-use ledger::{Config, Ledger, keyfile};
+use ledger::{Config, Ledger};
 
 use crate::server::{self, Broker, ServeOptions};
 
@@ -114,9 +114,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Arguments of `broker token`.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// The principal's private key file (signed-note text form, mode 0600).
-    #[arg(long, env = "CONSENTRY_KEY")]
-    pub key: PathBuf,
     /// Lifetime, e.g. `10m`, `90s` (at most 15m).
     #[arg(long, env = "CONSENTRY_TOKEN_TTL", default_value = "10m", value_parser = parse_ttl)]
     pub ttl: Duration,
@@ -221,9 +218,8 @@ pub fn close(ledger: Arc<Ledger>) -> anyhow::Result<()> {
 }
 
 /// Runs `broker token`: prints a bearer token.
-pub fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let key = keyfile::read_private_key(&args.key)
-        .with_context(|| format!("reading the key {}", args.key.display()))?;
+pub fn token(conn: &super::conn::Conn, args: TokenArgs) -> anyhow::Result<()> {
+    let key = conn.signer()?;
     println!("{}", crate::auth::mint(&key, args.ttl)?);
     Ok(())
 }

@@ -10,9 +10,6 @@ use crate::client;
 /// Arguments of `broker study`.
 #[derive(Debug, Args)]
 pub struct StudyArgs {
-    /// The broker and the caller.
-    #[command(flatten)]
-    pub conn: Conn,
     /// The study command.
     #[command(subcommand)]
     pub command: StudyCommand,
@@ -104,9 +101,9 @@ pub enum StudyCommand {
 }
 
 /// Runs a study command.
-pub fn run(args: StudyArgs) -> anyhow::Result<()> {
+pub fn run(conn: &Conn, args: StudyArgs) -> anyhow::Result<()> {
     conn::block_on(async move {
-        let (key, auth) = args.conn.channel().await?;
+        let (key, auth) = conn.channel().await?;
         let mut r = v1::registry_client::RegistryClient::new(auth);
         let (kind, json) = match args.command {
             StudyCommand::List => {

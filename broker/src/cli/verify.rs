@@ -17,7 +17,7 @@ use super::dataset::{bytes_bar, total_bytes};
 pub struct VerifyArgs {
     /// The ledger's verifier key: the key text or a file holding it.
     #[arg(long, env = "CONSENTRY_VERIFIER_KEY")]
-    pub key: String,
+    pub verifier_key: String,
     /// The study's bundle file (`broker bundle --study S --out FILE`).
     #[arg(long, env = "CONSENTRY_BUNDLE")]
     pub bundle: PathBuf,
@@ -35,8 +35,9 @@ pub fn read_verifier_key(arg: &str) -> anyhow::Result<VerifierKey> {
     if let Ok(k) = VerifierKey::parse(arg.trim()) {
         return Ok(k);
     }
-    let text = std::fs::read_to_string(arg)
-        .with_context(|| "--key is neither a verifier key nor a readable file".to_string())?;
+    let text = std::fs::read_to_string(arg).with_context(|| {
+        "--verifier-key is neither a verifier key nor a readable file".to_string()
+    })?;
     Ok(VerifierKey::parse(text.trim())?)
 }
 
@@ -60,7 +61,7 @@ struct Registered {
 
 /// Runs `broker verify`: prints the bundle's summary and each file's match as JSON.
 pub fn run(args: VerifyArgs) -> anyhow::Result<()> {
-    let key = read_verifier_key(&args.key)?;
+    let key = read_verifier_key(&args.verifier_key)?;
     let text = std::fs::read_to_string(&args.bundle)
         .with_context(|| format!("reading {}", args.bundle.display()))?;
     let b: bundle::Bundle =

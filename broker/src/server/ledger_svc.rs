@@ -10,7 +10,6 @@ use tonic::{Request, Response, Status};
 
 use super::{Broker, caller};
 use crate::auth::Caller;
-use crate::cli::ledger::b64_all;
 
 /// The Ledger service.
 pub struct LedgerService(pub Arc<Broker>);
@@ -103,7 +102,7 @@ impl Ledger for LedgerService {
             .map_err(super::ledger_status)?;
         Ok(Response::new(v1::ProofResponse {
             tree_size: size,
-            hashes: b64_all(&proof),
+            hashes: ledger::merkle::base64_hashes(&proof),
         }))
     }
 
@@ -124,7 +123,7 @@ impl Ledger for LedgerService {
             .map_err(super::ledger_status)?;
         Ok(Response::new(v1::ProofResponse {
             tree_size: size,
-            hashes: b64_all(&proof),
+            hashes: ledger::merkle::base64_hashes(&proof),
         }))
     }
 
