@@ -86,11 +86,12 @@ max_rows_per_unit = 15
 [tables.conditions]
 max_rows_per_unit = 6
 
-# At most 30 labs per patient, at most 3 of them in any one group (the rest are dropped from
-# that group's aggregate: less noise, a little bias).
+# At most 30 labs per patient, and one in any one group (a patient's first: a per-patient
+# analysis, as epidemiology usually wants; the others are dropped from that group's aggregate,
+# for a third of the noise of 3 per group and a little bias).
 [tables.observations]
 max_rows_per_unit = 30
-max_rows_per_group = 3
+max_rows_per_group = 1
 
 [tables.patients.columns]
 patient_id = { class = "privacy_unit" }

@@ -183,8 +183,8 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
         );
     }
     // Mean HbA1c by sex: HbA1c's own bounds [4, 14] (half-range 5, not 200), sex from the
-    // one-row patients table (one group per patient), at most 3 labs per patient and group:
-    // the centred sum's sensitivity is 3 x 5 = 15, at epsilon 0.25 (half of 0.5) a scale of 60.
+    // one-row patients table (one group per patient), one lab per patient and group: the
+    // centred sum's sensitivity is 1 x 5 = 5, at epsilon 0.25 (half of 0.5) a scale of 20.
     let (h, _) = w
         .run(
             &alice,
@@ -199,7 +199,7 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
         .unwrap();
     let m = &w.receipt(h.receipt_index).mechanism;
     assert_eq!(m["max_groups_per_unit"], 1);
-    assert_eq!(m["max_rows_per_group"], 3);
+    assert_eq!(m["max_rows_per_group"], 1);
     let scale = |what: &str| {
         m["statistics"]
             .as_array()
@@ -210,8 +210,8 @@ async fn the_demo_builds_a_queryable_hospital_with_its_consents_and_study() {
             .as_f64()
             .unwrap()
     };
-    assert!((scale("centred sum 0") / 60.0 - 1.0).abs() < 0.01, "{m:?}");
-    assert!((scale("count 0") / 12.0 - 1.0).abs() < 0.01, "{m:?}");
+    assert!((scale("centred sum 0") / 20.0 - 1.0).abs() < 0.01, "{m:?}");
+    assert!((scale("count 0") / 4.0 - 1.0).abs() < 0.01, "{m:?}");
     // A join on anything but the patient is refused, and receipted.
     let cross = proto::v1::QueryRequest {
         sql: "SELECT COUNT(*) FROM observations o JOIN patients p ON o.code = p.sex".into(),
