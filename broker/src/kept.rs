@@ -7,8 +7,11 @@
 //! rename). When a version's engine is loaded, each kept release is restored only if the ledger
 //! entry it names is a released receipt of the same dataset version and SQL whose result
 //! digest matches the digest recomputed from the kept rows; anything else is skipped and
-//! logged (never served). A crash between the receipt and the file loses only the free
-//! repeat: the next identical query is answered and paid for again.
+//! logged (never served). A file carries the SHA-256 of its own fields, checked before anything
+//! in it is decoded, and a decoder that panics on damaged bytes is caught: a damaged kept
+//! release is reported and ignored, never fatal to its dataset. A crash between the receipt and
+//! the file loses only the free repeat: the next identical query is answered and paid for
+//! again.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -22,7 +25,7 @@ use ledger::ids::Digest;
 use serde::{Deserialize, Serialize};
 
 /// One kept release.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct KeptRelease {
     /// The receipt that released it.
     receipt: u64,
@@ -41,6 +44,21 @@ struct KeptRelease {
     mechanism: serde_json::Value,
     /// The result as an Arrow IPC stream, base64.
     ipc: String,
+    /// SHA-256 of this record's JSON without this field (absent in files written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+}
+
+impl KeptRelease {
+    /// SHA-256 of the record's JSON without its `sha256` (as a JSON value: the same bytes
+    /// whether written from this struct or from the file's parsed JSON).
+    fn checksum(&self) -> anyhow::Result<String> {
+        let bare = serde_json::to_value(KeptRelease {
+            sha256: None,
+            ..self.clone()
+        })?;
+        Ok(Digest::of(&serde_json::to_vec(&bare)?).to_string())
+    }
 }
 
 /// The kept releases of a data directory.
@@ -92,7 +110,7 @@ impl Kept {
             asked.delta,
             &release.consent_digest,
         );
-        let kept = KeptRelease {
+        let mut kept = KeptRelease {
             receipt,
             scope: asked.scope.to_owned(),
             sql: release.sql.clone(),
@@ -108,7 +126,9 @@ impl Kept {
                 &release.schema,
                 &release.batches,
             )?),
+            sha256: None,
         };
+        kept.sha256 = Some(kept.checksum()?);
         let dir = self.dir(reg);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.json", hex(&key)));
@@ -143,7 +163,12 @@ impl Kept {
             if path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            match restore_one(&path, reg, ledger) {
+            // A decoder may panic on damaged bytes: that file is skipped, the dataset loads.
+            let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                restore_one(&path, reg, ledger)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
+            match one {
                 Ok((key, release)) => {
                     engine.restore(key, release);
                     restored += 1;
@@ -164,6 +189,12 @@ fn restore_one(
     ledger: &ledger::Ledger,
 ) -> anyhow::Result<([u8; 32], Release)> {
     let kept: KeptRelease = serde_json::from_slice(&std::fs::read(path)?)?;
+    if let Some(sum) = &kept.sha256 {
+        anyhow::ensure!(
+            *sum == kept.checksum()?,
+            "its bytes do not match their SHA-256 (damaged)"
+        );
+    }
     let entry = ledger.entry(kept.receipt)?.entry;
     let Body::QueryReceipt(r) = entry.body else {
         anyhow::bail!("entry {} is not a query receipt", kept.receipt);

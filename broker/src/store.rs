@@ -1,10 +1,14 @@
 //! The dataset store under the data directory, and the query engines loaded from it.
 //!
 //! Layout: `<data-dir>/datasets/<dataset>/<version>/` holds `policy.toml` and the version's
-//! files at their manifest paths. An upload is written to a hidden sibling directory, checked
-//! (sizes, SHA-256, policy, schemas, rows) and fsynced, then renamed into place before its
-//! entry is appended; a directory whose version is not on the ledger is a leftover of a crash
-//! and is replaced by the next upload of that version.
+//! files at their manifest paths. An upload is written to a hidden sibling directory
+//! (`.upload-<version>-<nonce>`), checked (sizes, SHA-256, policy, schemas, rows) and fsynced;
+//! its entry is appended; only then is it renamed into place, so a registration refused by the
+//! ledger (a concurrent one of the same version won) never touches the version's files. A
+//! version directory whose entry is not on the ledger is a leftover of a crash and is replaced
+//! by the next registration of that version; a version on the ledger whose directory is missing
+//! (a crash between the append and the rename) is recovered from its staged upload when it
+//! loads.
 //!
 //! Engines are loaded once per version, after every file's SHA-256 is checked against the
 //! ledger again (fail closed: a changed file refuses the query).
@@ -81,9 +85,14 @@ impl Store {
         let dir = self.version_dir(&key.0, key.1);
         let reg2 = reg.clone();
         let dir2 = dir.clone();
-        tokio::task::spawn_blocking(move || check_files(&dir2, &reg2))
-            .await
-            .map_err(|e| internal("a dataset check failed", e))??;
+        tokio::task::spawn_blocking(move || {
+            if !dir2.exists() {
+                recover_staged(&dir2, &reg2)?;
+            }
+            check_files(&dir2, &reg2)
+        })
+        .await
+        .map_err(|e| internal("a dataset check failed", e))??;
         let dataset = load(&dir, reg).await?;
         let engine = Arc::new(
             Engine::with_limits(dataset, self.limits).map_err(|e| internal("loading", e))?,
@@ -351,9 +360,10 @@ impl Upload {
             .map_err(|e| internal("writing a dataset file", e))
     }
 
-    /// Checks that every file arrived whole, loads the version through the anonymizer to check
-    /// it against the policy and the manifest, and moves it into place.
-    pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Finished), Status> {
+    /// Checks that every file arrived whole and loads the version through the anonymizer to
+    /// check it against the policy and the manifest; the files stay staged, synced, until
+    /// [`Staged::place`] (after the entry is appended).
+    pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Staged), Status> {
         self.close_open().await?;
         if let Some(missing) = self.expected.keys().find(|p| !self.done.contains(*p)) {
             return Err(Status::invalid_argument(format!(
@@ -399,10 +409,38 @@ impl Upload {
             }
         }
         let dataset = load(&staging, reg).await?;
-        // Durable before it is referenced: files were synced on close; now the directory.
+        // Durable before it is referenced: files were synced on close; now the directory and
+        // its parent (which names it, for a recovery after a crash).
         sync_dir(&staging).await?;
+        if let Some(parent) = staging.parent() {
+            sync_dir(parent).await?;
+        }
+        Ok((
+            dataset,
+            Staged {
+                staging: self.staging.take(),
+                target: self.target.clone(),
+            },
+        ))
+    }
+}
+
+/// A checked, durable upload waiting for its entry; dropped without [`Staged::place`] (the
+/// append was refused), it is removed and the version's directory is never touched.
+pub struct Staged {
+    staging: Option<PathBuf>,
+    target: PathBuf,
+}
+
+impl Staged {
+    /// The entry is on the ledger: moves the files into place. A directory already there is
+    /// a leftover of a registration whose entry never reached the ledger (the ledger took this
+    /// version's entry, so no other registration of it exists) and is replaced.
+    pub async fn place(mut self) -> Result<(), Status> {
+        let Some(staging) = self.staging.take() else {
+            return Ok(());
+        };
         if tokio::fs::metadata(&self.target).await.is_ok() {
-            // A leftover of an upload whose entry never reached the ledger.
             tokio::fs::remove_dir_all(&self.target)
                 .await
                 .map_err(|e| internal("removing a stale upload", e))?;
@@ -410,38 +448,53 @@ impl Upload {
         tokio::fs::rename(&staging, &self.target)
             .await
             .map_err(|e| internal("moving the upload into place", e))?;
-        self.staging = None;
         if let Some(parent) = self.target.parent() {
             sync_dir(parent).await?;
         }
-        Ok((
-            dataset,
-            Finished {
-                dir: Some(self.target.clone()),
-            },
-        ))
+        Ok(())
     }
 }
 
-/// A version directory in place whose entry is not yet appended; dropped without
-/// [`Finished::keep`], it is removed.
-pub struct Finished {
-    dir: Option<PathBuf>,
-}
-
-impl Finished {
-    /// The entry is on the ledger: keep the files.
-    pub fn keep(mut self) {
-        self.dir = None;
-    }
-}
-
-impl Drop for Finished {
+impl Drop for Staged {
     fn drop(&mut self) {
-        if let Some(d) = self.dir.take() {
-            let _ = std::fs::remove_dir_all(d);
+        if let Some(s) = self.staging.take() {
+            let _ = std::fs::remove_dir_all(s);
         }
     }
+}
+
+/// A registered version whose directory is missing: the broker stopped between its entry's
+/// append and the rename. Moves the staged upload whose files match the registration into
+/// place; with none, the files are lost (`DATA_LOSS`).
+fn recover_staged(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
+    let lost = || {
+        Status::data_loss(format!(
+            "the files of {} v{} are missing",
+            reg.dataset, reg.version
+        ))
+    };
+    let parent = dir.parent().ok_or_else(lost)?;
+    let prefix = format!(".upload-{}-", reg.version);
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Err(lost());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let staged = e.path();
+        if check_files(&staged, reg).is_ok() {
+            std::fs::rename(&staged, dir).map_err(|e| internal("recovering a staged upload", e))?;
+            std::fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| internal("syncing a directory", e))?;
+            tracing::warn!(dataset = %reg.dataset, version = reg.version,
+                "recovered a registered version from its staged upload");
+            return Ok(());
+        }
+    }
+    Err(lost())
 }
 
 async fn sync_dir(dir: &Path) -> Result<(), Status> {

@@ -24,11 +24,6 @@ use opendp::combinators::ConcentratedMeasure;
 use opendp::measures::ZeroConcentratedDivergence;
 use serde::Serialize;
 
-/// Tolerance on epsilon and rho sums: absorbs the rounding of many small spends.
-const TOLERANCE: f64 = 1e-12;
-/// Tolerance on delta sums.
-const DELTA_TOLERANCE: f64 = 1e-15;
-
 /// What one receipt, or an account's receipts together, spent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Spend {
@@ -139,28 +134,33 @@ impl Account {
         self.delta / 2.0
     }
 
+    // No tolerance in the caller's favour: the sums (f64 sums of the receipts' spends) must be
+    // within the grant, and a spend must move the sum its accountant reads (`counts`), so that
+    // no spend too small to register is free.
+
     fn basic_holds(&self, s: &Spend) -> bool {
-        !s.concentrated
-            && s.epsilon <= self.epsilon + TOLERANCE
-            && s.delta <= self.approximate_delta() + DELTA_TOLERANCE
+        !s.concentrated && s.epsilon <= self.epsilon && s.delta <= self.approximate_delta()
     }
 
     fn zcdp_holds(&self, s: &Spend) -> bool {
-        s.delta <= self.approximate_delta() + DELTA_TOLERANCE
-            && zcdp_epsilon(s.rho, self.conversion_delta())
-                .is_some_and(|e| e <= self.epsilon + TOLERANCE)
+        s.delta <= self.approximate_delta()
+            && zcdp_epsilon(s.rho, self.conversion_delta()).is_some_and(|e| e <= self.epsilon)
     }
 
     /// Whether the account, after spending `cost` too, still composes by adding epsilons and
     /// deltas within its grant (no Gaussian receipt, epsilons within the grant's).
     pub fn adds_up(&self, cost: &Spend) -> bool {
-        self.basic_holds(&self.spent.plus(cost))
+        counts(self.spent.epsilon, cost.epsilon)
+            && counts(self.spent.delta, cost.delta)
+            && self.basic_holds(&self.spent.plus(cost))
     }
 
     /// Whether the account, after spending `cost` too, stays within its grant.
     pub fn admits(&self, cost: &Spend) -> bool {
         let after = self.spent.plus(cost);
-        self.basic_holds(&after) || self.zcdp_holds(&after)
+        counts(self.spent.delta, cost.delta)
+            && ((counts(self.spent.epsilon, cost.epsilon) && self.basic_holds(&after))
+                || (counts(self.spent.rho, cost.rho) && self.zcdp_holds(&after)))
     }
 
     /// The guarantee the spend so far amounts to: the tighter of the accountants that hold
@@ -214,6 +214,12 @@ impl Account {
     pub fn delta_left(&self) -> f64 {
         (self.approximate_delta() - self.spent.delta).max(0.0)
     }
+}
+
+/// Whether adding `part` to `sum` moves it: a positive part too small to change the f64 sum
+/// would be spent without being counted.
+fn counts(sum: f64, part: f64) -> bool {
+    part == 0.0 || sum + part > sum
 }
 
 /// The largest `x` in `[0, hi]` with `fits(x)`, for a `fits` that holds below some point and
@@ -272,6 +278,49 @@ mod tests {
         let g = b.guarantee();
         assert_eq!(g.accountant, "zcdp");
         assert!(g.epsilon <= 1.0 + 1e-9 && g.delta <= 1e-6, "{g:?}");
+    }
+
+    #[test]
+    fn no_spend_is_free_once_the_grant_is_spent() {
+        // Spent exactly to the grant, then dust: each is refused, the spend never moves past
+        // the grant (an absolute tolerance let 5 of 5 queries at 1e-12 through).
+        let mut a = account(0.5, 1e-6);
+        assert!(spend(&mut a, Spend::pure(0.5, 0.0)));
+        for dust in [1e-12, 1e-15, 1e-17, 1e-300, f64::MIN_POSITIVE] {
+            assert!(!spend(&mut a, Spend::pure(dust, 0.0)), "{dust}");
+            assert!(
+                !spend(&mut a, Spend::concentrated(0.0, 0.0, dust)),
+                "{dust}"
+            );
+        }
+        assert_eq!(a.spent.epsilon, 0.5);
+        // Below the grant, a spend too small to move the sum is refused too: it would be
+        // taken and never counted, however many times.
+        let mut b = account(1.0, 1e-6);
+        assert!(spend(&mut b, Spend::pure(0.75, 0.0)));
+        let before = b.spent;
+        assert!(!spend(&mut b, Spend::pure(1e-17, 0.0)));
+        assert!(spend(&mut b, Spend::pure(1e-9, 0.0)));
+        assert!(b.spent.epsilon > before.epsilon);
+        // Deltas too: the approximate half of 1e-6 is 5e-7.
+        let mut c = account(1.0, 1e-6);
+        assert!(spend(&mut c, Spend::pure(0.1, 5e-7)));
+        assert!(!spend(&mut c, Spend::pure(0.1, 1e-20)));
+        assert!(!spend(&mut c, Spend::pure(0.1, 1e-30)));
+    }
+
+    #[test]
+    fn decimal_shares_of_a_grant_add_up_to_it() {
+        // What researchers do: ten queries of 0.1 under a grant of 1 (the f64 sum is
+        // 0.9999999999999999), four of 0.25, and so on; the next one is refused.
+        for (share, n) in [(0.1, 10), (0.25, 4), (0.2, 5), (0.5, 2)] {
+            let mut a = account(1.0, 1e-6);
+            for i in 0..n {
+                assert!(spend(&mut a, Spend::pure(share, 0.0)), "{share} x {i}");
+            }
+            assert!(a.spent.epsilon <= 1.0);
+            assert!(!spend(&mut a, Spend::pure(share, 0.0)), "{share} x {n} + 1");
+        }
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum Error {
     /// dataset, another IRB's study, another patient's consent).
     #[error("not allowed: {0}")]
     Forbidden(String),
+    /// What the entry would create exists already (a dataset version registered before).
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// Something the entry refers to does not exist.
     #[error("unknown {what} {id:?}")]
     NotFound {

@@ -135,11 +135,24 @@ fn refusals_are_typed_and_write_nothing() {
         &["GRU"],
     )));
     assert!(matches!(e, Err(Error::NotFound { .. })), "{e:?}");
-    // Version must increase.
+    // A registered version exists already; versions increase.
     let e = w.ledger.append(w.custodian.sign(dataset_body(
         &w.custodian,
         "ehr",
         1,
+        ConsentBasis::OptIn,
+    )));
+    assert!(matches!(e, Err(Error::AlreadyExists(_))), "{e:?}");
+    w.ledger
+        .append(
+            w.custodian
+                .sign(dataset_body(&w.custodian, "ehr", 3, ConsentBasis::OptIn)),
+        )
+        .unwrap();
+    let e = w.ledger.append(w.custodian.sign(dataset_body(
+        &w.custodian,
+        "ehr",
+        2,
         ConsentBasis::OptIn,
     )));
     assert!(matches!(e, Err(Error::Invalid(_))), "{e:?}");
@@ -168,8 +181,8 @@ fn refusals_are_typed_and_write_nothing() {
 
     assert_eq!(
         w.ledger.size(),
-        before + 1,
-        "only the revocation was written"
+        before + 2,
+        "only version 3 and the revocation were written"
     );
     assert_eq!(w.ledger.root(before).unwrap(), root);
     // Out of range reads.
@@ -558,4 +571,103 @@ fn integers_beyond_two_to_the_53_are_refused_and_the_ledger_reopens() {
     let dirp = dir.path().to_path_buf();
     drop(w);
     Ledger::open(&dirp, config()).unwrap();
+}
+
+#[test]
+fn nothing_is_released_for_a_study_after_its_suspension() {
+    // Queries in flight when the IRB suspends the study: their receipts come after the
+    // suspension entry. A release is refused from that entry on; a failed (charged) receipt,
+    // which only debits a draw already made, is still taken.
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let l = &w.ledger;
+    l.append_as_operator(receipt(&w, 0.1)).unwrap();
+    l.append(w.irb.sign(Body::StudySuspended(StudyStatus {
+        study: study_id("t2d"),
+        reason: "adverse event review".into(),
+    })))
+    .unwrap();
+    let size = l.size();
+    let spent = l.state().spent("t2d", "ehr");
+    let e = l.append_as_operator(receipt(&w, 0.1)).unwrap_err();
+    assert!(matches!(e, Error::Forbidden(_)), "{e:?}");
+    assert!(e.to_string().contains("not active"), "{e}");
+    assert_eq!(l.size(), size, "a refused release writes nothing");
+    assert_eq!(l.state().spent("t2d", "ehr"), spent);
+    // The draw of the refused release is charged as a failed receipt.
+    let failed = match receipt(&w, 0.1) {
+        Body::QueryReceipt(r) => Body::QueryReceipt(QueryReceipt {
+            outcome: Outcome::Failed,
+            result_digest: None,
+            consent_digest: None,
+            reason: Some("the query failed while running".into()),
+            ..r
+        }),
+        other => panic!("{other:?}"),
+    };
+    l.append_as_operator(failed).unwrap();
+    assert!(l.state().spent("t2d", "ehr").epsilon > spent.epsilon);
+    // A closed study likewise; and the rule holds on replay: the ledger reopens as it was.
+    let released = l.state().receipts_of_study("t2d").len();
+    drop(w);
+    let (l, _) = Ledger::open(dir.path(), config()).unwrap();
+    assert_eq!(l.state().receipts_of_study("t2d").len(), released);
+}
+
+#[test]
+fn a_revocation_is_in_effect_when_acknowledged_whatever_its_date() {
+    // A revocation dated 240 s ahead of the ledger's clock (within the skew it accepts) must
+    // not leave the consent active until that time.
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let l = &w.ledger;
+    let c = &w.custodian;
+    l.append(c.sign(consent_body(c, "c1", "MRN-1", "ehr", &["GRU"])))
+        .unwrap();
+    l.append(c.sign(consent_body(c, "c2", "MRN-2", "ehr", &["GRU"])))
+        .unwrap();
+    let ahead = |body: Body| {
+        SignedEntry::sign(
+            &c.key,
+            Entry {
+                author: c.id.clone(),
+                time: Timestamp::now().plus_secs(240),
+                body,
+            },
+        )
+    };
+    l.append(ahead(Body::ConsentRevoked(ConsentRevoked {
+        subject: SubjectId::new("MRN-2").unwrap(),
+        consent_id: Some("c2".into()),
+        scope: None,
+        grantor: c.id.clone(),
+        reason: None,
+    })))
+    .unwrap();
+    let included = |l: &Ledger| match l
+        .state()
+        .consent_filter("ehr", "t2d", Timestamp::now())
+        .unwrap()
+    {
+        ConsentFilter::Include(v) => v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        ConsentFilter::Exclude(_) => panic!("opt-in dataset"),
+    };
+    assert_eq!(included(l), ["MRN-1"]);
+    let listed = l
+        .state()
+        .consents_of(&SubjectId::new("MRN-2").unwrap(), Timestamp::now());
+    assert!(listed.iter().all(|v| !v.in_effect), "{listed:?}");
+    // An objection (scope-wide) dated ahead: MRN-1 is out at once too.
+    l.append(ahead(Body::ConsentRevoked(ConsentRevoked {
+        subject: SubjectId::new("MRN-1").unwrap(),
+        consent_id: None,
+        scope: Some(ConsentScope {
+            datasets: vec![ds("ehr")],
+            custodian: None,
+        }),
+        grantor: c.id.clone(),
+        reason: None,
+    })))
+    .unwrap();
+    assert!(included(l).is_empty());
 }

@@ -177,6 +177,7 @@ async fn run() -> anyhow::Result<()> {
         ServeOptions {
             listen: args.listen,
             tls: None,
+            drain: server::DRAIN,
         },
     )
     .await?;

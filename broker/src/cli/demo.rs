@@ -82,6 +82,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             ServeOptions {
                 listen: args.serve.listen,
                 tls,
+                drain: server::DRAIN,
             },
         )
         .await?;

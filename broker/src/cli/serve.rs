@@ -196,6 +196,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ServeOptions {
                 listen: args.listen,
                 tls,
+                drain: server::DRAIN,
             },
         )
         .await?;

@@ -110,6 +110,7 @@ pub fn ledger_status(e: ledger::Error) -> Status {
         E::Invalid(_) | E::Note(_) => Status::failed_precondition(msg),
         E::UnknownPrincipal(_) | E::RevokedPrincipal(_) => Status::permission_denied(msg),
         E::WrongRole { .. } | E::Forbidden(_) => Status::permission_denied(msg),
+        E::AlreadyExists(_) => Status::already_exists(msg),
         E::NotFound { .. } => Status::not_found(msg),
         E::BudgetExhausted { .. } => Status::resource_exhausted(msg),
         E::OutOfRange { .. } => Status::out_of_range(msg),
@@ -157,7 +158,13 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// PEM certificate chain and key for TLS; plaintext when absent.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// How long a shutdown waits for calls in flight before it cancels them ([`DRAIN`]).
+    pub drain: std::time::Duration,
 }
+
+/// How long a shutdown waits, by default, for calls in flight (queries and their receipts
+/// finish well within it; an upload left open by its client does not hold the broker up).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A running server.
 pub struct Running {
@@ -165,15 +172,24 @@ pub struct Running {
     pub addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    drain: std::time::Duration,
 }
 
 impl Running {
-    /// Stops accepting calls, lets in-flight calls (and their appends) finish, and returns.
+    /// Stops accepting calls, lets in-flight calls (and their appends) finish for up to the
+    /// drain time, cancels what is left, and returns. A cancelled call has written nothing
+    /// that is not acknowledged: appends are durable before they answer.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await??;
+        match tokio::time::timeout(self.drain, &mut self.task).await {
+            Ok(served) => served??,
+            Err(_) => {
+                tracing::warn!(drain = ?self.drain, "calls still open after the drain time were cancelled");
+                self.task.abort();
+            }
+        }
         Ok(())
     }
 
@@ -271,5 +287,6 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
         addr,
         shutdown: Some(tx),
         task,
+        drain: opts.drain,
     })
 }

@@ -133,8 +133,14 @@ impl Registry for RegistryService {
     ) -> Result<Response<v1::Appended>, Status> {
         use v1::dataset_upload::Part;
         let caller = caller(&req)?;
+        // The role first: no one else may hold an upload open.
+        if !self.0.ledger.state().may_act(&caller.id, Role::Custodian) {
+            return Err(Status::permission_denied(
+                "only a registered custodian registers datasets",
+            ));
+        }
         let mut stream = req.into_inner();
-        let Some(Part::Header(h)) = stream.message().await?.and_then(|m| m.part) else {
+        let Some(Part::Header(h)) = next_part(&mut stream).await?.and_then(|m| m.part) else {
             return Err(Status::invalid_argument(
                 "the first message of an upload is its header",
             ));
@@ -162,6 +168,14 @@ impl Registry for RegistryService {
                     )));
                 }
                 let last = ds.latest().reg.version;
+                if ds.versions.iter().any(|v| v.reg.version == reg.version) {
+                    return Err(Status::already_exists(format!(
+                        "version {} of dataset {} is registered; register version {} or later",
+                        reg.version,
+                        reg.dataset,
+                        last + 1
+                    )));
+                }
                 if reg.version <= last {
                     return Err(Status::failed_precondition(format!(
                         "dataset {} is at version {last}; register version {} or later",
@@ -180,7 +194,7 @@ impl Registry for RegistryService {
             }
         }
         let mut upload = self.0.store.begin_upload(&reg, &h.policy_toml).await?;
-        while let Some(m) = stream.message().await? {
+        while let Some(m) = next_part(&mut stream).await? {
             match m.part {
                 Some(Part::Chunk(c)) => upload.write(&c.path, &c.data).await?,
                 _ => {
@@ -190,9 +204,12 @@ impl Registry for RegistryService {
                 }
             }
         }
-        let (dataset, placed) = upload.finish(&reg).await?;
+        // Checked and durable in its staging directory; the append decides (the ledger's single
+        // writer refuses a version registered meanwhile: the loser leaves nothing, its staging
+        // directory is removed when `staged` drops); only then are the files moved into place.
+        let (dataset, staged) = upload.finish(&reg).await?;
         let a = self.0.blocking(move |l| l.append(signed)).await?;
-        placed.keep();
+        staged.place().await?;
         let engine = anonymizer::Engine::new(dataset)
             .map_err(|e| Status::internal(format!("loading the dataset: {e}")))?;
         self.0.store.insert_engine(&reg, Arc::new(engine)).await;
@@ -260,4 +277,21 @@ impl Registry for RegistryService {
         studies.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(v1::ListStudiesResponse { studies }))
     }
+}
+
+/// How long an upload may stay silent between two messages.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The next message of an upload, or `DEADLINE_EXCEEDED` after [`UPLOAD_IDLE`] of silence.
+async fn next_part(
+    stream: &mut Streaming<v1::DatasetUpload>,
+) -> Result<Option<v1::DatasetUpload>, Status> {
+    tokio::time::timeout(UPLOAD_IDLE, stream.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the upload sent nothing for {} s; nothing was registered",
+                UPLOAD_IDLE.as_secs()
+            ))
+        })?
 }

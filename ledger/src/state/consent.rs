@@ -22,15 +22,15 @@ pub(super) struct Grant {
     pub(super) deny: Vec<StudyId>,
     pub(super) valid_from: Timestamp,
     pub(super) valid_until: Option<Timestamp>,
-    /// Revoked or replaced: by which entry, from when.
-    pub(super) ended: Option<(u64, Timestamp)>,
+    /// Revoked or replaced: by which entry. A revocation is in effect from its place in the
+    /// log, whatever time it is dated (a date ahead of the ledger's clock must not delay it).
+    pub(super) ended: Option<u64>,
 }
 
 /// An objection (scope-wide revocation) by a subject.
 #[derive(Debug, Clone)]
 pub(super) struct Objection {
     pub(super) index: u64,
-    pub(super) time: Timestamp,
     pub(super) subject: u32,
     pub(super) scope: ConsentScope,
 }
@@ -98,7 +98,7 @@ impl State {
         g.index < as_of
             && g.valid_from <= t
             && g.valid_until.is_none_or(|u| t < u)
-            && !g.ended.is_some_and(|(i, at)| i < as_of && at <= t)
+            && g.ended.is_none_or(|i| i >= as_of)
             && (g.allow.is_empty() || g.allow.contains(&study.reg.study))
             && !g.deny.contains(&study.reg.study)
             && duo::permits(&g.purposes, &g.modifiers, study.matcher())
@@ -109,13 +109,12 @@ impl State {
         subject: u32,
         dataset: &DatasetId,
         custodian: &PrincipalId,
-        t: Timestamp,
         as_of: u64,
     ) -> bool {
         self.objections_by_subject.get(&subject).is_some_and(|os| {
             os.iter().any(|&o| {
                 let o = &self.objections[o];
-                o.index < as_of && o.time <= t && o.scope.covers(dataset, custodian)
+                o.index < as_of && o.scope.covers(dataset, custodian)
             })
         })
     }
@@ -203,11 +202,8 @@ impl State {
                     if let Some(u) = g.valid_until {
                         note(u);
                     }
-                    if let Some((_, at)) = g.ended {
-                        note(at);
-                    }
                     if self.grant_admits_scoped(g, st, dataset, &ds.custodian, t, as_of)
-                        && !self.objected(g.subject, dataset, &ds.custodian, t, as_of)
+                        && !self.objected(g.subject, dataset, &ds.custodian, as_of)
                     {
                         ids.push(g.subject);
                     }
@@ -216,10 +212,7 @@ impl State {
             ConsentBasis::OptOut => {
                 for o in &self.objections {
                     if o.scope.covers(dataset, &ds.custodian) {
-                        note(o.time);
-                        if o.time <= t {
-                            ids.push(o.subject);
-                        }
+                        ids.push(o.subject);
                     }
                 }
             }
@@ -272,7 +265,7 @@ impl State {
         let Some(sid) = self.subject_id(subject) else {
             return ds.consent_basis == ConsentBasis::OptOut;
         };
-        if self.objected(sid, &dataset_id, &ds.custodian, t, as_of) {
+        if self.objected(sid, &dataset_id, &ds.custodian, as_of) {
             return false;
         }
         match ds.consent_basis {
@@ -322,14 +315,13 @@ impl State {
         gs.iter()
             .map(|&gi| {
                 let g = &self.grants[gi];
-                let in_effect = g.valid_from <= t
-                    && g.valid_until.is_none_or(|u| t < u)
-                    && g.ended.is_none_or(|(_, at)| at > t);
+                let in_effect =
+                    g.valid_from <= t && g.valid_until.is_none_or(|u| t < u) && g.ended.is_none();
                 ConsentView {
                     index: g.index,
                     consent_id: g.consent_id.clone(),
                     in_effect,
-                    ended_by: g.ended.map(|(i, _)| i),
+                    ended_by: g.ended,
                 }
             })
             .collect()

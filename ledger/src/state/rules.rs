@@ -164,7 +164,7 @@ impl State {
         match body {
             Body::ConsentGranted(b) => {
                 need(role, &[Role::Patient, Role::Custodian], author, kind)?;
-                self.grant(b, author, role, index, time)?;
+                self.grant(b, author, role, index)?;
             }
             ref body => self.apply_other(body, author, role, index, time, root_at)?,
         }
@@ -185,7 +185,6 @@ impl State {
         author: &PrincipalId,
         role: Role,
         index: u64,
-        time: Timestamp,
     ) -> Result<()> {
         self.check_consent_author(author, role, &b.grantor, &b.subject, &b.scope)?;
         self.check_grant(&b)?;
@@ -195,7 +194,7 @@ impl State {
         };
         let subject = self.intern(b.subject);
         if let Some(gi) = replaced {
-            self.grants[gi].ended = Some((index, time));
+            self.grants[gi].ended = Some(index);
             let scope = self.grants[gi].scope.clone();
             self.bump(&scope);
         }
@@ -371,7 +370,7 @@ impl State {
                 match (&b.consent_id, &b.scope) {
                     (Some(id), None) => {
                         let gi = self.live_grant_of(id, &b.subject)?;
-                        self.grants[gi].ended = Some((index, time));
+                        self.grants[gi].ended = Some(index);
                         let scope = self.grants[gi].scope.clone();
                         self.bump(&scope);
                     }
@@ -380,7 +379,6 @@ impl State {
                         let oi = self.objections.len();
                         self.objections.push(Objection {
                             index,
-                            time,
                             subject,
                             scope: scope.clone(),
                         });
@@ -433,7 +431,7 @@ impl State {
             }
             Body::QueryReceipt(b) => {
                 need(role, &[Role::Operator], author, kind)?;
-                let debit = self.check_receipt(b)?;
+                let debit = self.check_receipt(b, time)?;
                 match self.receipts_by_study.get_mut(&b.study) {
                     Some(v) => v.push(index),
                     None => {
@@ -518,6 +516,12 @@ impl State {
                 return Err(Error::Forbidden(format!(
                     "dataset {} belongs to another custodian",
                     b.dataset
+                )));
+            }
+            if ds.versions.iter().any(|v| v.reg.version == b.version) {
+                return Err(Error::AlreadyExists(format!(
+                    "version {} of dataset {} is registered",
+                    b.version, b.dataset
                 )));
             }
             if b.version <= ds.latest().reg.version {
@@ -759,7 +763,15 @@ impl State {
     }
 
     /// Checks a receipt; for a released or failed (charged) one returns the debit.
-    fn check_receipt(&self, b: &QueryReceipt) -> Result<Option<(StudyId, DatasetId, Spend)>> {
+    /// Checks a receipt written at `time`. A release needs the study active then (approved, not
+    /// suspended or closed, within its approval period): a suspension is in effect from its
+    /// entry on, whatever was in flight. A failed receipt only debits a draw already made, so
+    /// it is taken whatever the study's status (refusing it would leave the draw uncharged).
+    fn check_receipt(
+        &self,
+        b: &QueryReceipt,
+        time: Timestamp,
+    ) -> Result<Option<(StudyId, DatasetId, Spend)>> {
         if !self.principals.contains_key(&b.researcher) {
             return Err(not_found("principal", &b.researcher));
         }
@@ -803,6 +815,13 @@ impl State {
                     .studies
                     .get(b.study.as_str())
                     .ok_or_else(|| not_found("study", &b.study))?;
+                if b.outcome == Outcome::Released && !st.active_at(time) {
+                    return Err(Error::Forbidden(format!(
+                        "study {} is not active at this receipt's time (it is {:?}, or outside \
+                         its approval period): nothing is released for it",
+                        b.study, st.status
+                    )));
+                }
                 let (Some(dataset), Some(version), Some(digest)) =
                     (&b.dataset, b.version, &b.dataset_digest)
                 else {

@@ -13,7 +13,7 @@ async fn a_custodian_registers_versions_and_bad_uploads_change_nothing() {
     let a = w.register_visits("visits", 2).await.unwrap();
     assert!(a.index > 0);
     let e = w.register_visits("visits", 2).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     let list = w
         .registry(&hospital)
         .list_datasets(proto::v1::ListDatasetsRequest {})
@@ -83,4 +83,97 @@ async fn a_custodian_registers_versions_and_bad_uploads_change_nothing() {
     let mut leftovers = leftovers;
     leftovers.sort();
     assert_eq!(leftovers, vec!["1", "2"], "no staging directory is left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_one_version_keep_the_winners_files() {
+    // Registrations of the same new version at once (each with other rows): one wins, the
+    // others get ALREADY_EXISTS and leave nothing; the winner's files stay in place and the
+    // version is queryable, also after a restart (a loser once removed the winner's files).
+    let w = World::ready(10.0).await;
+    let hospital = key("hospital");
+    let all = visits();
+    let files: Vec<_> = (0..6)
+        .map(|i| {
+            w.data_file(
+                &format!("race-{i}.parquet"),
+                &all.slice(0, all.num_rows() - i),
+            )
+        })
+        .collect();
+    let racers = files.iter().map(|f| {
+        let w = &w;
+        let hospital = &hospital;
+        async move { w.upload(hospital, "visits", 2, POLICY, f).await }
+    });
+    let results = futures::future::join_all(racers).await;
+    let won: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        }
+    }
+    let rows = all.num_rows() - won[0];
+    let dir = w.dir.path().join("datasets/visits");
+    let leftovers = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+    let count = "SELECT COUNT(*) AS n FROM visits";
+    let alice = key("alice");
+    w.run(&alice, World::dp("s1", count, 0.5)).await.unwrap();
+    let w = w.restart().await;
+    let (h, _) = w.run(&alice, World::dp("s1", count, 0.5)).await.unwrap();
+    let r = w.receipt(h.receipt_index);
+    assert_eq!(r.version, Some(2));
+    let listed = w
+        .registry(&hospital)
+        .list_datasets(proto::v1::ListDatasetsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.datasets[1].rows, rows as u64);
+    // A stop between the append and the move into place: the version's files are still
+    // staged. The version loads from them, and they move into place.
+    let dir = w.dir.path().join("datasets/visits");
+    std::fs::rename(dir.join("2"), dir.join(".upload-2-77")).unwrap();
+    let w = w.restart().await;
+    w.run(&alice, World::dp("s1", count, 0.5)).await.unwrap();
+    assert!(dir.join("2").is_dir());
+    assert_eq!(leftovers(&dir), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_upload_neither_belongs_to_others_nor_holds_up_a_shutdown() {
+    // An upload stream that sends nothing, held open: by a patient it is refused at once (the
+    // role is checked before the first message); by a custodian it no longer blocks a
+    // shutdown past the drain time (it once blocked SIGTERM indefinitely).
+    let mut w = World::ready(1.0).await;
+    let silent = || futures::stream::pending::<proto::v1::DatasetUpload>();
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        w.registry(&key("p1000")).register_dataset(silent()),
+    )
+    .await
+    .expect("refused without waiting for a message")
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let mut held = w.registry(&key("hospital"));
+    let open = tokio::spawn(async move { held.register_dataset(silent()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !open.is_finished(),
+        "a custodian's upload stays open while it sends"
+    );
+    let started = std::time::Instant::now();
+    w.running.take().unwrap().shutdown().await.unwrap();
+    let took = started.elapsed();
+    // The test world drains for 10 s.
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    open.abort();
 }

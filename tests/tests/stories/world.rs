@@ -139,6 +139,7 @@ impl World {
             ServeOptions {
                 listen: args.listen,
                 tls: None,
+                drain: std::time::Duration::from_secs(10),
             },
         )
         .await
