@@ -125,13 +125,15 @@ pub fn verify(token: &str, state: &State, now: i64) -> Result<Caller, AuthError>
     let data = jsonwebtoken::decode::<Claims>(token, &key, &v)
         .map_err(|e| AuthError::Invalid(e.to_string()))?;
     let c = data.claims;
-    if c.exp + LEEWAY_SECS <= now {
+    // The claims are the caller's numbers: checked arithmetic only (i64::MAX once overflowed).
+    if c.exp.saturating_add(LEEWAY_SECS) <= now {
         return Err(AuthError::Invalid("expired".into()));
     }
-    if c.iat - LEEWAY_SECS > now {
+    if c.iat.saturating_sub(LEEWAY_SECS) > now {
         return Err(AuthError::Invalid("issued in the future".into()));
     }
-    if c.exp <= c.iat || (c.exp - c.iat) as u64 > MAX_LIFETIME.as_secs() {
+    let lifetime = c.exp.checked_sub(c.iat).unwrap_or(i64::MAX);
+    if lifetime <= 0 || lifetime.unsigned_abs() > MAX_LIFETIME.as_secs() {
         return Err(AuthError::Invalid(
             "lifetime must be positive and at most 15 minutes".into(),
         ));
@@ -228,6 +230,30 @@ mod tests {
             },
             Claims {
                 exp: now + 16 * 60,
+                ..base.clone()
+            },
+            // Extreme numbers: refused, never an overflow.
+            Claims {
+                exp: i64::MAX,
+                ..base.clone()
+            },
+            Claims {
+                iat: i64::MIN,
+                ..base.clone()
+            },
+            Claims {
+                iat: i64::MIN,
+                exp: i64::MAX,
+                ..base.clone()
+            },
+            Claims {
+                iat: i64::MAX,
+                exp: i64::MIN,
+                ..base.clone()
+            },
+            Claims {
+                iat: i64::MAX,
+                exp: i64::MAX,
                 ..base.clone()
             },
         ];

@@ -98,6 +98,8 @@ struct Shared {
     offsets: RwLock<Vec<RecordPos>>,
     tree: RwLock<TreeFile>,
     size: AtomicU64,
+    /// Entries the state holds: `size` plus a batch applied and not yet fsynced.
+    applied: AtomicU64,
     state: RwLock<State>,
     checkpoint: RwLock<String>,
     poisoned: AtomicBool,
@@ -342,6 +344,7 @@ impl Ledger {
             offsets: RwLock::new(scan.records),
             tree: RwLock::new(tree),
             size: AtomicU64::new(size),
+            applied: AtomicU64::new(size),
             state: RwLock::new(state),
             checkpoint: RwLock::new(latest),
             poisoned: AtomicBool::new(false),
@@ -490,9 +493,11 @@ impl Ledger {
         Ok(())
     }
 
-    /// The exact leaf bytes of entry `index`.
+    /// The exact leaf bytes of entry `index`. An entry the state already shows (its batch
+    /// applied, its fsync under way) is waited for: whatever index a reader took from the
+    /// state, it reads once durable, never an out-of-range error.
     pub fn leaf(&self, index: u64) -> Result<Vec<u8>> {
-        let size = self.size();
+        let size = self.durable_past(index)?;
         if index >= size {
             return Err(Error::OutOfRange {
                 what: "leaf index",
@@ -502,6 +507,24 @@ impl Ledger {
         }
         let pos = read_lock(&self.shared.offsets)[index as usize];
         storage::read_record(&self.shared.log_read, pos)
+    }
+
+    /// The durable size, after waiting (briefly: one group commit) for entry `index` if the
+    /// state already holds it.
+    fn durable_past(&self, index: u64) -> Result<u64> {
+        let mut size = self.size();
+        if index < size || index >= self.shared.applied.load(Ordering::Acquire) {
+            return Ok(size);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while index >= size && std::time::Instant::now() < deadline {
+            if self.is_poisoned() {
+                return Err(Error::Poisoned);
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            size = self.size();
+        }
+        Ok(size)
     }
 
     /// The decoded entry `index`.
@@ -671,6 +694,7 @@ fn commit_batch(shared: &Shared, log: &mut File, appends: Vec<Pending>) {
                 }
             }
         }
+        shared.applied.store(state.size(), Ordering::Release);
     }
     if accepted.is_empty() {
         return;
@@ -793,4 +817,31 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
         checkpoints: checkpoints.len(),
         root: base64::engine::general_purpose::STANDARD.encode(merkle::root(&tree, state.size())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_the_state_shows_is_read_once_durable() {
+        // The state holds a batch before its fsync ends: an index taken from it is waited
+        // for, not refused (it once failed "leaf index N out of range (tree size N)").
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let op = PrincipalId::new("operator").expect("an id");
+        let l = Ledger::init(dir.path(), "test/ledger", &op, Config::default()).expect("init");
+        let last = l.size() - 1;
+        // The batch of `last` as a reader may see it: applied, not yet durable.
+        l.shared.size.store(last, Ordering::Release);
+        let shared = Arc::clone(&l.shared);
+        let fsync = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            shared.size.store(last + 1, Ordering::Release);
+        });
+        let read = l.entry(last);
+        fsync.join().expect("the fsync stand-in");
+        assert!(read.is_ok(), "{read:?}");
+        // Past what the state holds, a read is refused at once.
+        assert!(matches!(l.entry(last + 1), Err(Error::OutOfRange { .. })));
+    }
 }

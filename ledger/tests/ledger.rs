@@ -671,3 +671,42 @@ fn a_revocation_is_in_effect_when_acknowledged_whatever_its_date() {
     .unwrap();
     assert!(included(l).is_empty());
 }
+
+#[test]
+fn what_the_state_shows_can_be_read() {
+    // Readers take indexes from the state (a study's receipts) and read those entries while
+    // appends go on: the state holds a batch before its fsync, and such reads once failed
+    // with "leaf index N out of range (tree size N)".
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..150 {
+                    w.ledger
+                        .append_as_operator(denied(receipt(&w, 0.0)))
+                        .unwrap();
+                }
+            });
+        }
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ix: Vec<u64> = w.ledger.state().receipts_of_study("t2d").to_vec();
+                for i in ix.iter().rev().take(8) {
+                    w.ledger
+                        .entry(*i)
+                        .unwrap_or_else(|e| panic!("entry {i}: {e}"));
+                    reads += 1;
+                }
+            }
+            reads
+        });
+        while w.ledger.state().receipts_of_study("t2d").len() < 600 {
+            std::thread::yield_now();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+}
