@@ -220,6 +220,7 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
             advice: format!("keep queries under {MAX_SQL} bytes"),
         });
     }
+    check_tokens(sql)?;
     let mut stmts = DFParser::parse_sql(sql).map_err(|e| Error::InvalidQuery(e.to_string()))?;
     match stmts.len() {
         1 => {}
@@ -255,16 +256,50 @@ pub fn normalize_sql(sql: &str) -> Result<String> {
     Ok(stmt.to_string())
 }
 
+/// The refusal of a query whose planning panicked (it depends on the SQL only).
+pub(crate) fn unplannable() -> Error {
+    Error::Refused {
+        construct: "this query".into(),
+        advice: "it could not be planned; simplify the expressions it uses".into(),
+    }
+}
+
 /// The smallest epsilon a query may spend: an answer at a vanishing epsilon is pure noise,
 /// and must not make each query (and whatever its running says) free.
 pub const MIN_EPSILON: f64 = 1e-3;
 
 /// Largest SQL text accepted.
 pub const MAX_SQL: usize = 64 << 10;
+/// Most tokens (words, literals, operators) in a query: a parse tree is as deep as its longest
+/// chain of operators, and dropping a tree 25,000 deep overflowed a worker's stack.
+pub const MAX_TOKENS: usize = 12_000;
 /// Deepest nesting of expressions accepted (a chain of 200 ORs is 200 deep: use IN lists).
 pub const MAX_DEPTH: usize = 128;
 /// Most expression nodes in one query.
 pub const MAX_EXPRESSIONS: usize = 4096;
+
+/// Refuses SQL of more than [`MAX_TOKENS`] tokens, counted by the tokenizer (a loop, no
+/// recursion) before any tree is built.
+fn check_tokens(sql: &str) -> Result<()> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| Error::InvalidQuery(e.to_string()))?;
+    let n = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .count();
+    if n > MAX_TOKENS {
+        return Err(Error::Refused {
+            construct: format!("a query of {n} tokens"),
+            advice: format!(
+                "keep queries under {MAX_TOKENS} tokens (long chains of operators: use IN lists)"
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Refuses a statement whose expressions nest deeper than [`MAX_DEPTH`] or number more than
 /// [`MAX_EXPRESSIONS`], before DataFusion's planner (which recurses on them) sees it.
@@ -735,7 +770,8 @@ impl Engine {
     /// waits and is answered as a repeat. An identical repeat of a remembered release
     /// returns it again, spending nothing.
     pub async fn run_pending(&self, req: &Request<'_>) -> Result<(Release, Flight)> {
-        let sql = normalize_sql(req.sql)?;
+        let sql = std::panic::catch_unwind(|| normalize_sql(req.sql))
+            .unwrap_or_else(|_| Err(unplannable()))?;
         let prepared = self.consent(req.filter);
         let consent = prepared.digest;
         let key = Self::cache_key(req, &sql, &consent);
@@ -755,7 +791,18 @@ impl Engine {
             };
             return Ok((repeat, flight));
         }
-        let p = self.prepare(req, sql).await?;
+        // Planning reads no row: a panic in it (a DataFusion function on an argument type it
+        // does not expect) is a refusal of the query, never a dropped call.
+        let p = match std::panic::AssertUnwindSafe(self.prepare(req, sql))
+            .catch_unwind()
+            .await
+        {
+            Ok(p) => p?,
+            Err(_) => {
+                tracing::error!("planning a query panicked");
+                return Err(unplannable());
+            }
+        };
         // From here on the query is charged, whatever happens: a failure says only that.
         let charged = Error::Failed {
             epsilon: p.cost.epsilon,

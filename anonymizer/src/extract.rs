@@ -365,11 +365,18 @@ impl Engine {
         if req.k == 0 {
             return Err(Error::InvalidQuery("k must be at least 1".into()));
         }
-        let sql = normalize_sql(req.sql)?;
+        let sql = std::panic::catch_unwind(|| normalize_sql(req.sql))
+            .unwrap_or_else(|_| Err(crate::engine::unplannable()))?;
         let prepared = self.consent(req.filter);
         let consent = prepared.digest;
-        let plan = crate::plan::make_total(self.analyzed(&sql).await?)?;
-        let checked = check(&plan, self.dataset())?;
+        // Planning reads no row: a panic in it is a refusal of the query.
+        let planned = async {
+            let plan = crate::plan::make_total(self.analyzed(&sql).await?)?;
+            check(&plan, self.dataset())
+        };
+        let checked = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(planned))
+            .await
+            .unwrap_or_else(|_| Err(crate::engine::unplannable()))?;
         let run = async {
             let plan = rewrite(&self.guarded(checked.plan.clone(), prepared.set.as_ref())?)?;
             let out_schema = plan.schema().inner().clone();

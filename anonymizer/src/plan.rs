@@ -327,6 +327,13 @@ fn walk_input(plan: &LogicalPlan, policy: &Policy, input: &mut Input) -> Result<
     match plan {
         LogicalPlan::TableScan(s) => {
             let name = s.table_name.table().to_string();
+            if !policy.tables.contains_key(&name) {
+                // A table function (generate_series, range) plans as a scan of its own.
+                return Err(refuse(
+                    format!("reading {}", s.table_name),
+                    "aggregate over the dataset's tables only",
+                ));
+            }
             if !s.filters.is_empty() || s.fetch.is_some() {
                 return Err(Error::Engine(
                     "a table scan with filters before checking".into(),

@@ -710,3 +710,28 @@ fn what_the_state_shows_can_be_read() {
         assert!(reader.join().unwrap() > 0);
     });
 }
+
+#[test]
+fn a_consents_lists_are_bounded() {
+    // A consent of 10^6 denied studies was accepted (9.9 MB, for good) and its FHIR export
+    // took the broker to 7 GB.
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let c = &w.custodian;
+    let with_denied = |id: &str, n: usize| {
+        let mut b = consent_body(c, id, "MRN-1", "ehr", &["GRU"]);
+        if let Body::ConsentGranted(g) = &mut b {
+            g.studies_deny = (0..n).map(|i| study_id(&format!("s{i}"))).collect();
+        }
+        b
+    };
+    let size = w.ledger.size();
+    let e = w
+        .ledger
+        .append(c.sign(with_denied("big", 1001)))
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+    assert!(e.to_string().contains("studies_deny"), "{e}");
+    assert_eq!(w.ledger.size(), size);
+    w.ledger.append(c.sign(with_denied("fits", 1000))).unwrap();
+}

@@ -50,7 +50,8 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         "failed" => Some(Outcome::Failed),
         o => {
             return Err(Status::invalid_argument(format!(
-                "outcome {o:?}: use released, denied, failed or nothing"
+                "outcome {}: use released, denied, failed or nothing",
+                super::shown(o)
             )));
         }
     };
@@ -76,7 +77,12 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
                     )));
                 }
                 None if caller.role == Role::Operator => studies.push(f.study.clone()),
-                None => return Err(Status::not_found(format!("unknown study {:?}", f.study))),
+                None => {
+                    return Err(Status::not_found(format!(
+                        "unknown study {}",
+                        super::shown(&f.study)
+                    )));
+                }
             }
         }
         let mut ix: Vec<u64> = studies
@@ -194,7 +200,8 @@ fn export_bytes(batch: &RecordBatch, format: &str) -> Result<Vec<u8>, Status> {
             Ok(w.into_inner())
         }
         f => Err(Status::invalid_argument(format!(
-            "format {f:?}: use parquet or csv"
+            "format {}: use parquet or csv",
+            super::shown(f)
         ))),
     }
 }
@@ -224,9 +231,9 @@ impl Audit for AuditService {
         let study = req.into_inner().study;
         let granted: std::collections::HashMap<String, (f64, f64)> = {
             let st = self.0.ledger.state();
-            let s = st
-                .study(&study)
-                .ok_or_else(|| Status::not_found(format!("unknown study {study:?}")))?;
+            let s = st.study(&study).ok_or_else(|| {
+                Status::not_found(format!("unknown study {}", super::shown(&study)))
+            })?;
             s.approval
                 .iter()
                 .flat_map(|(_, a)| a.grants.iter())

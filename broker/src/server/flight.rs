@@ -190,7 +190,10 @@ fn number<T>(req: &Request<T>, name: &str, default: f64) -> Result<f64, Status> 
     match header(req, name)? {
         None => Ok(default),
         Some(s) => s.parse::<f64>().map_err(|_| {
-            Status::invalid_argument(format!("the header {name} must be a number, not {s:?}"))
+            Status::invalid_argument(format!(
+                "the header {name} must be a number, not {}",
+                super::shown(&s)
+            ))
         }),
     }
 }
@@ -234,7 +237,8 @@ fn query_request(
         Some("extract") => v1::Mode::Extract,
         Some(m) => {
             return Err(Status::invalid_argument(format!(
-                "the header x-consentry-mode must be dp or extract, not {m:?}"
+                "the header x-consentry-mode must be dp or extract, not {}",
+                super::shown(m)
             )));
         }
     };
@@ -593,8 +597,8 @@ impl FlightSqlService for FlightSql {
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
         Err(Status::unimplemented(format!(
-            "the action {:?} is not supported",
-            request.get_ref().r#type
+            "the action {} is not supported",
+            super::shown(&request.get_ref().r#type)
         )))
     }
 

@@ -135,9 +135,9 @@ impl Ledger for LedgerService {
         let study = req.into_inner().study;
         {
             let st = self.0.ledger.state();
-            let s = st
-                .study(&study)
-                .ok_or_else(|| Status::not_found(format!("unknown study {study:?}")))?;
+            let s = st.study(&study).ok_or_else(|| {
+                Status::not_found(format!("unknown study {}", super::shown(&study)))
+            })?;
             if !super::registry::may_see_study(&caller, s) {
                 return Err(Status::permission_denied(format!(
                     "bundles of study {study} go to its sponsor, members and IRB"

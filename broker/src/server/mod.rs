@@ -143,6 +143,16 @@ pub(crate) fn signed_by_caller(
     Ok(signed)
 }
 
+/// A caller's value quoted in a message: at most 64 characters of it, and its size when
+/// longer (a 60 MB study name once came back as a 60 MB status).
+pub(crate) fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &s[..end], s.len()),
+    }
+}
+
 pub(crate) fn appended(a: &ledger::Appended) -> v1::Appended {
     v1::Appended {
         index: a.index,

@@ -89,9 +89,12 @@ fn authorize(
              Arrow Flight SQL: the call header x-consentry-study)",
         ));
     }
-    let study = st
-        .study(&q.study)
-        .ok_or_else(|| deny(NotFound, format!("unknown study {:?}", q.study)))?;
+    let study = st.study(&q.study).ok_or_else(|| {
+        deny(
+            NotFound,
+            format!("unknown study {}", super::shown(&q.study)),
+        )
+    })?;
     let member = study.reg.pi.as_str() == caller.id
         || study
             .reg
@@ -125,8 +128,9 @@ fn authorize(
             deny(
                 PermissionDenied,
                 format!(
-                    "study {} is not approved for dataset {:?}",
-                    q.study, q.dataset
+                    "study {} is not approved for dataset {}",
+                    q.study,
+                    super::shown(&q.dataset)
                 ),
             )
         })?;
@@ -156,16 +160,20 @@ fn authorize(
         return Err(deny(
             FailedPrecondition,
             format!(
-                "study {} already took an extract of dataset {:?}, and a study takes one \
+                "study {} already took an extract of dataset {}, and a study takes one \
                  extract of a dataset (two different ones could be differenced row by row); \
                  repeat it ({first}), or run DP aggregates",
-                q.study, q.dataset
+                q.study,
+                super::shown(&q.dataset)
             ),
         ));
     }
-    let ds = st
-        .dataset(&q.dataset)
-        .ok_or_else(|| deny(NotFound, format!("unknown dataset {:?}", q.dataset)))?;
+    let ds = st.dataset(&q.dataset).ok_or_else(|| {
+        deny(
+            NotFound,
+            format!("unknown dataset {}", super::shown(&q.dataset)),
+        )
+    })?;
     let reg = ds.latest().reg.clone();
     let filter = st
         .consent_filter(&q.dataset, &q.study, now)
@@ -562,7 +570,7 @@ impl QueryService {
                     None => {
                         let d = deny(
                             Code::InvalidArgument,
-                            format!("unknown mechanism {m:?}: laplace or gaussian"),
+                            format!("unknown mechanism {}: laplace or gaussian", super::shown(m)),
                         );
                         return Err(self.denied(&caller, &q, sql, mode, d).await);
                     }

@@ -226,7 +226,7 @@ impl Registry for RegistryService {
         let st = self.0.ledger.state();
         let p = st
             .principal(&id)
-            .ok_or_else(|| Status::not_found(format!("unknown principal {id:?}")))?;
+            .ok_or_else(|| Status::not_found(format!("unknown principal {}", super::shown(&id))))?;
         Ok(Response::new(v1::Principal {
             id: p.id.to_string(),
             role: p.role.to_string(),

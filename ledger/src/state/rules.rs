@@ -613,6 +613,11 @@ impl State {
 
     fn check_grant(&self, b: &ConsentGranted) -> Result<()> {
         check_text("consent_id", &b.consent_id, 128)?;
+        check_list("purposes", b.purposes.len(), MAX_PURPOSES)?;
+        check_list("modifiers", b.modifiers.len(), MAX_PURPOSES)?;
+        check_list("studies_allow", b.studies_allow.len(), MAX_STUDIES)?;
+        check_list("studies_deny", b.studies_deny.len(), MAX_STUDIES)?;
+        check_list("scope.datasets", b.scope.datasets.len(), MAX_STUDIES)?;
         if self.grant_by_id.contains_key(&b.consent_id) {
             return Err(invalid(format!("consent {} already exists", b.consent_id)));
         }
@@ -652,6 +657,9 @@ impl State {
     }
 
     fn check_revocation(&self, author: &PrincipalId, role: Role, b: &ConsentRevoked) -> Result<()> {
+        if let Some(s) = &b.scope {
+            check_list("scope.datasets", s.datasets.len(), MAX_STUDIES)?;
+        }
         if let Some(r) = &b.reason {
             check_text("reason", r, 1000)?;
         }
@@ -882,6 +890,19 @@ impl State {
             }
         }
     }
+}
+
+/// Most purposes (and modifiers) in one consent.
+const MAX_PURPOSES: usize = 32;
+/// Most studies allowed or denied, or datasets covered, in one consent: a consent of 10^6
+/// denied studies was accepted, and exporting it as FHIR took the broker to 7 GB.
+const MAX_STUDIES: usize = 1000;
+
+fn check_list(what: &str, len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(invalid(format!("{what} holds {len} items; at most {max}")));
+    }
+    Ok(())
 }
 
 /// Parses a checkpoint body; used by callers that need the size and root of a cosigned note.

@@ -587,3 +587,32 @@ async fn a_study_minimum_cell_size_suppresses_small_groups() {
     // Suppression is post-processing of the noisy answer: epsilon is spent as usual.
     assert!((h.epsilon_spent - 0.5).abs() < 1e-9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_never_echoes_a_huge_value() {
+    // A 5 MB study name once came back whole in the status (60 MB took 17 s and 200 MB).
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    let huge = "s".repeat(5 << 20);
+    for req in [
+        World::dp(&huge, "SELECT COUNT(*) FROM visits", 0.1),
+        proto::v1::QueryRequest {
+            dataset: huge.clone(),
+            ..World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1)
+        },
+        proto::v1::QueryRequest {
+            mechanism: huge.clone(),
+            ..World::dp("s1", "SELECT COUNT(*) FROM visits", 0.1)
+        },
+    ] {
+        let e = w.run(&alice, req).await.unwrap_err();
+        assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+        assert!(e.message().contains("bytes)"), "{}", e.message());
+    }
+    let e = w
+        .registry(&alice)
+        .get_principal(proto::v1::GetPrincipalRequest { id: huge.clone() })
+        .await
+        .unwrap_err();
+    assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+}
