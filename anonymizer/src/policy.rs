@@ -229,6 +229,14 @@ impl Policy {
         if self.tables.is_empty() {
             return bad("the policy lists no table".into());
         }
+        let more_groups = |g: Option<u32>, rows: u32| g.is_some_and(|g| g > rows);
+        if more_groups(self.max_groups_per_unit, self.max_rows_per_unit) {
+            return bad(
+                "max_groups_per_unit exceeds max_rows_per_unit (a unit's rows fill at most that \
+                 many groups)"
+                    .into(),
+            );
+        }
         for (t, tp) in &self.tables {
             for (name, v) in [
                 ("max_rows_per_unit", tp.max_rows_per_unit),
@@ -238,6 +246,12 @@ impl Policy {
                 if v == Some(0) {
                     return bad(format!("table {t}: {name} must be at least 1"));
                 }
+            }
+            let rows = tp.max_rows_per_unit.unwrap_or(self.max_rows_per_unit);
+            if more_groups(tp.max_groups_per_unit, rows) {
+                return bad(format!(
+                    "table {t}: max_groups_per_unit exceeds its max_rows_per_unit ({rows})"
+                ));
             }
             for (c, cp) in &tp.columns {
                 if cp.generalize.is_some() && cp.class != ColumnClass::QuasiIdentifier {
@@ -280,6 +294,12 @@ impl Policy {
                     ));
                 }
                 if let Some(d) = &cp.domain {
+                    if d.is_empty() {
+                        return bad(format!(
+                            "table {t}, column {c}: the domain lists no value (leave it out for \
+                             a column without a public domain)"
+                        ));
+                    }
                     let values = d.as_text();
                     let distinct: std::collections::BTreeSet<&String> = values.iter().collect();
                     if distinct.len() != values.len() {
@@ -563,6 +583,18 @@ site_no = { class = "public", domain = [1, 2, 3] }
             (
                 GOOD.replace("[1, 2, 3]", "[1, 2, 1]"),
                 "column site_no: the domain lists a value twice",
+            ),
+            (
+                GOOD.replace("[\"E11\", \"I10\"]", "[]"),
+                "column diagnosis: the domain lists no value",
+            ),
+            (
+                GOOD.replace("max_rows_per_unit = 10", "max_rows_per_unit = 10\nmax_groups_per_unit = 11"),
+                "max_groups_per_unit exceeds max_rows_per_unit",
+            ),
+            (
+                GOOD.replace("[tables.visits.columns]", "[tables.visits]\nmax_rows_per_unit = 2\nmax_groups_per_unit = 3\n[tables.visits.columns]"),
+                "table visits: max_groups_per_unit exceeds its max_rows_per_unit (2)",
             ),
             (
                 GOOD.replace("[tables.visits.columns]", "[tables.visits]\nmax_rows_per_group = 0\n[tables.visits.columns]"),

@@ -2,10 +2,14 @@
 //!
 //! Each study gets 32 random bytes the first time one of its extracts runs, kept in
 //! `<data-dir>/secrets/` (directory 0700, files 0600, named by the SHA-256 of the study id so
-//! no caller-chosen text reaches a path). A secret is written to a temporary file, fsynced and
-//! renamed into place, so a crash leaves either no secret or the whole one: pseudonyms stay
+//! no caller-chosen text reaches a path). A file holds the secret and an HMAC-SHA256 tag over
+//! the file's name and the secret, keyed by a key derived from the ledger's signing key: a
+//! flipped byte, or one study's file put in another's place, is refused (it would silently
+//! change every later extract's pseudonyms). A secret is written to a temporary file, fsynced
+//! and renamed into place, so a crash leaves either no secret or the whole one: pseudonyms stay
 //! stable within a study for the life of the data directory. Secrets never leave the broker,
-//! never reach a log or an error message, and are zeroized when dropped.
+//! never reach a log or an error message, and are zeroized when dropped. A file of the earlier
+//! form (the 32 bytes alone) is read once and rewritten with its tag.
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -20,10 +24,16 @@ use zeroize::Zeroizing;
 
 /// Bytes in a study secret.
 const SECRET_BYTES: usize = 32;
+/// Bytes in a secret file: the secret, then its tag.
+const FILE_BYTES: usize = SECRET_BYTES + 32;
+
+/// What the ledger's key is derived for to authenticate the secrets (`Ledger::derived_key`).
+pub const KEY_CONTEXT: &str = "consentry/study-secrets/v1";
 
 /// The study secrets of one data directory.
 pub struct Secrets {
     dir: PathBuf,
+    key: Zeroizing<[u8; 32]>,
     cache: Mutex<HashMap<String, Arc<StudySecret>>>,
 }
 
@@ -42,9 +52,9 @@ pub enum SecretError {
 }
 
 impl Secrets {
-    /// Opens (creating, mode 0700) `<data_dir>/secrets`. Refuses a directory that others can
-    /// read.
-    pub fn open(data_dir: &Path) -> Result<Secrets, SecretError> {
+    /// Opens (creating, mode 0700) `<data_dir>/secrets`, whose files `key` authenticates.
+    /// Refuses a directory that others can read.
+    pub fn open(data_dir: &Path, key: Zeroizing<[u8; 32]>) -> Result<Secrets, SecretError> {
         let dir = data_dir.join("secrets");
         DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
         if std::fs::metadata(&dir)?.permissions().mode() & 0o077 != 0 {
@@ -55,6 +65,7 @@ impl Secrets {
         }
         Ok(Secrets {
             dir,
+            key,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -73,10 +84,12 @@ impl Secrets {
             return Ok(s.clone());
         }
         let path = self.path(study);
-        let secret = match read(&path) {
+        let secret = match self.read(&path) {
             Ok(s) => s,
             Err(SecretError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                create(&self.dir, &path)?
+                let mut bytes = Zeroizing::new([0u8; SECRET_BYTES]);
+                getrandom::fill(&mut bytes[..]).map_err(|e| SecretError::Random(e.to_string()))?;
+                self.write(&path, &bytes)?
             }
             Err(e) => return Err(e),
         };
@@ -86,27 +99,74 @@ impl Secrets {
     }
 }
 
-fn read(path: &Path) -> Result<StudySecret, SecretError> {
-    let mut f = File::open(path)?;
-    let meta = f.metadata()?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(SecretError::Bad(
-            path.to_owned(),
-            "is accessible by group or others; run chmod 600 on it",
-        ));
+impl Secrets {
+    /// The tag of `secret` stored at `path` (its file name binds it to its study).
+    fn tag(&self, path: &Path, secret: &[u8]) -> [u8; 32] {
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.key[..])
+            .expect("HMAC takes a key of any length");
+        let name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or(b"");
+        mac.update(name);
+        mac.update(&[0]);
+        mac.update(secret);
+        mac.finalize().into_bytes().into()
     }
-    if meta.len() != SECRET_BYTES as u64 {
-        return Err(SecretError::Bad(path.to_owned(), "has the wrong size"));
+
+    fn read(&self, path: &Path) -> Result<StudySecret, SecretError> {
+        let mut f = File::open(path)?;
+        let meta = f.metadata()?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(SecretError::Bad(
+                path.to_owned(),
+                "is accessible by group or others; run chmod 600 on it",
+            ));
+        }
+        let len = meta.len();
+        if len != FILE_BYTES as u64 && len != SECRET_BYTES as u64 {
+            return Err(SecretError::Bad(path.to_owned(), "has the wrong size"));
+        }
+        let mut bytes = Zeroizing::new([0u8; FILE_BYTES]);
+        f.read_exact(&mut bytes[..len as usize])?;
+        let (secret, tag) = bytes.split_at(SECRET_BYTES);
+        if len == SECRET_BYTES as u64 {
+            // The earlier form, without a tag: authenticated from now on.
+            let mut s = Zeroizing::new([0u8; SECRET_BYTES]);
+            s.copy_from_slice(secret);
+            tracing::warn!(file = %path.display(), "a study secret without its tag was rewritten with one");
+            return self.write(path, &s);
+        }
+        let want = self.tag(path, secret);
+        if !subtle_eq(&want, tag) {
+            return Err(SecretError::Bad(
+                path.to_owned(),
+                "is damaged or belongs to another study (its tag does not match); restore it \
+                 from a backup: a new secret would change the study's pseudonyms",
+            ));
+        }
+        StudySecret::from_bytes(secret)
+            .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
     }
-    let mut bytes = Zeroizing::new([0u8; SECRET_BYTES]);
-    f.read_exact(&mut bytes[..])?;
-    StudySecret::from_bytes(&bytes[..])
-        .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+
+    /// Writes `secret` with its tag at `path` (temporary file, fsync, rename).
+    fn write(&self, path: &Path, secret: &[u8; SECRET_BYTES]) -> Result<StudySecret, SecretError> {
+        let mut bytes = Zeroizing::new([0u8; FILE_BYTES]);
+        bytes[..SECRET_BYTES].copy_from_slice(secret);
+        bytes[SECRET_BYTES..].copy_from_slice(&self.tag(path, secret));
+        create(&self.dir, path, &bytes[..])?;
+        StudySecret::from_bytes(secret)
+            .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+    }
 }
 
-fn create(dir: &Path, path: &Path) -> Result<StudySecret, SecretError> {
-    let mut bytes = Zeroizing::new([0u8; SECRET_BYTES]);
-    getrandom::fill(&mut bytes[..]).map_err(|e| SecretError::Random(e.to_string()))?;
+/// Constant-time equality of two tags.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn create(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
     let tmp = path.with_extension("tmp");
     // A temporary file left by a crash holds an unused secret: replace it.
     match std::fs::remove_file(&tmp) {
@@ -118,18 +178,21 @@ fn create(dir: &Path, path: &Path) -> Result<StudySecret, SecretError> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(&bytes[..])?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()?;
-    StudySecret::from_bytes(&bytes[..])
-        .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key() -> Zeroizing<[u8; 32]> {
+        Zeroizing::new([7u8; 32])
+    }
 
     fn pseudonym(s: &StudySecret) -> String {
         s.pseudonymizer().pseudonym(b"patient-1")
@@ -139,7 +202,7 @@ mod tests {
     fn secrets_are_private_stable_and_per_study() {
         let dir = tempfile::tempdir().unwrap();
         let a = {
-            let secrets = Secrets::open(dir.path()).unwrap();
+            let secrets = Secrets::open(dir.path(), key()).unwrap();
             let a = secrets.get("study-a").unwrap();
             let b = secrets.get("study-b").unwrap();
             assert_ne!(pseudonym(&a), pseudonym(&b), "unlinkable across studies");
@@ -147,7 +210,7 @@ mod tests {
             pseudonym(&a)
         };
         // Stable across a restart.
-        let secrets = Secrets::open(dir.path()).unwrap();
+        let secrets = Secrets::open(dir.path(), key()).unwrap();
         assert_eq!(a, pseudonym(&secrets.get("study-a").unwrap()));
         let sdir = dir.path().join("secrets");
         assert_eq!(
@@ -162,7 +225,7 @@ mod tests {
         for f in &files {
             let meta = std::fs::metadata(f).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-            assert_eq!(meta.len(), 32);
+            assert_eq!(meta.len(), 64);
             let name = f.file_name().unwrap().to_str().unwrap();
             assert!(!name.contains("study"), "no study id in file names");
         }
@@ -171,11 +234,11 @@ mod tests {
     #[test]
     fn exposed_or_damaged_secrets_fail_closed() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = Secrets::open(dir.path()).unwrap();
+        let secrets = Secrets::open(dir.path(), key()).unwrap();
         secrets.get("s").unwrap();
         let path = secrets.path("s");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Secrets::open(dir.path())
+        let err = Secrets::open(dir.path(), key())
             .unwrap()
             .get("s")
             .unwrap_err()
@@ -183,7 +246,7 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, [0u8; 5]).unwrap();
-        let err = Secrets::open(dir.path())
+        let err = Secrets::open(dir.path(), key())
             .unwrap()
             .get("s")
             .unwrap_err()
@@ -196,7 +259,7 @@ mod tests {
     #[test]
     fn debug_output_never_shows_secret_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = Secrets::open(dir.path()).unwrap();
+        let secrets = Secrets::open(dir.path(), key()).unwrap();
         let s = secrets.get("s").unwrap();
         let bytes = std::fs::read(secrets.path("s")).unwrap();
         let shown = format!("{s:?}");
@@ -205,5 +268,37 @@ mod tests {
             !shown.contains(&hex) && shown.contains("redacted"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn damaged_or_swapped_secrets_are_refused_and_old_ones_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::open(dir.path(), key()).unwrap();
+        let a = pseudonym(&secrets.get("a").unwrap());
+        secrets.get("b").unwrap();
+        let (pa, pb) = (secrets.path("a"), secrets.path("b"));
+        let good = std::fs::read(&pa).unwrap();
+        let fresh = || Secrets::open(dir.path(), key()).unwrap();
+        // A flipped bit anywhere: refused, never replaced by a new secret.
+        for at in [0, 17, 31, 32, 63] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&pa, &bad).unwrap();
+            let err = fresh().get("a").unwrap_err().to_string();
+            assert!(err.contains("tag does not match"), "{at}: {err}");
+            assert_eq!(std::fs::read(&pa).unwrap(), bad, "left as it was");
+        }
+        // Study b's file in study a's place.
+        std::fs::write(&pa, std::fs::read(&pb).unwrap()).unwrap();
+        assert!(fresh().get("a").is_err());
+        // Another ledger's key: refused.
+        std::fs::write(&pa, &good).unwrap();
+        let other = Secrets::open(dir.path(), Zeroizing::new([8u8; 32])).unwrap();
+        assert!(other.get("a").is_err());
+        assert_eq!(pseudonym(&fresh().get("a").unwrap()), a);
+        // The earlier form (the secret alone) is read, then rewritten with its tag.
+        std::fs::write(&pa, &good[..32]).unwrap();
+        assert_eq!(pseudonym(&fresh().get("a").unwrap()), a);
+        assert_eq!(std::fs::read(&pa).unwrap(), good);
     }
 }

@@ -187,12 +187,74 @@ fn studies(actors: &[Value], path: &str) -> Result<Vec<StudyId>> {
         .collect()
 }
 
+/// A JSON document none of whose objects names a member twice (checked while it is read).
+struct Unique;
+
+impl<'de> serde::Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Unique, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Unique, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the member {key:?} is given twice"
+                )));
+            }
+            map.next_value::<Unique>()?;
+        }
+        Ok(Unique)
+    }
+}
+
 /// Converts a FHIR R4 Consent resource (JSON text) into the entry body `grantor` signs. See
 /// the module documentation for the mapping.
 pub fn import(resource: &str, grantor: &PrincipalId) -> Result<Body> {
     if resource.len() > MAX_RESOURCE {
         return Err(bad("", format!("larger than {MAX_RESOURCE} bytes")));
     }
+    // A member given twice would be read as its last value by the parse below (a grant once
+    // became a revocation): refused first.
+    serde_json::from_str::<Unique>(resource).map_err(|e| bad("", format!("not JSON: {e}")))?;
     let v: Value = serde_json::from_str(resource).map_err(|e| bad("", format!("not JSON: {e}")))?;
     let r = obj(&v, "resource")?;
     if text(r, "resourceType", "")? != Some("Consent") {

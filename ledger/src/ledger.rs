@@ -383,6 +383,12 @@ impl Ledger {
         &self.shared.verifier
     }
 
+    /// A 32-byte key for `context` derived from the ledger's signing key (for example the key
+    /// that authenticates stored study secrets).
+    pub fn derived_key(&self, context: &str) -> zeroize::Zeroizing<[u8; 32]> {
+        self.shared.signer.derive(context)
+    }
+
     /// The operator principal the ledger's key belongs to.
     pub fn operator(&self) -> PrincipalId {
         PrincipalId::new(self.shared.signer.name()).expect("the key name was a valid id at init")

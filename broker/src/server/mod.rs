@@ -51,7 +51,10 @@ impl Broker {
     ) -> anyhow::Result<Arc<Broker>> {
         Ok(Arc::new(Broker {
             store: Store::open(data_dir, limits)?,
-            secrets: Arc::new(Secrets::open(data_dir)?),
+            secrets: Arc::new(Secrets::open(
+                data_dir,
+                ledger.derived_key(crate::secrets::KEY_CONTEXT),
+            )?),
             ledger,
         }))
     }
@@ -221,6 +224,11 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // v1alpha too: grpcio's reflection client, older grpcurl and Postman still speak it.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
 
     let b = broker.clone();
     let check = move |req: Request<()>| authenticate(&b, req);
@@ -257,6 +265,7 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
     let router = builder
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc!(
             RegistryServer<registry::RegistryService>,
             registry::RegistryService(broker.clone())

@@ -245,3 +245,19 @@ fn a_bundle_holds_each_resource() {
     assert_eq!(b["resourceType"], "Bundle");
     assert_eq!(b["entry"][0]["resource"]["id"], "c-1000.a");
 }
+
+#[test]
+fn a_member_given_twice_is_refused_at_any_depth() {
+    // Read as its last value, a second "type" once turned a grant into a revocation.
+    let fhir = export(&full_grant(), ts("2024-01-02T03:04:05Z"), true).to_string();
+    assert!(import(&fhir, &p("p1000")).is_ok());
+    for twice in [
+        fhir.replacen("\"provision\":{", "\"provision\":{\"type\":\"deny\",", 1),
+        fhir.replacen("{", "{\"resourceType\":\"Consent\",", 1),
+        fhir.replacen("\"status\"", "\"status\":\"active\",\"status\"", 1),
+    ] {
+        assert_ne!(twice, fhir, "the edit applies");
+        let e = import(&twice, &p("p1000")).unwrap_err().to_string();
+        assert!(e.contains("given twice"), "{e}");
+    }
+}

@@ -616,3 +616,38 @@ async fn a_refusal_never_echoes_a_huge_value() {
         .unwrap_err();
     assert!(e.message().len() < 1024, "{} bytes", e.message().len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stock_grpc_tools_discover_the_services_by_reflection_v1_and_v1alpha() {
+    // grpcio's reflection client, older grpcurl and Postman speak v1alpha only.
+    let w = World::ready(1.0).await;
+    use tonic_reflection::pb::{v1, v1alpha};
+    let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(w.channel());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut s = c1
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = format!("{:?}", s.message().await.unwrap().unwrap());
+    assert!(listed.contains("consentry.v1.Query"), "{listed}");
+    let mut ca = v1alpha::server_reflection_client::ServerReflectionClient::new(w.channel());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut s = ca
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = format!("{:?}", s.message().await.unwrap().unwrap());
+    assert!(listed.contains("consentry.v1.Query"), "{listed}");
+}
