@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,79 @@ struct Meta {
     format: u32,
     origin: String,
     verifier_key: String,
+    /// How far the ledger got: the size of the last checkpoint it issued and how many it had
+    /// stored then. Kept here, apart from the log and the checkpoints, so that truncating
+    /// them is seen (absent in ledgers from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reached: Option<Reached>,
+}
+
+/// The last checkpoint a ledger issued.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Reached {
+    size: u64,
+    checkpoints: u64,
+}
+
+impl Meta {
+    fn read(dir: &Path) -> Result<Meta> {
+        let bytes = match std::fs::read(dir.join(META_FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotInitialized);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            index: 0,
+            file: META_FILE,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the metadata atomically (temporary file, fsync, rename, directory fsync).
+    fn write(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join("ledger.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).expect("meta serializes"),
+        )?;
+        File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(META_FILE))?;
+        File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Refuses a log or a checkpoint file shorter than the ledger had issued checkpoints
+    /// for: a rollback (or a loss) of acknowledged entries.
+    fn check_reached(&self, entries: u64, checkpoints: u64) -> Result<()> {
+        let Some(r) = self.reached else {
+            return Ok(());
+        };
+        if checkpoints < r.checkpoints {
+            return Err(Error::Corrupt {
+                index: checkpoints,
+                file: CHECKPOINT_FILE,
+                reason: format!(
+                    "holds {checkpoints} checkpoints, but the ledger had stored {} (ledger.json): \
+                     checkpoints were removed",
+                    r.checkpoints
+                ),
+            });
+        }
+        if entries < r.size {
+            return Err(Error::Corrupt {
+                index: entries,
+                file: LOG_FILE,
+                reason: format!(
+                    "holds {entries} entries, but the ledger signed a checkpoint at size {} \
+                     (ledger.json): acknowledged entries were removed",
+                    r.size
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What opening found and did.
@@ -98,6 +171,11 @@ struct Shared {
     offsets: RwLock<Vec<RecordPos>>,
     tree: RwLock<TreeFile>,
     size: AtomicU64,
+    /// The ledger's directory and metadata (rewritten with each checkpoint's `reached`).
+    dir: PathBuf,
+    meta: Mutex<Meta>,
+    /// Checkpoints in the checkpoint file.
+    stored_checkpoints: AtomicU64,
     /// Entries the state holds: `size` plus a batch applied and not yet fsynced.
     applied: AtomicU64,
     state: RwLock<State>,
@@ -222,6 +300,7 @@ impl Ledger {
             format: 1,
             origin: origin.to_string(),
             verifier_key: signer.verifier().to_text(),
+            reached: None,
         };
         let genesis = Entry {
             author: operator.clone(),
@@ -242,14 +321,7 @@ impl Ledger {
         storage::append_durable(&mut log, &buf)?;
         storage::open_append(&dir.join(CHECKPOINT_FILE))?.sync_all()?;
         // The metadata is written last and atomically: a ledger without it is not initialized.
-        let tmp = dir.join("ledger.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&meta).expect("meta serializes"),
-        )?;
-        File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(META_FILE))?;
-        File::open(dir)?.sync_all()?;
+        meta.write(dir)?;
         drop(guard);
         let (ledger, _) = Ledger::open(dir, config)?;
         ledger.checkpoint()?;
@@ -259,19 +331,8 @@ impl Ledger {
     /// Opens the ledger in `dir`: replays the log, checks every stored byte, truncates a torn
     /// tail, and starts the committer.
     pub fn open(dir: &Path, config: Config) -> Result<(Ledger, OpenReport)> {
-        let meta_bytes = match std::fs::read(dir.join(META_FILE)) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotInitialized);
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let meta = Meta::read(dir)?;
         let guard = lock(dir)?;
-        let meta: Meta = serde_json::from_slice(&meta_bytes).map_err(|e| Error::Corrupt {
-            index: 0,
-            file: META_FILE,
-            reason: e.to_string(),
-        })?;
         let verifier = VerifierKey::parse(&meta.verifier_key)?;
         let signer = keyfile::read_private_key(&dir.join(KEY_FILE))?;
         if signer.verifier() != verifier {
@@ -299,6 +360,7 @@ impl Ledger {
         let (cps, cp_end, cp_len) = load_checkpoints(dir, &verifier, &meta.origin)?;
         let checkpoints: Vec<Checkpoint> = cps.iter().map(|(_, c)| c.clone()).collect();
         report.checkpoints = cps.len();
+        meta.check_reached(scan.records.len() as u64, cps.len() as u64)?;
 
         let mut tree = TreeFile::open(&dir.join(TREE_FILE))?;
         let no_progress = |_: u64, _: u64| {};
@@ -336,8 +398,12 @@ impl Ledger {
         }
         let latest = cps.last().map(|(n, _)| n.clone()).unwrap_or_default();
         let size = scan.records.len() as u64;
+        let stored_checkpoints = cps.len() as u64;
         let shared = Arc::new(Shared {
-            origin: meta.origin,
+            origin: meta.origin.clone(),
+            dir: dir.to_owned(),
+            meta: Mutex::new(meta),
+            stored_checkpoints: AtomicU64::new(stored_checkpoints),
             signer,
             verifier,
             log_read: File::open(dir.join(LOG_FILE))?,
@@ -752,6 +818,17 @@ fn issue_checkpoint(shared: &Shared, cp_file: &mut File) -> Result<String> {
     };
     let signed = note::sign_checkpoint(&shared.signer, &cp)?;
     storage::append_durable(cp_file, &storage::encode_checkpoint(&signed))?;
+    let stored = shared.stored_checkpoints.fetch_add(1, Ordering::AcqRel) + 1;
+    // How far the ledger got, recorded after the checkpoint is durable (a crash in between
+    // leaves a record that is behind, never ahead).
+    {
+        let mut meta = shared.meta.lock().unwrap_or_else(|p| p.into_inner());
+        meta.reached = Some(Reached {
+            size,
+            checkpoints: stored,
+        });
+        meta.write(&shared.dir)?;
+    }
     *write_lock(&shared.checkpoint) = signed.clone();
     Ok(signed)
 }
@@ -772,18 +849,7 @@ pub struct VerifyReport {
 /// signature, every stored node hash and every checkpoint. Fails naming the first bad entry.
 pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
     use base64::Engine as _;
-    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::NotInitialized
-        } else {
-            e.into()
-        }
-    })?)
-    .map_err(|e| Error::Corrupt {
-        index: 0,
-        file: META_FILE,
-        reason: e.to_string(),
-    })?;
+    let meta = Meta::read(dir)?;
     let verifier = VerifierKey::parse(&meta.verifier_key)?;
     let log = File::open(dir.join(LOG_FILE))?;
     let map = storage::map_readonly(&log)?;
@@ -800,6 +866,7 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
         });
     }
     let (cps, _, _) = load_checkpoints(dir, &verifier, &meta.origin)?;
+    meta.check_reached(scan.records.len() as u64, cps.len() as u64)?;
     let checkpoints: Vec<Checkpoint> = cps.into_iter().map(|(_, c)| c).collect();
     let tree_path = dir.join(TREE_FILE);
     if !tree_path.exists() {

@@ -126,6 +126,9 @@ pub fn replay(
     };
 
     check_checkpoints_at(0, &range, opts.checkpoints, &mut next_cp)?;
+    // Entries past the last signed checkpoint: their stored node hashes may be stale from a
+    // crash (written through the map for an append that never became durable).
+    let certified = opts.checkpoints.last().map_or(0, |c| c.size);
     // Decoding the next chunk (in parallel) overlaps with applying this one (in order).
     let chunks: Vec<&[RecordPos]> = records.chunks(CHUNK).collect();
     let decode_chunk = |c: &[RecordPos]| -> Vec<Decoded> {
@@ -146,7 +149,7 @@ pub fn replay(
                     let index = base + k as u64;
                     let signed = d.entry.map_err(|e| log_err(index, e))?;
                     range.push(index, d.leaf_hash, |level, i, h| {
-                        check_node(&mut tree, level, i, h, index, &mut stats)
+                        check_node(&mut tree, level, i, h, index, index < certified, &mut stats)
                     })?;
                     let key_since = if index == 0 {
                         genesis_key(&signed, opts.ledger_key)?;
@@ -227,23 +230,31 @@ fn genesis_key(signed: &SignedEntry, ledger_key: &VerifierKey) -> Result<()> {
     }
 }
 
+/// Compares a node hash computed from the log (completed by entry `leaf`) with the stored one.
+/// A missing node is filled when repairing; a different one is refused, except, when
+/// repairing, for a node completed past the last signed checkpoint (`certified` false): the
+/// tree is derived from the log, and a stale node there is what a crash leaves, so it is
+/// rewritten from the log (which the checkpoints vouch for up to their size).
 fn check_node(
     tree: &mut TreeMode<'_>,
     level: u32,
     index: u64,
     hash: &Hash,
     leaf: u64,
+    certified: bool,
     stats: &mut ReplayStats,
 ) -> Result<()> {
     let pos = merkle::position(level, index);
     let stored = tree.file().get(pos);
     match stored {
         Some(s) if s == *hash => Ok(()),
-        Some(s) if s != [0u8; 32] => Err(Error::Corrupt {
-            index: leaf,
-            file: TREE_FILE,
-            reason: format!("stored node hash at level {level} differs from the log"),
-        }),
+        Some(s) if s != [0u8; 32] && (certified || !matches!(tree, TreeMode::Repair(_))) => {
+            Err(Error::Corrupt {
+                index: leaf,
+                file: TREE_FILE,
+                reason: format!("stored node hash at level {level} differs from the log"),
+            })
+        }
         _ => {
             if let TreeMode::Repair(t) = tree {
                 t.put(pos, hash)?;

@@ -225,11 +225,20 @@ fn a_rewritten_entry_with_valid_checksums_and_signature_is_caught() {
     // checkpoint file does that), then puts the checkpoints back. Only the checkpoints can
     // tell now; a root mismatch cannot pinpoint the entry, so the index is only bounded:
     // from the rewritten entry to the end of the first checkpoint that covers it.
+    // (An emptied checkpoint file alone is refused, the metadata knowing how many there were:
+    // the attacker edits that record out too, then puts both back.)
     let cps = std::fs::read(tmp.path().join(CHECKPOINTS)).unwrap();
+    let meta = std::fs::read(tmp.path().join("ledger.json")).unwrap();
     std::fs::write(tmp.path().join(CHECKPOINTS), b"").unwrap();
     std::fs::remove_file(tmp.path().join(TREE)).unwrap();
+    let e = Ledger::open(tmp.path(), config()).err().unwrap();
+    assert!(e.to_string().contains("checkpoints were removed"), "{e}");
+    let mut stripped: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    stripped.as_object_mut().unwrap().remove("reached").unwrap();
+    std::fs::write(tmp.path().join("ledger.json"), stripped.to_string()).unwrap();
     drop(Ledger::open(tmp.path(), config()).unwrap());
     std::fs::write(tmp.path().join(CHECKPOINTS), &cps).unwrap();
+    std::fs::write(tmp.path().join("ledger.json"), &meta).unwrap();
     let cover = files::checkpoint_records(&cps)
         .iter()
         .map(|(_, n)| ledger::state::checkpoint_of(n).unwrap().size)
@@ -382,4 +391,95 @@ fn an_interrupted_init_is_reported_and_never_overwritten() {
         other => panic!("{:?}", other.map(|_| ())),
     }
     files::assert_unchanged(tmp.path(), &before, "init over ledger files");
+}
+
+#[test]
+fn a_rollback_of_the_log_and_its_checkpoints_is_seen() {
+    // The ledger records how far it got (its last checkpoint's size and how many it stored)
+    // in ledger.json: an emptied or shortened checkpoint file, with the log cut at a record
+    // boundary (an approval and receipts gone), once opened and verified as a smaller ledger.
+    let f = fixture();
+    let cps = std::fs::read(f.src.path().join(CHECKPOINTS)).unwrap();
+    let records = files::checkpoint_records(&cps);
+    let cut = f.records[f.size as usize - 5].start;
+    let last_cp = records.last().unwrap().0.start;
+    for (what, checkpoints, log) in [
+        ("emptied checkpoints", &cps[..0], &f.log[..]),
+        (
+            "emptied checkpoints, 5 entries cut",
+            &cps[..0],
+            &f.log[..cut],
+        ),
+        (
+            "last checkpoint and 5 entries cut",
+            &cps[..last_cp],
+            &f.log[..cut],
+        ),
+    ] {
+        let tmp = f.copy();
+        std::fs::write(tmp.path().join(CHECKPOINTS), checkpoints).unwrap();
+        std::fs::write(tmp.path().join(LOG), log).unwrap();
+        let [open, verify] = both_corrupt_untouched(tmp.path(), what);
+        assert_eq!(open, verify, "{what}");
+        assert_eq!(open.1, CHECKPOINTS, "{what}");
+        let e = Ledger::open(tmp.path(), config())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("checkpoints were removed"), "{what}: {e}");
+    }
+}
+
+#[test]
+fn a_stale_node_past_the_last_checkpoint_is_rebuilt_from_the_log() {
+    // A crash can leave, past the last checkpoint, a node hash written through the map for an
+    // append that never became durable. The tree is derived from the log: such a node is
+    // rewritten on open (it once refused to open with every acknowledged entry intact); a
+    // node a checkpoint covers is still refused (the flip tests above).
+    let src = tempfile::tempdir().unwrap();
+    let slow = ledger::Config {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        ..config()
+    };
+    let w = world(src.path());
+    drop(w);
+    let (l, _) = Ledger::open(src.path(), slow).unwrap();
+    let custodian = Actor::new("st-mary-2");
+    l.append_as_operator(custodian.registration(ledger::ids::Role::Custodian, None))
+        .unwrap();
+    for i in 0..9 {
+        l.append_as_operator(Body::PrincipalRegistered(
+            ledger::entry::PrincipalRegistered {
+                id: ledger::ids::PrincipalId::new(format!("r{i}")).unwrap(),
+                role: ledger::ids::Role::Researcher,
+                key: SignerKey::generate(&format!("r{i}"))
+                    .unwrap()
+                    .verifier()
+                    .to_text(),
+                subject: None,
+                display_name: None,
+            },
+        ))
+        .unwrap();
+    }
+    let size = l.size();
+    // The directory as a crash would leave it: entries durable, no checkpoint covering the
+    // last ten (copied while the ledger is open).
+    let tmp = tempfile::tempdir().unwrap();
+    files::copy_dir(src.path(), tmp.path());
+    drop(l);
+    let cps = std::fs::read(tmp.path().join(CHECKPOINTS)).unwrap();
+    let covered = files::checkpoint_records(&cps)
+        .iter()
+        .map(|(_, n)| ledger::state::checkpoint_of(n).unwrap().size)
+        .max()
+        .unwrap();
+    assert!(covered < size - 1, "entries past the last checkpoint");
+    let byte = 32 * merkle::position(0, size - 1) as usize + 3;
+    files::flip_bit(&tmp.path().join(TREE), byte, 1);
+    let (l, report) = Ledger::open(tmp.path(), config()).unwrap();
+    assert!(report.nodes_repaired >= 1, "{report:?}");
+    assert_eq!(l.size(), size);
+    drop(l);
+    ledger::verify(tmp.path(), &|_, _| {}).unwrap();
 }
