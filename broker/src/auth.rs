@@ -32,6 +32,9 @@ pub struct Claims {
     pub iat: i64,
     /// Expires at (Unix seconds).
     pub exp: i64,
+    /// Not before (Unix seconds), if the token says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// An authenticated caller.
@@ -71,6 +74,7 @@ pub fn mint(key: &SignerKey, ttl: Duration) -> anyhow::Result<String> {
     );
     let now = Timestamp::now().unix();
     let claims = Claims {
+        nbf: None,
         sub: key.name().to_owned(),
         aud: AUDIENCE.to_owned(),
         iat: now,
@@ -131,6 +135,11 @@ pub fn verify(token: &str, state: &State, now: i64) -> Result<Caller, AuthError>
     }
     if c.iat.saturating_sub(LEEWAY_SECS) > now {
         return Err(AuthError::Invalid("issued in the future".into()));
+    }
+    if c.nbf
+        .is_some_and(|nbf| nbf.saturating_sub(LEEWAY_SECS) > now)
+    {
+        return Err(AuthError::Invalid("not valid yet (nbf)".into()));
     }
     let lifetime = c.exp.checked_sub(c.iat).unwrap_or(i64::MAX);
     if lifetime <= 0 || lifetime.unsigned_abs() > MAX_LIFETIME.as_secs() {
@@ -214,6 +223,7 @@ mod tests {
         );
         // Wrong audience, sub differing from kid, lifetime over 15 minutes.
         let base = Claims {
+            nbf: None,
             sub: "alice".into(),
             aud: AUDIENCE.into(),
             iat: now,
@@ -254,6 +264,15 @@ mod tests {
             Claims {
                 iat: i64::MAX,
                 exp: i64::MAX,
+                ..base.clone()
+            },
+            // Not valid before far in the future (it was ignored).
+            Claims {
+                nbf: Some(i64::MAX),
+                ..base.clone()
+            },
+            Claims {
+                nbf: Some(now + 3600),
                 ..base.clone()
             },
         ];

@@ -258,3 +258,24 @@ async fn fhir_consents_import_and_export() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_over_the_entry_limit_is_refused_before_it_is_read() {
+    // A 54 MB consent was parsed (7.8 s, 600 MB) before the ledger's 16 MiB limit refused it.
+    let w = World::ready(1.0).await;
+    let huge = proto::v1::SignedEntry {
+        leaf: vec![b'x'; 20 << 20],
+    };
+    let e = w
+        .consent(&key("p1000"))
+        .max_encoding_message_size(usize::MAX)
+        .grant(huge)
+        .await
+        .unwrap_err();
+    // The transport's refusal, not the ledger's (FAILED_PRECONDITION after parsing).
+    assert!(
+        matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{e:?}"
+    );
+    assert!(e.message().len() < 1024);
+}
