@@ -115,7 +115,28 @@ impl Secrets {
         mac.finalize().into_bytes().into()
     }
 
+    /// Checks, without writing, the study's secret if it has one: `Ok(false)` without one.
+    pub fn check(&self, study: &str) -> Result<bool, SecretError> {
+        match self.parse(&self.path(study)) {
+            Ok(_) => Ok(true),
+            Err(SecretError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn read(&self, path: &Path) -> Result<StudySecret, SecretError> {
+        let (secret, tagged) = self.parse(path)?;
+        if tagged {
+            return StudySecret::from_bytes(&secret[..])
+                .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"));
+        }
+        // The earlier form, without a tag: authenticated from now on.
+        tracing::warn!(file = %path.display(), "a study secret without its tag was rewritten with one");
+        self.write(path, &secret)
+    }
+
+    /// The secret in `path` and whether it carried its (checked) tag.
+    fn parse(&self, path: &Path) -> Result<(Zeroizing<[u8; SECRET_BYTES]>, bool), SecretError> {
         let mut f = File::open(path)?;
         let meta = f.metadata()?;
         if meta.permissions().mode() & 0o077 != 0 {
@@ -131,12 +152,10 @@ impl Secrets {
         let mut bytes = Zeroizing::new([0u8; FILE_BYTES]);
         f.read_exact(&mut bytes[..len as usize])?;
         let (secret, tag) = bytes.split_at(SECRET_BYTES);
+        let mut s = Zeroizing::new([0u8; SECRET_BYTES]);
+        s.copy_from_slice(secret);
         if len == SECRET_BYTES as u64 {
-            // The earlier form, without a tag: authenticated from now on.
-            let mut s = Zeroizing::new([0u8; SECRET_BYTES]);
-            s.copy_from_slice(secret);
-            tracing::warn!(file = %path.display(), "a study secret without its tag was rewritten with one");
-            return self.write(path, &s);
+            return Ok((s, false));
         }
         let want = self.tag(path, secret);
         if !subtle_eq(&want, tag) {
@@ -146,8 +165,7 @@ impl Secrets {
                  from a backup: a new secret would change the study's pseudonyms",
             ));
         }
-        StudySecret::from_bytes(secret)
-            .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
+        Ok((s, true))
     }
 
     /// Writes `secret` with its tag at `path` (temporary file, fsync, rename).

@@ -236,6 +236,35 @@ async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Status> {
         .map_err(|e| Status::invalid_argument(format!("dataset {}: {e}", reg.dataset)))
 }
 
+/// Checks, without changing anything, the files of a registered version under `data_dir`
+/// against its registration: `Ok(true)` in place, `Ok(false)` missing but staged (moved into
+/// place when the version loads), an error naming what differs or is lost.
+pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, Status> {
+    let dir = data_dir
+        .join("datasets")
+        .join(reg.dataset.as_str())
+        .join(reg.version.to_string());
+    if dir.exists() {
+        return check_files(&dir, reg).map(|()| true);
+    }
+    let parent = dir.parent().unwrap_or(&dir);
+    let prefix = format!(".upload-{}-", reg.version);
+    let staged = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .any(|e| check_files(&e.path(), reg).is_ok());
+    if staged {
+        Ok(false)
+    } else {
+        Err(Status::data_loss(format!(
+            "the files of {} v{} are missing",
+            reg.dataset, reg.version
+        )))
+    }
+}
+
 /// Checks every file of a stored version against its registration.
 fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
     let (policy, _) = manifest::hash_file(&dir.join("policy.toml"))

@@ -301,3 +301,64 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Every file below `dir` with its bytes.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at] ^= 0x04;
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn check_names_each_damaged_part_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(demo(d, &["--patients", "200"]).status.success());
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["check", "--data-dir"])
+            .arg(d)
+            .output()
+            .unwrap()
+    };
+    let before = snapshot(d);
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("dataset ehr v1: 4 file(s) match"));
+    assert_eq!(snapshot(d), before, "a check changes nothing");
+    // A flipped byte in a dataset file, then in the ledger's log: each named, exit non-zero.
+    let data = d.join("datasets/ehr/1/observations/part-0.parquet");
+    let log = d.join("ledger/entries.log");
+    for (path, name) in [(&data, "observations/part-0.parquet"), (&log, "ledger")] {
+        let len = std::fs::metadata(path).unwrap().len() as usize;
+        flip(path, len / 2);
+        let damaged = snapshot(d);
+        let out = check();
+        assert!(!out.status.success(), "{name}");
+        assert!(
+            text(&out.stdout).contains("PROBLEM"),
+            "{}",
+            text(&out.stdout)
+        );
+        assert!(text(&out.stderr).contains(name), "{}", text(&out.stderr));
+        assert_eq!(snapshot(d), damaged, "a check changes nothing");
+        flip(path, len / 2);
+    }
+    assert!(check().status.success());
+}

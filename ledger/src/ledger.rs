@@ -848,6 +848,15 @@ pub struct VerifyReport {
 /// changing any file: every record's framing and checksums, canonical encoding, every author
 /// signature, every stored node hash and every checkpoint. Fails naming the first bad entry.
 pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
+    verify_state(dir, progress).map(|(report, _)| report)
+}
+
+/// [`verify`], also returning the state the verified log derives (read-only: for checks of
+/// what else a data directory stores against the ledger, with no ledger opened).
+pub fn verify_state(
+    dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(VerifyReport, State)> {
     use base64::Engine as _;
     let meta = Meta::read(dir)?;
     let verifier = VerifierKey::parse(&meta.verifier_key)?;
@@ -885,11 +894,12 @@ pub fn verify(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Verify
         progress,
     };
     let (state, _) = replay(data, &scan.records, TreeMode::Check(&tree), &opts)?;
-    Ok(VerifyReport {
+    let report = VerifyReport {
         entries: state.size(),
         checkpoints: checkpoints.len(),
         root: base64::engine::general_purpose::STANDARD.encode(merkle::root(&tree, state.size())),
-    })
+    };
+    Ok((report, state))
 }
 
 #[cfg(test)]

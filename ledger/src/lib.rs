@@ -44,7 +44,7 @@ pub mod state;
 pub mod storage;
 
 pub use error::{Error, Result};
-pub use ledger::{Appended, Config, Ledger, OpenReport, VerifyReport, verify};
+pub use ledger::{Appended, Config, Ledger, OpenReport, VerifyReport, verify, verify_state};
 pub use state::State;
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod check;
 pub mod conn;
 pub mod consent;
 pub mod dataset;
@@ -76,6 +77,11 @@ pub enum Command {
     /// versions its receipts used), and local dataset files against the SHA-256 their
     /// registration recorded.
     Verify(verify::VerifyArgs),
+    /// Check everything a data directory stores, changing nothing: the ledger (records,
+    /// signatures, node hashes, checkpoints, how far it got), each dataset version's files
+    /// against its registration, kept releases, study secrets. Exits non-zero naming each
+    /// problem. Run it with the broker stopped or running.
+    Check(check::CheckArgs),
 }
 
 /// Runs a parsed command line.
@@ -92,6 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => query::audit(&cli.conn, args),
         Command::Bundle(args) => query::bundle(&cli.conn, args),
         Command::Verify(args) => verify::run(args),
+        Command::Check(args) => check::run(args),
     }
 }
 

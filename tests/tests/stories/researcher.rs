@@ -540,6 +540,14 @@ async fn a_damaged_kept_release_is_ignored_never_fatal() {
             bytes = resummed(&bytes);
         }
         std::fs::write(&file, &bytes).unwrap();
+        if !resum {
+            // `broker check` names it.
+            let args = broker::cli::check::CheckArgs {
+                data_dir: w.dir.path().to_owned(),
+            };
+            let e = broker::cli::check::run(args).unwrap_err().to_string();
+            assert!(e.contains("kept release"), "byte {at}: {e}");
+        }
         w = w.restart().await;
         let (h, _) = w
             .run(&alice, World::dp("s1", sql, 0.5))
