@@ -3,6 +3,7 @@
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_pipe();
     let cli = broker::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -18,4 +19,23 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Output piped into a reader that stops early (`broker dataset inspect --json | head`) ends
+/// the command quietly, as SIGPIPE ends other tools (exit status 141), instead of a panic:
+/// Rust ignores SIGPIPE, so printing to the closed pipe panics.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

@@ -122,3 +122,26 @@ fn inspect_refuses_unreadable_files_and_explains_itself() {
         "{help}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `broker dataset inspect --json | head` once panicked on the closed pipe.
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("visits.arrow");
+    write_table(&table);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["dataset", "inspect", "--json", table.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before anything is read.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
+}

@@ -225,6 +225,47 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
     assert_eq!(listed[1]["entry_index"], reg["index"]);
     assert_eq!(listed[1]["rows"], listed[0]["rows"]);
 
+    // A query whose --out exists, or has an unknown extension, is refused before it runs:
+    // no receipt, nothing spent, the file untouched. A new .csv gets the result.
+    let receipts = || -> usize {
+        let out = client("irb", &["audit", "receipts", "--study", "t2d-outcomes"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap()
+            .len()
+    };
+    let before = receipts();
+    let taken = copy.path().join("taken.csv");
+    std::fs::write(&taken, "keep me").unwrap();
+    let query = |out: &Path| {
+        client(
+            "alice",
+            &[
+                "query",
+                "--study",
+                "t2d-outcomes",
+                "--dataset",
+                "ehr",
+                "--sql",
+                "SELECT COUNT(*) AS n FROM patients",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    for out in [taken.clone(), copy.path().join("result.xlsx")] {
+        let o = query(&out);
+        assert!(!o.status.success(), "{}", out.display());
+    }
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), "keep me");
+    assert!(!copy.path().join("result.xlsx").exists());
+    assert_eq!(receipts(), before, "no query ran");
+    let fresh = copy.path().join("result.csv");
+    let o = query(&fresh);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(std::fs::read_to_string(&fresh).unwrap().starts_with("n,"));
+    assert_eq!(receipts(), before + 1);
+
     // The sponsor fetches the study's bundle and checks it, and local files, offline.
     let bundle = copy.path().join("bundle.json");
     let out = client(

@@ -66,6 +66,9 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
     if args.json && args.out.is_none() {
         bail!("--json prints the header only; give --out for the result");
     }
+    // The output file is made before the query runs (and spends): a name that exists or an
+    // unknown extension is refused first. It is removed again if the query gives no result.
+    let mut out = args.out.as_deref().map(OutFile::create).transpose()?;
     conn::block_on(async move {
         let (_, auth) = conn.channel().await?;
         let mut q = v1::query_client::QueryClient::new(auth)
@@ -121,9 +124,10 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
             "consent_digest": h.consent_digest,
             "result_digest": h.result_digest,
         });
-        match &args.out {
-            Some(path) => {
-                write_batches(path, &batches)?;
+        match out.take() {
+            Some(out) => {
+                let path = out.path.clone();
+                out.write(&batches)?;
                 if args.json {
                     conn::print_json(&header)?;
                 }
@@ -157,17 +161,53 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Writes batches as Parquet or CSV by the file's extension, to a new file.
-fn write_batches(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext != "parquet" && ext != "csv" {
-        bail!("--out must end in .parquet or .csv");
+/// A result file made before its query runs; removed when dropped unless written.
+struct OutFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    parquet: bool,
+}
+
+impl OutFile {
+    /// Creates `path` (never overwriting), which must end in `.parquet` or `.csv`.
+    fn create(path: &Path) -> anyhow::Result<OutFile> {
+        let parquet = match path.extension().and_then(|e| e.to_str()) {
+            Some("parquet") => true,
+            Some("csv") => false,
+            _ => bail!("--out must end in .parquet or .csv"),
+        };
+        Ok(OutFile {
+            file: Some(super::conn::create_new(path)?),
+            path: path.to_owned(),
+            parquet,
+        })
     }
+
+    /// Writes the result as Parquet or CSV and keeps the file.
+    fn write(mut self, batches: &[RecordBatch]) -> anyhow::Result<()> {
+        let f = self.file.take().expect("written once");
+        let written = write_batches(f, self.parquet, batches);
+        if written.is_ok() {
+            self.path = PathBuf::new();
+        }
+        written
+    }
+}
+
+impl Drop for OutFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes batches as Parquet or CSV to `f`.
+fn write_batches(f: std::fs::File, parquet: bool, batches: &[RecordBatch]) -> anyhow::Result<()> {
     let Some(schema) = batches.first().map(RecordBatch::schema) else {
         bail!("the result has no schema to write");
     };
-    let f = super::conn::create_new(path)?;
-    if ext == "parquet" {
+    if parquet {
         let mut w = parquet::arrow::ArrowWriter::try_new(f, schema, None)?;
         for b in batches {
             w.write(b)?;
