@@ -141,7 +141,12 @@ pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::A
     let s = |name: &str| Field::new(name, DataType::Utf8, false);
     let schema = Schema::new(vec![
         Field::new("index", DataType::UInt64, false),
-        s("time"),
+        // A time type, not text: spreadsheets and dataframes sort and filter it as time.
+        Field::new(
+            "time",
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Second, Some("UTC".into())),
+            true,
+        ),
         s("study"),
         s("researcher"),
         s("dataset"),
@@ -164,7 +169,14 @@ pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::A
         Arc::new(schema),
         vec![
             Arc::new(UInt64Array::from_iter_values(rs.iter().map(|r| r.index))),
-            strs(|r| &r.time),
+            Arc::new(
+                arrow::array::TimestampSecondArray::from_iter(rs.iter().map(|r| {
+                    ledger::ids::Timestamp::parse(&r.time)
+                        .ok()
+                        .map(|t| t.unix())
+                }))
+                .with_timezone("UTC"),
+            ),
             strs(|r| &r.study),
             strs(|r| &r.researcher),
             strs(|r| &r.dataset),

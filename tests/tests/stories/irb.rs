@@ -89,6 +89,47 @@ async fn the_irb_reviews_released_and_denied_queries() {
     let text = String::from_utf8(csv).unwrap();
     assert!(text.starts_with("index,time,study,researcher"), "{text}");
     assert_eq!(text.lines().count(), 4);
+    // In Parquet, times are a timestamp column (it was text), and match the ledger's.
+    let mut stream = irb
+        .export(proto::v1::ExportRequest {
+            filter: Some(proto::v1::AuditRequest {
+                study: "s1".into(),
+                ..Default::default()
+            }),
+            format: "parquet".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        bytes.extend(c.data);
+    }
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        prost::bytes::Bytes::from(bytes),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let batch = reader.map(Result::unwrap).next().unwrap();
+    let times = batch
+        .column_by_name("time")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::TimestampSecondArray>()
+        .expect("a timestamp column")
+        .clone();
+    let index = batch
+        .column_by_name("index")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::UInt64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(
+        times.value(0),
+        w.ledger.entry(index).unwrap().entry.time.unix()
+    );
 
     // Another IRB, and researchers, may not review this study.
     for k in [key("irb2"), key("alice")] {
