@@ -155,7 +155,7 @@ impl Kept {
         let files = walk_json(&self.root);
         for path in files {
             checked += 1;
-            let one = std::panic::catch_unwind(|| check_one(&path))
+            let one = std::panic::catch_unwind(|| read_one(&path).map(drop))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
             if let Err(e) = one {
                 damaged.push((path, format!("{e:#}")));
@@ -221,13 +221,21 @@ fn walk_json(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// One kept file's own consistency: checksum, decodable rows, their digest.
-fn check_one(path: &Path) -> anyhow::Result<()> {
+/// A kept file read back: the record, its rows (checksum checked before decoding, the rows'
+/// digest checked against the one it records) and that digest.
+struct Read {
+    kept: KeptRelease,
+    schema: arrow::datatypes::SchemaRef,
+    batches: Vec<arrow::array::RecordBatch>,
+    digest: [u8; 32],
+}
+
+fn read_one(path: &Path) -> anyhow::Result<Read> {
     let kept: KeptRelease = serde_json::from_slice(&std::fs::read(path)?)?;
     if let Some(sum) = &kept.sha256 {
         anyhow::ensure!(
             *sum == kept.checksum()?,
-            "its bytes do not match their SHA-256"
+            "its bytes do not match their SHA-256 (damaged)"
         );
     }
     let bytes = B64.decode(&kept.ipc)?;
@@ -239,7 +247,12 @@ fn check_one(path: &Path) -> anyhow::Result<()> {
         Digest::from_bytes(digest) == Digest::parse(&kept.result_digest)?,
         "the kept rows do not match their digest"
     );
-    Ok(())
+    Ok(Read {
+        kept,
+        schema,
+        batches,
+        digest,
+    })
 }
 
 fn restore_one(
@@ -247,13 +260,12 @@ fn restore_one(
     reg: &DatasetRegistered,
     ledger: &ledger::Ledger,
 ) -> anyhow::Result<([u8; 32], Release)> {
-    let kept: KeptRelease = serde_json::from_slice(&std::fs::read(path)?)?;
-    if let Some(sum) = &kept.sha256 {
-        anyhow::ensure!(
-            *sum == kept.checksum()?,
-            "its bytes do not match their SHA-256 (damaged)"
-        );
-    }
+    let Read {
+        kept,
+        schema,
+        batches,
+        digest,
+    } = read_one(path)?;
     let entry = ledger.entry(kept.receipt)?.entry;
     let Body::QueryReceipt(r) = entry.body else {
         anyhow::bail!("entry {} is not a query receipt", kept.receipt);
@@ -269,15 +281,6 @@ fn restore_one(
             && r.consent_digest.as_ref() == Some(&consent_digest),
         "receipt {} does not record this release",
         kept.receipt
-    );
-    let bytes = B64.decode(&kept.ipc)?;
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
-    let schema = reader.schema();
-    let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    let digest = anonymizer::release::digest(&schema, &batches)?;
-    anyhow::ensure!(
-        Digest::from_bytes(digest) == result_digest,
-        "the kept rows do not match their digest"
     );
     let key = Engine::repeat_key(
         &kept.scope,

@@ -100,8 +100,8 @@ impl Secrets {
 }
 
 impl Secrets {
-    /// The tag of `secret` stored at `path` (its file name binds it to its study).
-    fn tag(&self, path: &Path, secret: &[u8]) -> [u8; 32] {
+    /// The MAC of `secret` stored at `path` (its file name binds it to its study).
+    fn mac(&self, path: &Path, secret: &[u8]) -> hmac::Hmac<Sha256> {
         use hmac::{KeyInit as _, Mac as _};
         let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.key[..])
             .expect("HMAC takes a key of any length");
@@ -112,7 +112,7 @@ impl Secrets {
         mac.update(name);
         mac.update(&[0]);
         mac.update(secret);
-        mac.finalize().into_bytes().into()
+        mac
     }
 
     /// Checks, without writing, the study's secret if it has one: `Ok(false)` without one.
@@ -157,8 +157,8 @@ impl Secrets {
         if len == SECRET_BYTES as u64 {
             return Ok((s, false));
         }
-        let want = self.tag(path, secret);
-        if !subtle_eq(&want, tag) {
+        // Compared in constant time by the MAC itself.
+        if hmac::Mac::verify_slice(self.mac(path, secret), tag).is_err() {
             return Err(SecretError::Bad(
                 path.to_owned(),
                 "is damaged or belongs to another study (its tag does not match); restore it \
@@ -172,16 +172,12 @@ impl Secrets {
     fn write(&self, path: &Path, secret: &[u8; SECRET_BYTES]) -> Result<StudySecret, SecretError> {
         let mut bytes = Zeroizing::new([0u8; FILE_BYTES]);
         bytes[..SECRET_BYTES].copy_from_slice(secret);
-        bytes[SECRET_BYTES..].copy_from_slice(&self.tag(path, secret));
+        bytes[SECRET_BYTES..]
+            .copy_from_slice(&hmac::Mac::finalize(self.mac(path, secret)).into_bytes());
         create(&self.dir, path, &bytes[..])?;
         StudySecret::from_bytes(secret)
             .map_err(|_| SecretError::Bad(path.to_owned(), "is not a usable secret"))
     }
-}
-
-/// Constant-time equality of two tags.
-fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn create(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), SecretError> {

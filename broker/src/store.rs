@@ -247,22 +247,9 @@ pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, S
     if dir.exists() {
         return check_files(&dir, reg).map(|()| true);
     }
-    let parent = dir.parent().unwrap_or(&dir);
-    let prefix = format!(".upload-{}-", reg.version);
-    let staged = std::fs::read_dir(parent)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .any(|e| check_files(&e.path(), reg).is_ok());
-    if staged {
-        Ok(false)
-    } else {
-        Err(Status::data_loss(format!(
-            "the files of {} v{} are missing",
-            reg.dataset, reg.version
-        )))
-    }
+    staged_upload(&dir, reg)
+        .map(|_| false)
+        .ok_or_else(|| lost(reg))
 }
 
 /// Checks every file of a stored version against its registration.
@@ -496,34 +483,35 @@ impl Drop for Staged {
 /// append and the rename. Moves the staged upload whose files match the registration into
 /// place; with none, the files are lost (`DATA_LOSS`).
 fn recover_staged(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
-    let lost = || {
-        Status::data_loss(format!(
-            "the files of {} v{} are missing",
-            reg.dataset, reg.version
-        ))
-    };
-    let parent = dir.parent().ok_or_else(lost)?;
-    let prefix = format!(".upload-{}-", reg.version);
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return Err(lost());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        if !name.to_string_lossy().starts_with(&prefix) {
-            continue;
-        }
-        let staged = e.path();
-        if check_files(&staged, reg).is_ok() {
-            std::fs::rename(&staged, dir).map_err(|e| internal("recovering a staged upload", e))?;
-            std::fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| internal("syncing a directory", e))?;
-            tracing::warn!(dataset = %reg.dataset, version = reg.version,
-                "recovered a registered version from its staged upload");
-            return Ok(());
-        }
+    let staged = staged_upload(dir, reg).ok_or_else(|| lost(reg))?;
+    std::fs::rename(&staged, dir).map_err(|e| internal("recovering a staged upload", e))?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| internal("syncing a directory", e))?;
     }
-    Err(lost())
+    tracing::warn!(dataset = %reg.dataset, version = reg.version,
+        "recovered a registered version from its staged upload");
+    Ok(())
+}
+
+/// A staged upload (`.upload-<version>-<nonce>` beside the version directory `dir`) whose
+/// files match the registration.
+fn staged_upload(dir: &Path, reg: &DatasetRegistered) -> Option<PathBuf> {
+    let prefix = format!(".upload-{}-", reg.version);
+    std::fs::read_dir(dir.parent()?)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .find(|p| check_files(p, reg).is_ok())
+}
+
+fn lost(reg: &DatasetRegistered) -> Status {
+    Status::data_loss(format!(
+        "the files of {} v{} are missing",
+        reg.dataset, reg.version
+    ))
 }
 
 async fn sync_dir(dir: &Path) -> Result<(), Status> {

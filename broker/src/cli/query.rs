@@ -166,6 +166,7 @@ struct OutFile {
     path: PathBuf,
     file: Option<std::fs::File>,
     parquet: bool,
+    written: bool,
 }
 
 impl OutFile {
@@ -180,23 +181,22 @@ impl OutFile {
             file: Some(super::conn::create_new(path)?),
             path: path.to_owned(),
             parquet,
+            written: false,
         })
     }
 
     /// Writes the result as Parquet or CSV and keeps the file.
     fn write(mut self, batches: &[RecordBatch]) -> anyhow::Result<()> {
         let f = self.file.take().expect("written once");
-        let written = write_batches(f, self.parquet, batches);
-        if written.is_ok() {
-            self.path = PathBuf::new();
-        }
-        written
+        write_batches(f, self.parquet, batches)?;
+        self.written = true;
+        Ok(())
     }
 }
 
 impl Drop for OutFile {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
+        if !self.written {
             let _ = std::fs::remove_file(&self.path);
         }
     }
