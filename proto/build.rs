@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        .codec_path("crate::codec::Codec")
         .file_descriptor_set_path(out.join("consentry_descriptor.bin"))
         .compile_with_config(config, &["proto/consentry/v1/consentry.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

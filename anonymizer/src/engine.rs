@@ -51,6 +51,7 @@ use crate::error::{Error, Result};
 use crate::mechanisms::Mechanism;
 use crate::plan::{self, Checked, Statistic};
 use crate::release::{self, Noised, Spending};
+use crate::repeats::{KeptRepeats, RepeatCache};
 use crate::scan::{GuardedTable, catalog_table};
 use ledger::budget::{Account, Spend};
 
@@ -121,6 +122,9 @@ pub struct Limits {
     /// The most rows a join may produce in the worst case that the policy's bounds and the
     /// tables' sizes allow; a join that could produce more is refused when planned.
     pub join_rows: u64,
+    /// Bytes of released answers kept in memory for identical repeats (the least recently
+    /// used beyond it are looked up in the [`KeptRepeats`] store, if any).
+    pub repeat_memory: usize,
 }
 
 impl Default for Limits {
@@ -129,6 +133,7 @@ impl Default for Limits {
             memory: 1 << 30,
             deadline: Duration::from_secs(60),
             join_rows: 5_000_000,
+            repeat_memory: 64 << 20,
         }
     }
 }
@@ -141,7 +146,9 @@ pub struct Engine {
     /// An empty context: the operators above the aggregate run here, over the noisy batch.
     upper: SessionContext,
     limits: Limits,
-    cache: Mutex<HashMap<[u8; 32], Release>>,
+    cache: Mutex<RepeatCache>,
+    /// Where released answers are kept beyond memory.
+    kept: Option<Arc<dyn KeptRepeats>>,
     consents: Mutex<Vec<(ConsentFilter, Arc<Consent>)>>,
     flights: Mutex<HashMap<[u8; 32], Weak<tokio::sync::Mutex<()>>>>,
 }
@@ -596,7 +603,8 @@ impl Engine {
             catalog,
             upper: SessionContext::new(),
             limits,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(RepeatCache::new(limits.repeat_memory)),
+            kept: None,
             consents: Mutex::new(Vec::new()),
             flights: Mutex::new(HashMap::new()),
         })
@@ -659,17 +667,22 @@ impl Engine {
     }
 
     /// Runs a plan over guarded tables under the memory limit (nothing spills to disk).
+    /// The work runs on the query threads ([`crate::threads`]), never on the caller's.
     pub(crate) async fn collect(&self, plan: LogicalPlan) -> Result<Vec<RecordBatch>> {
         let state = self.catalog.state();
-        let physical = state.create_physical_plan(&plan).await?;
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(self.limits.memory, 1.0)
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
-            .build_arc()?;
-        let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
-        Ok(datafusion::physical_plan::collect(physical, task).await?)
+        let memory = self.limits.memory;
+        crate::threads::run(async move {
+            let physical = state.create_physical_plan(&plan).await?;
+            let runtime = RuntimeEnvBuilder::new()
+                .with_memory_limit(memory, 1.0)
+                .with_disk_manager_builder(
+                    DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+                )
+                .build_arc()?;
+            let task = Arc::new(TaskContext::from(&state).with_runtime(runtime));
+            Ok(datafusion::physical_plan::collect(physical, task).await?)
+        })
+        .await
     }
 
     /// What identifies an identical repeat: the scope, the normalized SQL, the epsilon and
@@ -718,13 +731,33 @@ impl Engine {
         )
     }
 
-    /// Puts back a release recorded earlier (the broker's kept releases, after a restart),
-    /// under its [`Engine::repeat_key`]. The caller has checked that it was released.
-    pub fn restore(&self, key: [u8; 32], release: Release) {
+    /// The engine, with identical repeats of answers no longer in memory looked up in `kept`
+    /// (the broker's kept releases: after a restart, or once memory dropped them).
+    #[must_use]
+    pub fn with_kept(mut self, kept: Arc<dyn KeptRepeats>) -> Engine {
+        self.kept = Some(kept);
+        self
+    }
+
+    fn repeats(&self) -> std::sync::MutexGuard<'_, RepeatCache> {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, release);
+    }
+
+    /// The release remembered under `key`: in memory, else in the kept store (read on a
+    /// blocking thread, and put back in memory).
+    async fn remembered(&self, key: [u8; 32]) -> Option<Release> {
+        if let Some(r) = self.repeats().get(&key) {
+            return Some(r);
+        }
+        let kept = self.kept.clone()?;
+        let found = tokio::task::spawn_blocking(move || kept.find(&key))
+            .await
+            .ok()
+            .flatten()?;
+        self.repeats().insert(key, found.clone());
+        Some(found)
     }
 
     /// Runs a query and releases its noisy result, remembering it for identical repeats.
@@ -742,10 +775,7 @@ impl Engine {
             return;
         }
         let key = Self::cache_key(req, &release.sql, &release.consent_digest);
-        self.cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, release.clone());
+        self.repeats().insert(key, release.clone());
     }
 
     /// Waits for an identical query in flight, then holds the key until the returned
@@ -780,18 +810,13 @@ impl Engine {
         let consent = prepared.digest;
         let key = Self::cache_key(req, &sql, &consent);
         let flight = self.fly(key).await;
-        if let Some(r) = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-        {
+        if let Some(r) = self.remembered(key).await {
             let repeat = Release {
                 epsilon: 0.0,
                 delta: 0.0,
                 rho: None,
                 repeated: true,
-                ..r.clone()
+                ..r
             };
             return Ok((repeat, flight));
         }
@@ -1205,6 +1230,11 @@ impl Engine {
             finish_direct(&checked, &noised)?,
             self.finish_planned(&checked, &noised).await?,
         ))
+    }
+
+    /// The in-memory repeats (tests).
+    pub(crate) fn cache_for_tests(&self) -> std::sync::MutexGuard<'_, RepeatCache> {
+        self.repeats()
     }
 
     /// The optimized physical plan of a query's aggregate: for tests of where rows are read.

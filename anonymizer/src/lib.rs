@@ -33,9 +33,12 @@ pub mod policy;
 pub mod pseudonym;
 pub mod quantile;
 pub mod release;
+pub mod repeats;
 pub mod safe_harbor;
 pub mod scan;
 pub mod total;
+
+mod threads;
 
 #[cfg(test)]
 mod attacks;
@@ -49,3 +52,4 @@ pub use error::{Error, Result};
 pub use ledger::budget::{Account, Spend};
 pub use mechanisms::Mechanism;
 pub use policy::Policy;
+pub use repeats::KeptRepeats;

@@ -1540,3 +1540,117 @@ async fn the_minimum_cell_size_suppresses_small_groups_after_noise() {
     let none = e.run(&r).await.unwrap();
     assert_eq!(none.mechanism["cells_suppressed"], 0);
 }
+
+/// A query's operators run on the engine's own threads, never on the caller's runtime: on a
+/// caller's runtime of one thread, a ticker keeps ticking while a heavy join runs (a server's
+/// other calls are answered while one researcher's join is built).
+#[test]
+fn a_heavy_query_leaves_the_callers_runtime_free() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = Arc::new(engine(4_000));
+    let (longest, took) = rt.block_on(async {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = tokio::spawn({
+            let done = done.clone();
+            async move {
+                let mut longest = std::time::Duration::ZERO;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = std::time::Instant::now();
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    longest = longest.max(t.elapsed());
+                }
+                longest
+            }
+        });
+        tokio::task::yield_now().await;
+        let all = ConsentFilter::everyone();
+        let sql = "SELECT a.sex, COUNT(*) AS n FROM visits a JOIN visits b \
+                   ON a.patient_id = b.patient_id GROUP BY a.sex";
+        let start = std::time::Instant::now();
+        e.run(&req(sql, "s1", &all)).await.unwrap();
+        let took = start.elapsed();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (ticker.await.unwrap(), took)
+    });
+    eprintln!("join took {took:?}; the caller's longest wait {longest:?}");
+    assert!(
+        longest * 10 < took,
+        "the caller's runtime was held for {longest:?} of the query's {took:?}"
+    );
+}
+
+/// A store of released answers, as the broker's kept releases are to the engine (tests).
+#[derive(Default)]
+struct Store(
+    std::sync::Mutex<HashMap<[u8; 32], crate::engine::Release>>,
+    std::sync::atomic::AtomicUsize,
+);
+
+impl crate::repeats::KeptRepeats for Store {
+    fn find(&self, key: &[u8; 32]) -> Option<crate::engine::Release> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.lock().unwrap().get(key).cloned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_stay_free_and_identical_while_memory_stays_bounded() {
+    let limits = crate::Limits {
+        repeat_memory: 64 << 10,
+        ..crate::Limits::default()
+    };
+    let policy = Policy::from_toml(POLICY).unwrap();
+    let ds = Dataset::from_batches(policy, vec![("visits".into(), vec![visits(300)])]).unwrap();
+    let store = Arc::new(Store::default());
+    let e = Engine::with_limits(ds, limits)
+        .unwrap()
+        .with_kept(store.clone());
+    let all = ConsentFilter::everyone();
+    let sqls: Vec<String> = (0..200)
+        .map(|i| format!("SELECT sex, COUNT(*) AS n FROM visits WHERE hba1c > {i} GROUP BY sex"))
+        .collect();
+    let mut first = Vec::new();
+    for sql in &sqls {
+        let r = req(sql, "s1", &all);
+        let (release, _flight) = e.run_pending(&r).await.unwrap();
+        assert!(!release.repeated);
+        e.remember(&r, &release);
+        // The broker keeps what it released (its kept releases on disk).
+        let key = Engine::repeat_key(
+            &Engine::repeat_scope(&r),
+            &release.sql,
+            r.epsilon,
+            r.delta,
+            &release.consent_digest,
+        );
+        store.0.lock().unwrap().insert(key, release.clone());
+        first.push(release);
+    }
+    // Memory holds no more than its limit: 200 answers do not fit in 64 KiB.
+    {
+        let cache = e.cache_for_tests();
+        assert!(cache.bytes() <= 64 << 10, "{}", cache.bytes());
+        assert!(cache.len() < 200, "{}", cache.len());
+    }
+    // Every repeat, the oldest too, is free and the very same answer.
+    for (sql, was) in sqls.iter().zip(&first) {
+        let again = e.run(&req(sql, "s1", &all)).await.unwrap();
+        assert!(again.repeated, "{sql}");
+        assert_eq!((again.epsilon, again.delta), (0.0, 0.0));
+        assert_eq!(again.result_digest, was.result_digest, "{sql}");
+    }
+    assert!(
+        store.1.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the store was used"
+    );
+    // An answer neither in memory nor in the store is run and charged again, never free.
+    store.0.lock().unwrap().clear();
+    let oldest = e.run(&req(&sqls[0], "s1", &all)).await.unwrap();
+    assert!(
+        !oldest.repeated && oldest.epsilon > 0.0,
+        "dropped from memory and from the store, yet free"
+    );
+}

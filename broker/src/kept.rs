@@ -4,10 +4,11 @@
 //! noise (paid for again, but the budget would no longer stop a patient's data being averaged
 //! out as the study intends). After a query's receipt is durable, its release is written to
 //! `<data-dir>/releases/<dataset>/<version>/<repeat key>.json` (temporary file, fsync,
-//! rename). When a version's engine is loaded, each kept release is restored only if the ledger
-//! entry it names is a released receipt of the same dataset version and SQL whose result
-//! digest matches the digest recomputed from the kept rows; anything else is skipped and
-//! logged (never served). A file carries the SHA-256 of its own fields, checked before anything
+//! rename). The engine keeps recent answers in memory and looks up the others here, by repeat
+//! key, when an identical repeat comes (after a restart, or once memory dropped them): a kept
+//! release is used only if the ledger entry it names is a released receipt of the same dataset
+//! version and SQL whose result digest matches the digest recomputed from the kept rows;
+//! anything else is skipped and logged (never served). A file carries the SHA-256 of its own fields, checked before anything
 //! in it is decoded, and a decoder that panics on damaged bytes is caught: a damaged kept
 //! release is reported and ignored, never fatal to its dataset. A crash between the receipt and
 //! the file loses only the free repeat: the next identical query is answered and paid for
@@ -16,8 +17,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anonymizer::{Engine, Release};
+use anonymizer::{Engine, KeptRepeats, Release};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ledger::entry::{Body, DatasetRegistered, Outcome};
@@ -164,40 +166,53 @@ impl Kept {
         (checked, damaged)
     }
 
-    /// Restores into `engine` every kept release of `reg` that the ledger confirms. Blocking.
-    /// Returns how many were restored.
-    pub fn restore(
+    /// The kept releases of `reg`, as the engine looks up identical repeats that memory no
+    /// longer holds.
+    pub fn of_version(
         &self,
         reg: &DatasetRegistered,
-        engine: &Engine,
-        ledger: &ledger::Ledger,
-    ) -> usize {
-        let Ok(entries) = std::fs::read_dir(self.dir(reg)) else {
-            return 0;
-        };
-        let mut restored = 0;
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().is_none_or(|x| x != "json") {
-                continue;
+        ledger: &Arc<ledger::Ledger>,
+    ) -> Arc<dyn KeptRepeats> {
+        Arc::new(VersionKept {
+            dir: self.dir(reg),
+            reg: reg.clone(),
+            ledger: ledger.clone(),
+        })
+    }
+}
+
+/// One dataset version's kept releases.
+struct VersionKept {
+    dir: PathBuf,
+    reg: DatasetRegistered,
+    ledger: Arc<ledger::Ledger>,
+}
+
+impl KeptRepeats for VersionKept {
+    fn find(&self, key: &[u8; 32]) -> Option<Release> {
+        let path = self.dir.join(format!("{}.json", hex(key)));
+        if !path.exists() {
+            return None;
+        }
+        // A decoder may panic on damaged bytes: that file is skipped (the repeat is charged
+        // again), the dataset stays queryable.
+        let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            restore_one(&path, &self.reg, &self.ledger)
+        }))
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
+        match one {
+            Ok((k, release)) if k == *key => Some(release),
+            Ok(_) => {
+                tracing::warn!(file = %path.display(),
+                    "a kept release is filed under another query's key; not used");
+                None
             }
-            // A decoder may panic on damaged bytes: that file is skipped, the dataset loads.
-            let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                restore_one(&path, reg, ledger)
-            }))
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
-            match one {
-                Ok((key, release)) => {
-                    engine.restore(key, release);
-                    restored += 1;
-                }
-                Err(err) => {
-                    tracing::warn!(file = %path.display(), error = %err,
-                        "a kept release was not restored");
-                }
+            Err(err) => {
+                tracing::warn!(file = %path.display(), error = %err,
+                    "a kept release was not used");
+                None
             }
         }
-        restored
     }
 }
 

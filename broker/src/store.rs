@@ -95,13 +95,10 @@ impl Store {
         .map_err(|e| internal("a dataset check failed", e))??;
         let dataset = load(&dir, reg).await?;
         let engine = Arc::new(
-            Engine::with_limits(dataset, self.limits).map_err(|e| internal("loading", e))?,
+            Engine::with_limits(dataset, self.limits)
+                .map_err(|e| internal("loading", e))?
+                .with_kept(self.kept.of_version(reg, ledger)),
         );
-        let restored = tokio::task::block_in_place(|| self.kept.restore(reg, &engine, ledger));
-        if restored > 0 {
-            tracing::info!(dataset = %reg.dataset, version = reg.version, restored,
-                "kept releases restored for free repeats");
-        }
         engines.insert(key, engine.clone());
         Ok(engine)
     }

@@ -3,6 +3,8 @@
 //! No logic lives here: the broker converts between these messages and the domain types of
 //! `ledger` and `anonymizer`.
 
+pub mod codec;
+
 /// Version 1 of the interface.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -59,6 +59,10 @@ pub struct QueryLimits {
     /// that could produce more is refused before it runs.
     #[arg(long, env = "CONSENTRY_QUERY_JOIN_ROWS", default_value_t = 50_000_000)]
     pub query_join_rows: u64,
+    /// Memory the broker keeps released answers in for identical repeats, per dataset
+    /// version, e.g. `64MiB` (older ones are read back from the data directory when repeated).
+    #[arg(long, env = "CONSENTRY_REPEAT_MEMORY", default_value = "64MiB", value_parser = parse_bytes)]
+    pub repeat_memory: u64,
 }
 
 impl Default for QueryLimits {
@@ -68,6 +72,7 @@ impl Default for QueryLimits {
             query_memory: d.memory as u64,
             query_deadline: d.deadline,
             query_join_rows: d.join_rows,
+            repeat_memory: d.repeat_memory as u64,
         }
     }
 }
@@ -79,6 +84,7 @@ impl QueryLimits {
             memory: usize::try_from(self.query_memory).unwrap_or(usize::MAX),
             deadline: self.query_deadline,
             join_rows: self.query_join_rows,
+            repeat_memory: usize::try_from(self.repeat_memory).unwrap_or(usize::MAX),
         }
     }
 }

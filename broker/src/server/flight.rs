@@ -58,6 +58,10 @@ const MAX_PENDING: usize = 1024;
 /// before a statement runs, so that no caller can fill the broker's map and have everyone
 /// else's statements charged and then refused.
 const MAX_PENDING_PER_CALLER: usize = 16;
+/// Bytes of released results waiting for their `DoGet`, at most. Past it the oldest results
+/// of the caller holding the most are dropped: a dropped result is an identical repeat, free
+/// and the same, when its statement runs again.
+const MAX_PENDING_BYTES: usize = 512 << 20;
 /// The schema name under every dataset's catalog.
 pub const DB_SCHEMA: &str = "public";
 
@@ -65,7 +69,36 @@ pub const DB_SCHEMA: &str = "public";
 struct Pending {
     caller: String,
     result: Option<(SchemaRef, Vec<RecordBatch>)>,
+    /// Bytes the result holds.
+    bytes: usize,
     created: Instant,
+}
+
+/// Drops waiting results, the oldest of the caller that holds the most first, until they hold
+/// at most `cap` bytes; `keep` (the result just stored, which its caller is about to fetch)
+/// and statements still running are not dropped.
+fn shed(pending: &mut HashMap<[u8; 16], Pending>, cap: usize, keep: &[u8; 16]) {
+    loop {
+        let total: usize = pending.values().map(|p| p.bytes).sum();
+        if total <= cap {
+            return;
+        }
+        let mut by_caller: HashMap<&str, usize> = HashMap::new();
+        for p in pending.values() {
+            *by_caller.entry(p.caller.as_str()).or_default() += p.bytes;
+        }
+        let victim = pending
+            .iter()
+            .filter(|(h, p)| *h != keep && p.result.is_some())
+            .max_by_key(|(_, p)| (by_caller[p.caller.as_str()], std::cmp::Reverse(p.created)))
+            .map(|(h, _)| *h);
+        match victim {
+            Some(h) => {
+                pending.remove(&h);
+            }
+            None => return,
+        }
+    }
 }
 
 /// The Flight SQL service.
@@ -405,6 +438,7 @@ impl FlightSqlService for FlightSql {
                 Pending {
                     caller: who.id.clone(),
                     result: None,
+                    bytes: 0,
                     created: Instant::now(),
                 },
             );
@@ -428,9 +462,14 @@ impl FlightSqlService for FlightSql {
                 return Err(s);
             }
         };
-        if let Some(p) = self.pending().get_mut(&handle) {
-            p.result = Some((schema.clone(), batches));
-            p.created = Instant::now();
+        {
+            let mut pending = self.pending();
+            if let Some(p) = pending.get_mut(&handle) {
+                p.bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+                p.result = Some((schema.clone(), batches));
+                p.created = Instant::now();
+            }
+            shed(&mut pending, MAX_PENDING_BYTES, &handle);
         }
         let ticket = TicketStatementQuery {
             statement_handle: handle.to_vec().into(),
@@ -603,4 +642,48 @@ impl FlightSqlService for FlightSql {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(caller: &str, bytes: usize, age_ms: u64) -> Pending {
+        let schema = Arc::new(Schema::empty());
+        Pending {
+            caller: caller.into(),
+            result: Some((schema, Vec::new())),
+            bytes,
+            created: Instant::now() - Duration::from_millis(age_ms),
+        }
+    }
+
+    #[test]
+    fn waiting_results_shed_the_biggest_holders_oldest_first() {
+        let mut map = HashMap::new();
+        // mallory holds 300 bytes in three results, alice 100 in one; the cap is 250.
+        map.insert([1; 16], pending("mallory", 100, 30));
+        map.insert([2; 16], pending("mallory", 100, 20));
+        map.insert([3; 16], pending("mallory", 100, 10));
+        map.insert([4; 16], pending("alice", 100, 40));
+        // A statement still running holds a slot, not bytes.
+        map.insert(
+            [5; 16],
+            Pending {
+                result: None,
+                ..pending("alice", 0, 0)
+            },
+        );
+        shed(&mut map, 250, &[3; 16]);
+        let mut left: Vec<u8> = map.keys().map(|k| k[0]).collect();
+        left.sort_unstable();
+        // mallory's two oldest went; alice's result, mallory's newest and the running slot
+        // stay.
+        assert_eq!(left, vec![3, 4, 5]);
+        // The result just stored stays even alone over the cap.
+        let mut one = HashMap::new();
+        one.insert([7; 16], pending("bob", 1000, 0));
+        shed(&mut one, 10, &[7; 16]);
+        assert_eq!(one.len(), 1);
+    }
 }

@@ -458,3 +458,114 @@ async fn single_column_extracts_cannot_be_zipped_back_into_rows() {
         truth.len()
     );
 }
+
+/// A codec that sends raw bytes as a request and ignores any answer's body: a stock client
+/// that got the message wrong (or an attacker's fuzzer).
+mod raw {
+    use prost::bytes::{Buf, BufMut};
+    use tonic::Status;
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Default)]
+    pub struct Raw;
+    pub struct Enc;
+    pub struct Dec;
+
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = ();
+        type Encoder = Enc;
+        type Decoder = Dec;
+        fn encoder(&mut self) -> Enc {
+            Enc
+        }
+        fn decoder(&mut self) -> Dec {
+            Dec
+        }
+    }
+    impl Encoder for Enc {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+        fn buffer_settings(&self) -> BufferSettings {
+            BufferSettings::default()
+        }
+    }
+    impl Decoder for Dec {
+        type Item = ();
+        type Error = Status;
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+            let n = buf.remaining();
+            buf.advance(n);
+            Ok(Some(()))
+        }
+        fn buffer_settings(&self) -> BufferSettings {
+            BufferSettings::default()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_the_senders_error_and_change_nothing() {
+    let w = World::ready(5.0).await;
+    let size = w.ledger.size();
+    let garbage: [&[u8]; 4] = [
+        &[0xff, 0xff, 0xff, 0xff],
+        // A length-delimited field whose length runs past the message.
+        &[0x0a, 0x40, 0x01, 0x02],
+        // A varint that never ends.
+        &[
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ],
+        // Invalid UTF-8 in a string field.
+        &[0x0a, 0x02, 0xc3, 0x28],
+    ];
+    for (who, path) in [
+        ("alice", "/consentry.v1.Query/Run"),
+        ("hospital", "/consentry.v1.Consent/Grant"),
+        ("operator", "/consentry.v1.Registry/Append"),
+        ("irb", "/consentry.v1.Audit/Receipts"),
+    ] {
+        let k = if who == "operator" {
+            crate::world::clone_key(&w.operator)
+        } else {
+            key(who)
+        };
+        let channel = tonic::service::interceptor::InterceptedService::new(
+            w.channel(),
+            broker::client::Bearer::new(k),
+        );
+        for bytes in garbage {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let status = if path.ends_with("/Run") {
+                grpc.server_streaming(
+                    tonic::Request::new(bytes.to_vec()),
+                    path.parse().unwrap(),
+                    raw::Raw,
+                )
+                .await
+                .map(|_| ())
+            } else {
+                grpc.unary(
+                    tonic::Request::new(bytes.to_vec()),
+                    path.parse().unwrap(),
+                    raw::Raw,
+                )
+                .await
+                .map(|_| ())
+            }
+            .expect_err(path);
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{path} {bytes:?}: {status:?}"
+            );
+            assert!(status.message().len() < 200, "{status:?}");
+        }
+    }
+    assert_eq!(w.ledger.size(), size, "nothing written");
+}
