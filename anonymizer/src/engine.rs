@@ -650,11 +650,39 @@ impl Engine {
         let plan = state
             .create_logical_plan(sql)
             .await
-            .map_err(Error::planning)?;
+            .map_err(|e| self.unsuggested(Error::planning(e)))?;
         state
             .analyzer()
             .execute_and_check(plan, state.config_options(), |_, _| {})
-            .map_err(Error::planning)
+            .map_err(|e| self.unsuggested(Error::planning(e)))
+    }
+
+    /// A planning error without DataFusion's "Did you mean 'table.column'?" when that column is
+    /// one the catalog hides from researchers (a direct identifier).
+    fn unsuggested(&self, e: Error) -> Error {
+        let Error::InvalidQuery(m) = &e else {
+            return e;
+        };
+        let Some((before, rest)) = m.split_once(" Did you mean '") else {
+            return e;
+        };
+        let Some((name, after)) = rest.split_once("'?") else {
+            return e;
+        };
+        let (table, column) = name.rsplit_once('.').unwrap_or(("", name));
+        let hidden = self.dataset.tables.iter().any(|t| {
+            (table.is_empty() || table == t.name.as_str())
+                && self
+                    .dataset
+                    .policy
+                    .column(t.name.as_str(), column)
+                    .is_some_and(|c| c.class == crate::policy::ColumnClass::DirectIdentifier)
+        });
+        if hidden {
+            Error::InvalidQuery(format!("{before}{after}"))
+        } else {
+            e
+        }
     }
 
     /// `plan` with its table scans reading only the rows `consented` admits.

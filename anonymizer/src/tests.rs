@@ -1654,3 +1654,40 @@ async fn repeats_stay_free_and_identical_while_memory_stays_bounded() {
         "dropped from memory and from the store, yet free"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_column_is_named_without_suggesting_hidden_ones() {
+    let e = engine(50);
+    let all = ConsentFilter::everyone();
+    // A readable column is suggested.
+    let err = e
+        .run(&req(
+            "SELECT COUNT(*) FROM visits WHERE hba1 > 7",
+            "s1",
+            &all,
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidQuery(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("Did you mean 'visits.hba1c'"),
+        "{err}"
+    );
+    // A direct identifier (which the catalog hides) is not, nor the internal unit column.
+    for sql in [
+        "SELECT COUNT(*) FROM visits WHERE nam = 'x'",
+        "SELECT COUNT(*) FROM visits WHERE visits.nme = 'x'",
+        "SELECT COUNT(*) FROM visits WHERE __consentry_uni = 1",
+    ] {
+        let err = e.run(&req(sql, "s1", &all)).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidQuery(_)), "{sql}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains("No field named"), "{sql}: {text}");
+        assert!(
+            !text.contains("Did you mean")
+                && !text.contains("visits.name")
+                && !text.contains("__consentry_unit"),
+            "{sql}: {text}"
+        );
+    }
+}

@@ -59,6 +59,18 @@ def test_adbc_sees_refusals_with_actionable_messages(demo):
         assert "not a researcher of study" in str(e.value)
 
 
+def test_adbc_prepared_statement_runs_through_the_query_path(demo):
+    """JDBC and BI tools prepare every statement; ADBC's prepare goes the same way."""
+    study = demo.info["study"]["id"]
+    sql = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex ORDER BY sex"
+    with connect(demo, study=study, epsilon=0.2) as conn, conn.cursor() as cur:
+        cur.adbc_prepare(sql)
+        cur.execute(sql)
+        table = cur.fetch_arrow_table()
+    assert table.column("sex").to_pylist() == ["F", "M"]
+    assert all(w > 0 for w in table.column("n_ci95").to_pylist())
+
+
 def test_adbc_catalog_lists_only_readable_columns(demo):
     with connect(demo) as conn:
         objects = conn.adbc_get_objects(depth="all").read_all().to_pylist()

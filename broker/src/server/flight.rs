@@ -19,8 +19,9 @@
 //! The `FlightInfo`'s `app_metadata` carries the query header as JSON (receipt index, budget
 //! left, digests). Catalog calls list only the datasets the caller's active studies are approved
 //! for: catalog = dataset id, schema `public`, one table per dataset table, without its direct
-//! identifier columns. Statements that change data, prepared statements and transactions are
-//! refused as unimplemented (ADBC then runs plain statements).
+//! identifier columns. A prepared statement (what JDBC and BI tools send even for a plain
+//! query) is its SQL: its handle carries the SQL, nothing is held between calls, and it runs as
+//! a plain statement; parameters, statements that change data and transactions are refused.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,10 +33,12 @@ use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
-use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
-    Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTables,
-    CommandStatementQuery, ProstMessageExt as _, SqlInfo, TicketStatementQuery,
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
+    DoPutPreparedStatementResult, ProstMessageExt as _, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{Action, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use futures::{Stream, TryStreamExt as _};
@@ -64,6 +67,30 @@ const MAX_PENDING_PER_CALLER: usize = 16;
 const MAX_PENDING_BYTES: usize = 512 << 20;
 /// The schema name under every dataset's catalog.
 pub const DB_SCHEMA: &str = "public";
+
+/// The longest SQL a prepared statement may hold (the engine's limit on a query).
+const MAX_PREPARED_SQL: usize = 64 << 10;
+/// What a prepared statement's handle starts with.
+const PREPARED: &[u8] = b"consentry-prepared-v1\n";
+
+/// A prepared statement's handle: its SQL, tagged. Whoever holds it could send the SQL as
+/// a plain statement, so it is no capability and needs no secret.
+fn prepared_handle(sql: &str) -> Vec<u8> {
+    [PREPARED, sql.as_bytes()].concat()
+}
+
+/// The SQL of a prepared statement's handle.
+fn prepared_sql(handle: &[u8]) -> Result<String, Status> {
+    handle
+        .strip_prefix(PREPARED)
+        .filter(|sql| sql.len() <= MAX_PREPARED_SQL)
+        .and_then(|sql| String::from_utf8(sql.to_vec()).ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "not a prepared statement of this broker; prepare the statement again",
+            )
+        })
+}
 
 /// A released result waiting for its caller's `DoGet` (`None` while its statement runs).
 struct Pending {
@@ -136,6 +163,79 @@ impl FlightSql {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs a statement's SQL through the query path and keeps its result for one `DoGet`.
+    async fn statement(
+        &self,
+        sql: String,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let who = caller(&request)?;
+        let q = {
+            let st = self.broker.ledger.state();
+            query_request(&st, &request, sql)?
+        };
+        // A slot is reserved before the statement runs: a caller over its share is refused
+        // before anything is charged.
+        let mut handle = [0u8; 16];
+        getrandom::fill(&mut handle).map_err(|_| Status::internal("no randomness"))?;
+        {
+            let mut pending = self.pending();
+            pending.retain(|_, p| p.created.elapsed() < RESULT_TTL);
+            let mine = pending.values().filter(|p| p.caller == who.id).count();
+            if mine >= MAX_PENDING_PER_CALLER || pending.len() >= MAX_PENDING {
+                return Err(Status::resource_exhausted(format!(
+                    "too many results wait to be fetched (at most {MAX_PENDING_PER_CALLER} per \
+                     caller); fetch (DoGet) earlier results first"
+                )));
+            }
+            pending.insert(
+                handle,
+                Pending {
+                    caller: who.id.clone(),
+                    result: None,
+                    bytes: 0,
+                    created: Instant::now(),
+                },
+            );
+        }
+        let decoded = async {
+            let (header, ipc) = self.query.execute(&who, &q).await?;
+            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+            let schema = reader.schema();
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+            let (schema, batches) = without_views(&schema, batches)?;
+            Ok::<_, Status>((header, schema, batches))
+        }
+        .await;
+        let (header, schema, batches) = match decoded {
+            Ok(d) => d,
+            Err(s) => {
+                self.pending().remove(&handle);
+                return Err(s);
+            }
+        };
+        {
+            let mut pending = self.pending();
+            if let Some(p) = pending.get_mut(&handle) {
+                p.bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+                p.result = Some((schema.clone(), batches));
+                p.created = Instant::now();
+            }
+            shed(&mut pending, MAX_PENDING_BYTES, &handle);
+        }
+        let ticket = TicketStatementQuery {
+            statement_handle: handle.to_vec().into(),
+        }
+        .as_any()
+        .encode_to_vec();
+        let info = flight_info(&schema, ticket, request.into_inner())?
+            .with_app_metadata(header_json(&header).to_string().into_bytes());
+        Ok(Response::new(info))
     }
 
     /// The datasets `caller`'s active studies are approved for, each once, in order.
@@ -414,71 +514,64 @@ impl FlightSqlService for FlightSql {
         cmd: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let who = caller(&request)?;
-        let q = {
-            let st = self.broker.ledger.state();
-            query_request(&st, &request, cmd.query)?
-        };
-        // A slot is reserved before the statement runs: a caller over its share is refused
-        // before anything is charged.
-        let mut handle = [0u8; 16];
-        getrandom::fill(&mut handle).map_err(|_| Status::internal("no randomness"))?;
-        {
-            let mut pending = self.pending();
-            pending.retain(|_, p| p.created.elapsed() < RESULT_TTL);
-            let mine = pending.values().filter(|p| p.caller == who.id).count();
-            if mine >= MAX_PENDING_PER_CALLER || pending.len() >= MAX_PENDING {
-                return Err(Status::resource_exhausted(format!(
-                    "too many results wait to be fetched (at most {MAX_PENDING_PER_CALLER} per \
-                     caller); fetch (DoGet) earlier results first"
-                )));
-            }
-            pending.insert(
-                handle,
-                Pending {
-                    caller: who.id.clone(),
-                    result: None,
-                    bytes: 0,
-                    created: Instant::now(),
-                },
-            );
+        self.statement(cmd.query, request).await
+    }
+
+    /// A prepared statement's handle is its SQL (see [`prepared_handle`]): nothing is held
+    /// between the calls, and the statement runs as a plain one, through the same path.
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        caller(&request)?;
+        if query.transaction_id.is_some() {
+            return Err(Status::invalid_argument(
+                "transactions are not supported: the broker only reads",
+            ));
         }
-        let decoded = async {
-            let (header, ipc) = self.query.execute(&who, &q).await?;
-            let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
-                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
-            let schema = reader.schema();
-            let batches = reader
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
-            let (schema, batches) = without_views(&schema, batches)?;
-            Ok::<_, Status>((header, schema, batches))
+        if query.query.len() > MAX_PREPARED_SQL {
+            return Err(Status::invalid_argument(format!(
+                "a statement is at most {MAX_PREPARED_SQL} bytes"
+            )));
         }
-        .await;
-        let (header, schema, batches) = match decoded {
-            Ok(d) => d,
-            Err(s) => {
-                self.pending().remove(&handle);
-                return Err(s);
-            }
-        };
-        {
-            let mut pending = self.pending();
-            if let Some(p) = pending.get_mut(&handle) {
-                p.bytes = batches.iter().map(RecordBatch::get_array_memory_size).sum();
-                p.result = Some((schema.clone(), batches));
-                p.created = Instant::now();
-            }
-            shed(&mut pending, MAX_PENDING_BYTES, &handle);
-        }
-        let ticket = TicketStatementQuery {
-            statement_handle: handle.to_vec().into(),
-        }
-        .as_any()
-        .encode_to_vec();
-        let info = flight_info(&schema, ticket, request.into_inner())?
-            .with_app_metadata(header_json(&header).to_string().into_bytes());
-        Ok(Response::new(info))
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: prepared_handle(&query.query).into(),
+            // The result's columns are known when it runs (noisy columns come with their
+            // intervals); no parameters.
+            dataset_schema: Default::default(),
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<(), Status> {
+        // Nothing is held for a prepared statement.
+        caller(&request)?;
+        Ok(())
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let sql = prepared_sql(&cmd.prepared_statement_handle)?;
+        self.statement(sql, request).await
+    }
+
+    async fn do_put_prepared_statement_query(
+        &self,
+        _query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        caller(&request)?;
+        Err(Status::invalid_argument(
+            "statements take no parameters: write the values into the SQL",
+        ))
     }
 
     async fn do_get_statement(

@@ -205,14 +205,11 @@ async fn refusals_arrive_as_flight_errors_with_their_codes_and_receipts() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
-    // Statements that would change data are not Flight SQL's business here.
-    let prepared = arrow_flight::sql::ActionCreatePreparedStatementRequest {
-        query: "SELECT 1".into(),
-        transaction_id: None,
-    };
+    // Transactions (and statements that would change data) are not Flight SQL's business here.
+    let begin = arrow_flight::sql::ActionBeginTransactionRequest {};
     let req = alice.request(arrow_flight::Action::new(
-        "CreatePreparedStatement",
-        prepared.as_any().encode_to_vec(),
+        "BeginTransaction",
+        begin.as_any().encode_to_vec(),
     ));
     let e = alice.client.do_action(req).await.unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
@@ -320,4 +317,61 @@ async fn a_caller_cannot_fill_the_result_map_and_is_refused_before_being_charged
         .statement("SELECT COUNT(*) AS n FROM visits WHERE hba1c > 100")
         .await
         .unwrap();
+}
+
+/// JDBC (and so DBeaver, Tableau and most BI tools) prepares every statement, even a plain
+/// `executeQuery`: a stock Flight SQL client's prepare, execute and close go through the same
+/// query path, receipt and budget as a plain statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_run_as_statements_through_the_query_path() {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    let w = World::ready(5.0).await;
+    let mut client = FlightSqlServiceClient::new(w.channel());
+    let token = broker::auth::mint(&key("alice"), std::time::Duration::from_secs(60)).unwrap();
+    client.set_token(token);
+    client.set_header("x-consentry-study", "s1");
+    client.set_header("x-consentry-epsilon", "0.25");
+    let sql = "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex ORDER BY sex";
+    let size = w.ledger.size();
+    let mut ps = client.prepare(sql.into(), None).await.unwrap();
+    assert_eq!(
+        w.ledger.size(),
+        size,
+        "preparing runs nothing, writes nothing"
+    );
+    let info = ps.execute().await.unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["epsilon_spent"], 0.25);
+    let receipt = w.receipt(meta["receipt_index"].as_u64().unwrap());
+    assert_eq!(receipt.outcome, ledger::entry::Outcome::Released);
+    assert_eq!(receipt.epsilon, 0.25);
+    let stream = client.do_get(ticket(&info).clone()).await.unwrap();
+    let batches: Vec<RecordBatch> = stream.try_collect().await.unwrap();
+    assert_eq!(strings(&batches[0], "sex"), ["F", "M"]);
+    // Executed again, it is an identical repeat: free, the same answer.
+    let again = ps.execute().await.unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&again.app_metadata).unwrap();
+    assert_eq!(meta["repeated"], true);
+    assert_eq!(meta["budget"]["epsilon_left"], 4.75);
+    ps.close().await.unwrap();
+
+    // A refused statement is refused when executed, with its code and receipt, as a plain one.
+    let mut bad = client
+        .prepare("SELECT name FROM visits".into(), None)
+        .await
+        .unwrap();
+    let refused = tonic::Status::from(bad.execute().await.unwrap_err());
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    // A handle that is not the broker's, and parameters, are refused; nothing was charged.
+    let forged = arrow_flight::sql::CommandPreparedStatementQuery {
+        prepared_statement_handle: b"SELECT name FROM visits".to_vec().into(),
+    };
+    let mut alice = Researcher::new(&w, "alice", &[("x-consentry-study", "s1")]);
+    let err = alice
+        .info(forged.as_any().encode_to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let left = w.ledger.state().account("s1", "visits").unwrap();
+    assert!((left.epsilon_left() - 4.75).abs() < 1e-9, "{left:?}");
 }
