@@ -403,3 +403,122 @@ fn check_names_each_damaged_part_and_changes_nothing() {
     }
     assert!(check().status.success());
 }
+
+#[test]
+fn the_operator_onboards_rotates_and_revokes_a_principal_while_the_broker_serves() {
+    let d = tempfile::tempdir().unwrap();
+    let served = serve_demo(d.path());
+    let url = served.info["url"].as_str().unwrap().to_owned();
+    let operator = d.path().join("ledger/ledger.key");
+    let run = |key: &Path, args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .env("CONSENTRY_URL", &url)
+            .env("CONSENTRY_KEY", key)
+            .env("CONSENTRY_DATA_DIR", d.path())
+            .output()
+            .unwrap()
+    };
+    // The new researcher makes a key pair and hands over only the verifier key.
+    let carol = d.path().join("carol.key");
+    let keygen = |out: &Path| -> String {
+        let o = run(
+            &operator,
+            &[
+                "ledger",
+                "keygen",
+                "--name",
+                "carol",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        text(&o.stdout).trim().to_owned()
+    };
+    let vk = keygen(&carol);
+    let studies = |key: &Path| run(key, &["study", "list"]);
+    assert!(!studies(&carol).status.success(), "not registered yet");
+
+    // Refused and nothing written: an unknown role; a researcher as the author.
+    let add = |key: &Path, role: &str| {
+        run(
+            key,
+            &[
+                "principal",
+                "add",
+                "--id",
+                "carol",
+                "--role",
+                role,
+                "--verifier-key",
+                &vk,
+            ],
+        )
+    };
+    let bad = add(&operator, "wizard");
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("wizard"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let alice = d.path().join("keys/alice.key");
+    let bad = add(&alice, "researcher");
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("PermissionDenied"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert!(!studies(&carol).status.success());
+
+    // Registered while the broker serves: carol's calls work at once.
+    let ok = add(&operator, "researcher");
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let appended: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert!(appended["index"].as_u64().is_some(), "{appended}");
+    assert!(studies(&carol).status.success());
+    let again = add(&operator, "researcher");
+    assert!(!again.status.success(), "registered twice");
+
+    // A rotated key: the old one stops working, the new one works.
+    let carol2 = d.path().join("carol2.key");
+    let vk2 = keygen(&carol2);
+    let o = run(
+        &operator,
+        &[
+            "principal",
+            "rotate",
+            "--id",
+            "carol",
+            "--verifier-key",
+            &vk2,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!studies(&carol).status.success());
+    assert!(studies(&carol2).status.success());
+
+    // Revoked: nothing works any more.
+    let o = run(
+        &operator,
+        &[
+            "principal",
+            "revoke",
+            "--id",
+            "carol",
+            "--reason",
+            "left the study",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let refused = studies(&carol2);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("Unauthenticated"),
+        "{}",
+        text(&refused.stderr)
+    );
+    drop(served);
+}

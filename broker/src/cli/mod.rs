@@ -8,6 +8,7 @@ pub mod consent;
 pub mod dataset;
 pub mod demo;
 pub mod ledger;
+pub mod principal;
 pub mod query;
 pub mod serve;
 pub mod study;
@@ -66,6 +67,9 @@ pub enum Command {
     Consent(consent::ConsentArgs),
     /// Studies: a PI registers one; an IRB approves it with a budget, suspends or closes it.
     Study(study::StudyArgs),
+    /// Principals: the operator registers one with its verifier key, rotates its key or
+    /// revokes it, while the broker serves.
+    Principal(principal::PrincipalArgs),
     /// Run a DP query (or an extract) within a study and show or save the result.
     Query(query::QueryArgs),
     /// The IRB's usage log (denied attempts too) and budget burn-down.
@@ -94,6 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Consent(args) => consent::run(&cli.conn, args),
         Command::Study(args) => study::run(&cli.conn, args),
+        Command::Principal(args) => principal::run(&cli.conn, args),
         Command::Query(args) => query::query(&cli.conn, args),
         Command::Audit(args) => query::audit(&cli.conn, args),
         Command::Bundle(args) => query::bundle(&cli.conn, args),
@@ -143,6 +148,25 @@ mod tests {
         &["study", "suspend", "--study", "s", "--reason", "r"],
         &["study", "close", "--study", "s", "--reason", "r"],
         &["study", "list"],
+        &[
+            "principal",
+            "add",
+            "--id",
+            "a",
+            "--role",
+            "researcher",
+            "--verifier-key",
+            "a+1+x",
+        ],
+        &[
+            "principal",
+            "rotate",
+            "--id",
+            "a",
+            "--verifier-key",
+            "a+1+x",
+        ],
+        &["principal", "revoke", "--id", "a"],
         &[
             "dataset",
             "register",
