@@ -2,9 +2,10 @@
 //! as registered on the ledger.
 //!
 //! Header `alg` = `EdDSA`, `kid` = principal id; claims `sub` = principal id, `aud` =
-//! `consentry`, `iat`, `exp`, with a lifetime of at most 15 minutes and a small clock skew
+//! `consentry`, `iat`, `exp`, with a lifetime of at most 15 minutes by default (the operator
+//! may allow up to 24 hours: `broker serve --max-token-lifetime`) and a small clock skew
 //! allowed. The key that checks a token is the principal's current key on the ledger, so a key
-//! rotation or a revocation takes effect for the next call.
+//! rotation or a revocation takes effect for the next call, whatever the token's lifetime.
 
 use std::time::Duration;
 
@@ -16,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 /// The audience every token names.
 pub const AUDIENCE: &str = "consentry";
-/// The longest lifetime a token may have.
+/// The longest lifetime a token may have unless the operator allows more.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// The longest lifetime any broker accepts (and `mint` makes).
+pub const LONGEST_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Clock skew tolerated on `iat` and `exp`.
 pub const LEEWAY_SECS: i64 = 60;
 
@@ -66,11 +69,12 @@ pub enum AuthError {
     Invalid(String),
 }
 
-/// Mints a token for the key's principal, valid for `ttl` (at most 15 minutes).
+/// Mints a token for the key's principal, valid for `ttl` (at most 24 hours; a broker accepts
+/// more than 15 minutes only where its operator allows it).
 pub fn mint(key: &SignerKey, ttl: Duration) -> anyhow::Result<String> {
     anyhow::ensure!(
-        !ttl.is_zero() && ttl <= MAX_LIFETIME,
-        "token lifetime must be between 1 s and 15 min"
+        !ttl.is_zero() && ttl <= LONGEST_LIFETIME,
+        "token lifetime must be between 1 s and 24 h"
     );
     let now = Timestamp::now().unix();
     let claims = Claims {
@@ -87,6 +91,18 @@ pub fn mint(key: &SignerKey, ttl: Duration) -> anyhow::Result<String> {
     Ok(jsonwebtoken::encode(&header, &claims, &enc)?)
 }
 
+/// `15 minutes`, `8 hours`, `90 s`.
+fn show_lifetime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s.is_multiple_of(3600) {
+        format!("{} hour(s)", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{} minutes", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
 /// Extracts the token from an `authorization` metadata value.
 pub fn bearer(value: Option<&str>) -> Result<&str, AuthError> {
     let v = value.ok_or(AuthError::Missing)?;
@@ -97,8 +113,14 @@ pub fn bearer(value: Option<&str>) -> Result<&str, AuthError> {
     Ok(token.trim())
 }
 
-/// Checks a token against the ledger's current state at `now` (Unix seconds).
-pub fn verify(token: &str, state: &State, now: i64) -> Result<Caller, AuthError> {
+/// Checks a token against the ledger's current state at `now` (Unix seconds), with a lifetime
+/// of at most `max_lifetime`.
+pub fn verify(
+    token: &str,
+    state: &State,
+    now: i64,
+    max_lifetime: Duration,
+) -> Result<Caller, AuthError> {
     if token.len() > 4096 {
         return Err(AuthError::Malformed("longer than 4096 bytes".into()));
     }
@@ -142,10 +164,12 @@ pub fn verify(token: &str, state: &State, now: i64) -> Result<Caller, AuthError>
         return Err(AuthError::Invalid("not valid yet (nbf)".into()));
     }
     let lifetime = c.exp.checked_sub(c.iat).unwrap_or(i64::MAX);
-    if lifetime <= 0 || lifetime.unsigned_abs() > MAX_LIFETIME.as_secs() {
-        return Err(AuthError::Invalid(
-            "lifetime must be positive and at most 15 minutes".into(),
-        ));
+    if lifetime <= 0 || lifetime.unsigned_abs() > max_lifetime.as_secs() {
+        return Err(AuthError::Invalid(format!(
+            "lifetime must be positive and at most {} on this broker (its operator sets \
+             it: broker serve --max-token-lifetime)",
+            show_lifetime(max_lifetime)
+        )));
     }
     Ok(Caller {
         id: kid,
@@ -180,6 +204,48 @@ mod tests {
         st
     }
 
+    #[test]
+    fn a_long_token_needs_the_operators_leave_and_revocation_still_ends_it() {
+        let op = SignerKey::generate("op").unwrap();
+        let alice = SignerKey::generate("alice").unwrap();
+        let mut st = state_with(&[(&op, Role::Operator), (&alice, Role::Researcher)]);
+        let now = Timestamp::now().unix();
+        let eight_hours = Duration::from_secs(8 * 3600);
+        let t = mint(&alice, eight_hours).unwrap();
+        // Refused by default, naming the broker's maximum and how to change it.
+        match verify(&t, &st, now, MAX_LIFETIME) {
+            Err(AuthError::Invalid(m)) => {
+                assert!(
+                    m.contains("15 minutes") && m.contains("--max-token-lifetime"),
+                    "{m}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Accepted where the operator allows it, for its whole life.
+        assert!(verify(&t, &st, now, eight_hours).is_ok());
+        assert!(verify(&t, &st, now + 7 * 3600, eight_hours).is_ok());
+        assert!(verify(&t, &st, now + 8 * 3600 + LEEWAY_SECS + 1, eight_hours).is_err());
+        // Nobody mints past 24 hours.
+        assert!(mint(&alice, Duration::from_secs(24 * 3600 + 1)).is_err());
+        // A revocation ends the long token at the next call.
+        let entry = Entry {
+            author: ledger::ids::PrincipalId::new("op").unwrap(),
+            time: Timestamp::now(),
+            body: Body::PrincipalRevoked(ledger::entry::PrincipalRevoked {
+                id: ledger::ids::PrincipalId::new("alice").unwrap(),
+                reason: None,
+            }),
+        };
+        let signed = SignedEntry::sign(&op, entry);
+        let (_, since) = st.signing_key(&signed.entry).unwrap();
+        st.apply(signed.entry, 2, since, &|_| None).unwrap();
+        assert_eq!(
+            verify(&t, &st, now, eight_hours),
+            Err(AuthError::Revoked("alice".into()))
+        );
+    }
+
     fn forge(key: &SignerKey, kid: &str, claims: &Claims) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(kid.to_owned());
@@ -195,7 +261,7 @@ mod tests {
 
         let t = mint(&alice, Duration::from_secs(600)).unwrap();
         assert_eq!(
-            verify(&t, &st, now),
+            verify(&t, &st, now, MAX_LIFETIME),
             Ok(Caller {
                 id: "alice".into(),
                 role: Role::Researcher
@@ -203,22 +269,25 @@ mod tests {
         );
         // Expired (beyond the leeway), and not yet valid.
         assert!(matches!(
-            verify(&t, &st, now + 600 + LEEWAY_SECS + 1),
+            verify(&t, &st, now + 600 + LEEWAY_SECS + 1, MAX_LIFETIME),
             Err(AuthError::Invalid(_))
         ));
         assert!(matches!(
-            verify(&t, &st, now - LEEWAY_SECS - 5),
+            verify(&t, &st, now - LEEWAY_SECS - 5, MAX_LIFETIME),
             Err(AuthError::Invalid(_))
         ));
         // A key of the same name that is not the registered one.
         let mallory = SignerKey::generate("alice").unwrap();
         let t = mint(&mallory, Duration::from_secs(60)).unwrap();
-        assert!(matches!(verify(&t, &st, now), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            verify(&t, &st, now, MAX_LIFETIME),
+            Err(AuthError::Invalid(_))
+        ));
         // Unknown principal.
         let bob = SignerKey::generate("bob").unwrap();
         let t = mint(&bob, Duration::from_secs(60)).unwrap();
         assert_eq!(
-            verify(&t, &st, now),
+            verify(&t, &st, now, MAX_LIFETIME),
             Err(AuthError::UnknownPrincipal("bob".into()))
         );
         // Wrong audience, sub differing from kid, lifetime over 15 minutes.
@@ -279,16 +348,16 @@ mod tests {
         for c in &bad {
             assert!(
                 matches!(
-                    verify(&forge(&alice, "alice", c), &st, now),
+                    verify(&forge(&alice, "alice", c), &st, now, MAX_LIFETIME),
                     Err(AuthError::Invalid(_))
                 ),
                 "{c:?}"
             );
         }
-        assert!(verify(&forge(&alice, "alice", &base), &st, now).is_ok());
+        assert!(verify(&forge(&alice, "alice", &base), &st, now, MAX_LIFETIME).is_ok());
         // Garbage and a tampered payload.
         assert!(matches!(
-            verify("a.b.c", &st, now),
+            verify("a.b.c", &st, now, MAX_LIFETIME),
             Err(AuthError::Malformed(_))
         ));
         let t = mint(&alice, Duration::from_secs(60)).unwrap();
@@ -303,8 +372,8 @@ mod tests {
         );
         parts[1] = other.split('.').nth(1).unwrap();
         parts[2] = t.split('.').nth(2).unwrap();
-        assert!(verify(&parts.join("."), &st, now).is_err());
-        assert!(mint(&alice, Duration::from_secs(16 * 60)).is_err());
+        assert!(verify(&parts.join("."), &st, now, MAX_LIFETIME).is_err());
+        assert!(mint(&alice, Duration::from_secs(25 * 3600)).is_err());
     }
 
     #[test]

@@ -169,6 +169,7 @@ async fn run() -> anyhow::Result<()> {
         origin: "bench.consentry/ledger".into(),
         operator: "operator".into(),
         limits: Default::default(),
+        max_token_lifetime: broker::auth::MAX_LIFETIME,
     };
     let ledger = Arc::new(broker::cli::serve::open_or_init(&args)?);
     let operator = ledger::keyfile::read_private_key(&dir.path().join("ledger/ledger.key"))?;

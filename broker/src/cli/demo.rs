@@ -75,7 +75,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .build()?;
     let ledger = Arc::new(open_or_init(&args.serve)?);
     rt.block_on(async {
-        let broker = Broker::with_limits(ledger.clone(), dir, args.serve.limits.engine())?;
+        let broker = Broker::with_limits(
+            ledger.clone(),
+            dir,
+            args.serve.limits.engine(),
+            args.serve.max_token_lifetime,
+        )?;
         let tls = args.serve.tls_cert.clone().zip(args.serve.tls_key.clone());
         let running = server::serve(
             broker,

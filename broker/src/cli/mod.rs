@@ -51,7 +51,8 @@ pub enum Command {
     /// Serve the gRPC services (registry, consent, query, audit, ledger, health, reflection)
     /// over the data directory, creating its ledger on first run.
     Serve(serve::ServeArgs),
-    /// Mint a bearer token (EdDSA JWT, at most 15 minutes) with a principal's key.
+    /// Mint a bearer token (EdDSA JWT; brokers accept 15 minutes unless their operator allows
+    /// up to 24 hours) with a principal's key.
     Token(serve::TokenArgs),
     /// Dataset tools for custodians: propose a column policy for a Parquet or Arrow file,
     /// register a version (upload), list versions, hash files as a registration records them.
@@ -72,7 +73,8 @@ pub enum Command {
     Principal(principal::PrincipalArgs),
     /// Run a DP query (or an extract) within a study and show or save the result.
     Query(query::QueryArgs),
-    /// The IRB's usage log (denied attempts too) and budget burn-down.
+    /// A study's usage log (denied attempts too, with what they asked to spend; repeats
+    /// marked) and budget burn-down: for its IRB, sponsor, PI and researchers, and the operator.
     Audit(query::AuditArgs),
     /// Fetch a study's evidence bundle (check it offline with `broker verify`).
     Bundle(query::BundleArgs),

@@ -41,6 +41,21 @@ pub struct ServeArgs {
     /// What one query may cost.
     #[command(flatten)]
     pub limits: QueryLimits,
+    /// The longest bearer token lifetime accepted, e.g. `15m` or `8h` (at most 24h). Longer
+    /// lets an open ADBC connection or a notebook last a working day; every call still checks
+    /// the caller's current key and status on the ledger, so a rotation or revocation takes
+    /// effect at once, but a stolen token works until it expires.
+    #[arg(long, env = "CONSENTRY_MAX_TOKEN_LIFETIME", default_value = "15m", value_parser = parse_lifetime)]
+    pub max_token_lifetime: Duration,
+}
+
+/// A token lifetime: a duration from 1 minute to 24 hours.
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = parse_ttl(s)?;
+    if d < Duration::from_secs(60) || d > crate::auth::LONGEST_LIFETIME {
+        return Err(format!("{s:?}: a token lifetime is from 1m to 24h"));
+    }
+    Ok(d)
 }
 
 /// What one query may cost. A query that exceeds a limit while running fails, is charged its
@@ -120,7 +135,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Arguments of `broker token`.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// Lifetime, e.g. `10m`, `90s` (at most 15m).
+    /// Lifetime, e.g. `10m`, `90s`, `8h` (at most 24h; brokers accept more than 15m only
+    /// where their operator allows it with --max-token-lifetime).
     #[arg(long, env = "CONSENTRY_TOKEN_TTL", default_value = "10m", value_parser = parse_ttl)]
     pub ttl: Duration,
 }
@@ -195,7 +211,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     let ledger = Arc::new(open_or_init(&args)?);
     rt.block_on(async {
-        let broker = Broker::with_limits(ledger.clone(), &args.data_dir, args.limits.engine())?;
+        let broker = Broker::with_limits(
+            ledger.clone(),
+            &args.data_dir,
+            args.limits.engine(),
+            args.max_token_lifetime,
+        )?;
         let tls = args.tls_cert.clone().zip(args.tls_key.clone());
         let running = server::serve(
             broker,

@@ -1,8 +1,9 @@
 //! The Audit service: the usage log for IRBs (every receipt of the studies they approved,
 //! denied attempts included), budget use over time, and exports as Parquet or CSV.
 //!
-//! Who may review a study: the IRB that approved it, its sponsor, and the operator. Receipts
-//! of refused queries that named no known study are the operator's to review.
+//! Who may review a study: the IRB that approved it, its sponsor, its PI and researchers (their
+//! own study's log, denied attempts too), and the operator. Receipts of refused queries that
+//! named no known study are the operator's to review.
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub struct AuditService(pub Arc<Broker>);
 fn may_review(caller: &Caller, s: &ledger::state::Study) -> bool {
     caller.role == Role::Operator
         || s.reg.sponsor.as_str() == caller.id
+        || s.is_member(&caller.id)
         || s.approval
             .as_ref()
             .is_some_and(|(irb, _)| irb.as_str() == caller.id)
@@ -72,7 +74,8 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
                 Some(s) if may_review(caller, s) => studies.push(f.study.clone()),
                 Some(_) => {
                     return Err(Status::permission_denied(format!(
-                        "only study {}'s IRB, its sponsor and the operator review its usage",
+                        "only study {}'s IRB, sponsor, PI and researchers, and the operator, \
+                         review its usage",
                         f.study
                     )));
                 }
@@ -105,7 +108,13 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         {
             continue;
         }
+        let (epsilon_requested, delta_requested) =
+            (requested(&r, "epsilon"), requested(&r, "delta"));
+        let repeated = r.mechanism.get("repeat") == Some(&serde_json::Value::Bool(true));
         out.push(v1::Receipt {
+            epsilon_requested,
+            delta_requested,
+            repeated,
             index: i,
             time: e.entry.time.to_string(),
             study: r.study,
@@ -136,6 +145,17 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
     Ok(out)
 }
 
+/// What a receipt's query asked to spend: recorded by a denial (`requested` in its
+/// mechanism); a release or a charged failure asked what it spent.
+fn requested(r: &ledger::entry::QueryReceipt, what: &str) -> f64 {
+    match r.mechanism.get("requested").and_then(|m| m.get(what)) {
+        Some(v) => v.as_f64().unwrap_or(0.0),
+        None if r.outcome == Outcome::Denied => 0.0,
+        None if what == "epsilon" => r.epsilon,
+        None => r.delta,
+    }
+}
+
 /// The usage log as one Arrow batch.
 pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::ArrowError> {
     let s = |name: &str| Field::new(name, DataType::Utf8, false);
@@ -161,6 +181,9 @@ pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::A
         s("result_digest"),
         s("consent_digest"),
         Field::new("rows_suppressed", DataType::UInt64, false),
+        Field::new("epsilon_requested", DataType::Float64, false),
+        Field::new("delta_requested", DataType::Float64, false),
+        Field::new("repeated", DataType::Boolean, false),
     ]);
     let strs = |f: fn(&v1::Receipt) -> &str| {
         Arc::new(StringArray::from_iter_values(rs.iter().map(f))) as arrow::array::ArrayRef
@@ -192,6 +215,15 @@ pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::A
             strs(|r| &r.consent_digest),
             Arc::new(UInt64Array::from_iter_values(
                 rs.iter().map(|r| r.rows_suppressed),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rs.iter().map(|r| r.epsilon_requested),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rs.iter().map(|r| r.delta_requested),
+            )),
+            Arc::new(arrow::array::BooleanArray::from(
+                rs.iter().map(|r| r.repeated).collect::<Vec<_>>(),
             )),
         ],
     )

@@ -264,9 +264,7 @@ impl FlightSql {
             let st = self.broker.ledger.state();
             let mut datasets = std::collections::BTreeSet::new();
             for s in st.studies() {
-                let member = s.reg.pi.as_str() == caller.id
-                    || s.reg.researchers.iter().any(|r| r.as_str() == caller.id);
-                if !member || !s.active_at(now) {
+                if !s.is_member(&caller.id) || !s.active_at(now) {
                     continue;
                 }
                 if let Some((_, a)) = &s.approval {

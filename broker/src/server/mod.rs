@@ -39,22 +39,32 @@ pub struct Broker {
     pub(crate) ledger: Arc<Ledger>,
     pub(crate) store: Store,
     pub(crate) secrets: Arc<Secrets>,
+    /// The longest token lifetime accepted.
+    pub(crate) max_token_lifetime: std::time::Duration,
 }
 
 impl Broker {
     /// A broker over an open ledger and the data directory that holds its datasets, with the
     /// default limits per query.
     pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> anyhow::Result<Arc<Broker>> {
-        Self::with_limits(ledger, data_dir, anonymizer::Limits::default())
+        Self::with_limits(
+            ledger,
+            data_dir,
+            anonymizer::Limits::default(),
+            auth::MAX_LIFETIME,
+        )
     }
 
-    /// [`Broker::new`] whose queries run within `limits`.
+    /// [`Broker::new`] whose queries run within `limits`, accepting tokens that live up to
+    /// `max_token_lifetime`.
     pub fn with_limits(
         ledger: Arc<Ledger>,
         data_dir: &Path,
         limits: anonymizer::Limits,
+        max_token_lifetime: std::time::Duration,
     ) -> anyhow::Result<Arc<Broker>> {
         Ok(Arc::new(Broker {
+            max_token_lifetime,
             store: Store::open(data_dir, limits)?,
             secrets: Arc::new(Secrets::open(
                 data_dir,
@@ -98,7 +108,14 @@ pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>
         .get("authorization")
         .map(|v| v.to_str().unwrap_or(""));
     let caller = auth::bearer(value)
-        .and_then(|t| auth::verify(t, &broker.ledger.state(), Timestamp::now().unix()))
+        .and_then(|t| {
+            auth::verify(
+                t,
+                &broker.ledger.state(),
+                Timestamp::now().unix(),
+                broker.max_token_lifetime,
+            )
+        })
         .map_err(|e| {
             tracing::info!(error = %e, "call refused: unauthenticated");
             Status::unauthenticated(e.to_string())

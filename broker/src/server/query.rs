@@ -67,6 +67,28 @@ pub(crate) const FAILED: &str = "the query failed while running (it may have exc
 /// What a caller learns of an internal error: nothing of its cause (the log has its kind).
 const INTERNAL: &str = "the query could not be run because of an internal error";
 
+/// What a refused query asked to spend, for its receipt's mechanism (`requested`): the IRB
+/// sees what a denial was about. Only finite numbers are recorded.
+fn requested(q: &v1::QueryRequest, mode: QueryMode) -> BTreeMap<String, serde_json::Value> {
+    let mut asked = serde_json::Map::new();
+    if mode == QueryMode::Dp {
+        for (name, v) in [
+            ("epsilon", q.epsilon),
+            ("delta", q.delta),
+            ("accuracy", q.accuracy),
+        ] {
+            if v.is_finite() && v > 0.0 {
+                asked.insert(name.into(), v.into());
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    if !asked.is_empty() {
+        m.insert("requested".to_owned(), serde_json::Value::Object(asked));
+    }
+    m
+}
+
 fn authorize(
     st: &ledger::State,
     caller: &Caller,
@@ -95,13 +117,7 @@ fn authorize(
             format!("unknown study {}", super::shown(&q.study)),
         )
     })?;
-    let member = study.reg.pi.as_str() == caller.id
-        || study
-            .reg
-            .researchers
-            .iter()
-            .any(|r| r.as_str() == caller.id);
-    if !member {
+    if !study.is_member(&caller.id) {
         return Err(deny(
             PermissionDenied,
             format!("{} is not a researcher of study {}", caller.id, q.study),
@@ -252,7 +268,7 @@ impl QueryService {
             dataset_digest: None,
             sql: truncate(sql.clone(), 16 << 10),
             mode,
-            mechanism: BTreeMap::new(),
+            mechanism: requested(q, mode),
             epsilon: 0.0,
             delta: 0.0,
             rho: None,

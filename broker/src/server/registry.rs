@@ -79,9 +79,8 @@ pub(crate) fn study_message(st: &ledger::State, s: &ledger::state::Study) -> v1:
 pub(crate) fn may_see_study(caller: &crate::auth::Caller, s: &ledger::state::Study) -> bool {
     let id = caller.id.as_str();
     caller.role == Role::Operator
-        || s.reg.pi.as_str() == id
+        || s.is_member(id)
         || s.reg.sponsor.as_str() == id
-        || s.reg.researchers.iter().any(|r| r.as_str() == id)
         || s.approval
             .as_ref()
             .is_some_and(|(irb, _)| irb.as_str() == id)

@@ -100,6 +100,12 @@ pub struct Study {
 }
 
 impl Study {
+    /// Whether principal `id` is a member of the study: its PI or one of its researchers
+    /// (the one answer to "may this researcher query, or read, within this study").
+    pub fn is_member(&self, id: &str) -> bool {
+        self.reg.pi.as_str() == id || self.reg.researchers.iter().any(|r| r.as_str() == id)
+    }
+
     /// Whether queries may run now: approved and within the approval period.
     pub fn active_at(&self, t: Timestamp) -> bool {
         self.status == StudyStatus::Approved

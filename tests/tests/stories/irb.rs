@@ -41,6 +41,13 @@ async fn the_irb_reviews_released_and_denied_queries() {
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].index, denied_at);
     assert!(d[0].reason.contains("SELECT *"), "{}", d[0].reason);
+    // A denial spends nothing and records what it asked for.
+    assert_eq!((d[0].epsilon, d[0].epsilon_requested), (0.0, 0.1));
+    // A release asked what it spent; none of these is a repeat.
+    for r in all.iter().filter(|r| r.outcome == "released") {
+        assert_eq!(r.epsilon_requested, r.epsilon);
+        assert!(!r.repeated);
+    }
 
     let released = irb
         .receipts(proto::v1::AuditRequest {
@@ -131,8 +138,45 @@ async fn the_irb_reviews_released_and_denied_queries() {
         w.ledger.entry(index).unwrap().entry.time.unix()
     );
 
-    // Another IRB, and researchers, may not review this study.
-    for k in [key("irb2"), key("alice")] {
+    // The PI reads the study's own log, denied attempts too (all studies of hers when she
+    // names none).
+    for study in ["s1", ""] {
+        let own = w
+            .audit(&alice)
+            .receipts(proto::v1::AuditRequest {
+                study: study.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .receipts;
+        assert_eq!(own.len(), 3, "{study:?}");
+        assert_eq!(own.iter().filter(|r| r.outcome == "denied").count(), 1);
+    }
+    // An identical repeat is released again for free, and marked as a repeat.
+    w.run(
+        &alice,
+        World::dp("s1", "SELECT COUNT(*) AS n FROM visits", 0.25),
+    )
+    .await
+    .unwrap();
+    let last = irb
+        .receipts(proto::v1::AuditRequest {
+            study: "s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .receipts
+        .pop()
+        .unwrap();
+    assert!(last.repeated && last.outcome == "released", "{last:?}");
+    assert_eq!(last.epsilon, 0.0);
+
+    // Another IRB, and a researcher outside the study, may not review it.
+    for k in [key("irb2"), key("bob")] {
         let e = w
             .audit(&k)
             .receipts(proto::v1::AuditRequest {

@@ -131,6 +131,7 @@ impl World {
             origin: "test.consentry/ledger".into(),
             operator: "operator".into(),
             limits: Default::default(),
+            max_token_lifetime: broker::auth::MAX_LIFETIME,
         };
         let ledger = Arc::new(broker::cli::serve::open_or_init(&args).unwrap());
         let broker = Broker::new(ledger.clone(), data_dir).unwrap();
