@@ -522,3 +522,144 @@ fn the_operator_onboards_rotates_and_revokes_a_principal_while_the_broker_serves
     );
     drop(served);
 }
+
+#[test]
+fn a_study_on_two_datasets_keeps_each_approval() {
+    let d = tempfile::tempdir().unwrap();
+    let served = serve_demo(d.path());
+    let info = served.info.clone();
+    let url = info["url"].as_str().unwrap().to_owned();
+    let client = |who: &str, args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(args)
+            .env("CONSENTRY_URL", &url)
+            .env(
+                "CONSENTRY_KEY",
+                d.path().join("keys").join(format!("{who}.key")),
+            )
+            .output()
+            .unwrap()
+    };
+    let ok = |o: Output| -> Output {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        o
+    };
+    // A second dataset, "registry", from the same files.
+    let mut args: Vec<String> = ["dataset", "register", "--dataset", "registry", "--policy"]
+        .map(String::from)
+        .to_vec();
+    args.push(info["dataset"]["policy_file"].as_str().unwrap().to_owned());
+    for (name, file) in info["dataset"]["source_files"].as_object().unwrap() {
+        args.push(format!("{name}={}", file.as_str().unwrap()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(client("hospital", &args));
+    ok(client(
+        "alice",
+        &[
+            "study",
+            "create",
+            "--study",
+            "two",
+            "--title",
+            "Two sources",
+            "--sponsor",
+            "pharma",
+            "--purpose",
+            "GRU",
+            "--dataset",
+            "ehr",
+            "--dataset",
+            "registry",
+        ],
+    ));
+    let approve = |dataset: &str, eps: &str, extra: &[&str]| {
+        let mut a = vec![
+            "study",
+            "approve",
+            "--study",
+            "two",
+            "--dataset",
+            dataset,
+            "--epsilon",
+            eps,
+            "--delta",
+            "1e-6",
+            "--valid-until",
+            "2099-01-01T00:00:00Z",
+        ];
+        a.extend_from_slice(extra);
+        client("irb", &a)
+    };
+    let grants = || -> Vec<serde_json::Value> {
+        let out = ok(client("alice", &["study", "list"]));
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let s = all.into_iter().find(|s| s["id"] == "two").unwrap();
+        let mut g = s["grants"].as_array().unwrap().clone();
+        g.sort_by_key(|g| g["dataset"].as_str().unwrap().to_owned());
+        g
+    };
+    let query = |dataset: &str| {
+        client(
+            "alice",
+            &[
+                "query",
+                "--study",
+                "two",
+                "--dataset",
+                dataset,
+                "--epsilon",
+                "0.1",
+                "--sql",
+                "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex",
+            ],
+        )
+    };
+
+    ok(approve("ehr", "1", &[]));
+    let second = ok(approve("registry", "2", &["--min-cell-size", "11"]));
+    assert!(
+        text(&second.stderr).contains("keeping the study's grant on dataset ehr"),
+        "{}",
+        text(&second.stderr)
+    );
+    let g = grants();
+    assert_eq!(g.len(), 2, "{g:?}");
+    assert_eq!(
+        (g[0]["dataset"].as_str(), g[0]["epsilon_granted"].as_f64()),
+        (Some("ehr"), Some(1.0))
+    );
+    assert_eq!(
+        (
+            g[1]["dataset"].as_str(),
+            g[1]["epsilon_granted"].as_f64(),
+            g[1]["min_cell_size"].as_u64()
+        ),
+        (Some("registry"), Some(2.0), Some(11))
+    );
+    ok(query("ehr"));
+    ok(query("registry"));
+    // Re-approving one dataset changes its grant only; the other keeps everything, its
+    // spend included.
+    ok(approve("ehr", "3", &[]));
+    let g = grants();
+    assert_eq!(g[0]["epsilon_granted"].as_f64(), Some(3.0));
+    assert_eq!(g[1]["min_cell_size"].as_u64(), Some(11));
+    assert!(
+        (g[1]["epsilon_spent"].as_f64().unwrap() - 0.1).abs() < 1e-9,
+        "{g:?}"
+    );
+    // --only withdraws the others.
+    ok(approve("registry", "2", &["--only"]));
+    let g = grants();
+    assert_eq!(g.len(), 1);
+    let refused = query("ehr");
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("not approved for dataset \"ehr\""),
+        "{}",
+        text(&refused.stderr)
+    );
+    ok(query("registry"));
+    drop(served);
+}

@@ -51,7 +51,9 @@ pub enum StudyCommand {
         #[arg(long, env = "CONSENTRY_COMMERCIAL", default_value_t = false)]
         commercial: bool,
     },
-    /// Approve a study on one dataset with a privacy budget (the caller is the IRB).
+    /// Approve a study on one dataset with a privacy budget (the caller is the IRB). The
+    /// study's grants on its other datasets are kept (carried into the new approval, which also
+    /// sets the approval period); with --only they are withdrawn.
     Approve {
         /// The study.
         #[arg(long, env = "CONSENTRY_STUDY")]
@@ -77,6 +79,9 @@ pub enum StudyCommand {
         /// End of the approval (RFC 3339).
         #[arg(long, env = "CONSENTRY_VALID_UNTIL")]
         valid_until: String,
+        /// Grant this dataset only, withdrawing the study's grants on other datasets.
+        #[arg(long, default_value_t = false)]
+        only: bool,
     },
     /// Suspend a study: no query runs until it is approved again.
     Suspend {
@@ -144,6 +149,7 @@ pub fn run(conn: &Conn, args: StudyArgs) -> anyhow::Result<()> {
                 min_cell_size,
                 valid_from,
                 valid_until,
+                only,
             } => {
                 let mut grant = serde_json::json!({
                     "dataset": dataset, "epsilon": epsilon, "delta": delta, "dp": true,
@@ -154,11 +160,30 @@ pub fn run(conn: &Conn, args: StudyArgs) -> anyhow::Result<()> {
                 if let Some(m) = min_cell_size {
                     grant["min_cell_size"] = m.into();
                 }
+                let mut grants = vec![grant];
+                if !only {
+                    let studies = r
+                        .list_studies(v1::ListStudiesRequest {})
+                        .await
+                        .map_err(conn::status)?
+                        .into_inner()
+                        .studies;
+                    if let Some(s) = studies.iter().find(|s| s.id == study) {
+                        let kept = other_grants(s, &dataset);
+                        for g in &kept {
+                            eprintln!(
+                                "keeping the study's grant on dataset {} (--only withdraws it)",
+                                g["dataset"].as_str().unwrap_or_default()
+                            );
+                        }
+                        grants.extend(kept);
+                    }
+                }
                 (
                     "study_approved",
                     serde_json::json!({
                         "study": study,
-                        "grants": [grant],
+                        "grants": grants,
                         "valid_from": valid_from
                             .unwrap_or_else(|| ledger::ids::Timestamp::now().to_string()),
                         "valid_until": valid_until,
@@ -184,6 +209,29 @@ pub fn run(conn: &Conn, args: StudyArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The grants of study `s` on datasets other than `dataset`, as an approval carries them:
+/// the same budgets, modes and minimum cell size.
+fn other_grants(s: &v1::Study, dataset: &str) -> Vec<serde_json::Value> {
+    s.grants
+        .iter()
+        .filter(|g| g.dataset != dataset)
+        .map(|g| {
+            let b = g.budget.clone().unwrap_or_default();
+            let mut grant = serde_json::json!({
+                "dataset": g.dataset, "epsilon": b.epsilon_granted, "delta": b.delta_granted,
+                "dp": g.dp,
+            });
+            if g.extract_k > 0 {
+                grant["extract_k"] = g.extract_k.into();
+            }
+            if g.min_cell_size > 0 {
+                grant["min_cell_size"] = g.min_cell_size.into();
+            }
+            grant
+        })
+        .collect()
+}
+
 fn study_json(s: &v1::Study) -> serde_json::Value {
     let grants: Vec<serde_json::Value> = s
         .grants
@@ -194,6 +242,7 @@ fn study_json(s: &v1::Study) -> serde_json::Value {
                 "dataset": g.dataset,
                 "dp": g.dp,
                 "extract_k": (g.extract_k > 0).then_some(g.extract_k),
+                "min_cell_size": (g.min_cell_size > 0).then_some(g.min_cell_size),
                 "epsilon_granted": b.map(|b| b.epsilon_granted),
                 "epsilon_spent": b.map(|b| b.epsilon_spent),
                 "epsilon_left": b.map(|b| b.epsilon_left),

@@ -42,6 +42,7 @@ pub(crate) fn study_message(st: &ledger::State, s: &ledger::state::Study) -> v1:
                     dataset: g.dataset.to_string(),
                     dp: g.dp,
                     extract_k: g.extract_k.unwrap_or(0),
+                    min_cell_size: g.min_cell_size.unwrap_or(0),
                     budget: Some(budget(&ledger::budget::Account {
                         epsilon: g.epsilon,
                         delta: g.delta,
