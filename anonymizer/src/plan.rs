@@ -234,7 +234,9 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
                 Some(d) => domains.push(d.clone()),
                 None => all_public = false,
             },
-            e => match literal_domain(e) {
+            e => match literal_domain(e)
+                .or_else(|| date_part_domain(e, |c| resolve(c).ok().and_then(|(_, cp)| cp.years)))
+            {
                 Some(d) => domains.push(d),
                 None => all_public = false,
             },
@@ -545,6 +547,55 @@ fn literal_domain(e: &Expr) -> Option<Domain> {
         (true, false) => Some(Domain::Int(ints)),
         _ => None,
     }
+}
+
+/// The values a date part of a column can take, known without the data: a month is 1 to 12,
+/// a quarter 1 to 4, a day of the week 0 to 6 (ISO: 1 to 7), a day of the month 1 to 31, of
+/// the year 1 to 366, an hour 0 to 23; a year lies in the column's public `years` where its
+/// policy declares them. `date_part(part, column)` (and so `EXTRACT(part FROM column)`) only.
+fn date_part_domain(e: &Expr, years_of: impl Fn(&Column) -> Option<[i32; 2]>) -> Option<Domain> {
+    let Expr::ScalarFunction(f) = e else {
+        return None;
+    };
+    if f.name() != "date_part" || f.args.len() != 2 {
+        return None;
+    }
+    let Expr::Literal(part, _) = strip_alias(&f.args[0]) else {
+        return None;
+    };
+    let part = match part {
+        ScalarValue::Utf8(Some(p))
+        | ScalarValue::LargeUtf8(Some(p))
+        | ScalarValue::Utf8View(Some(p)) => p.to_ascii_lowercase(),
+        _ => return None,
+    };
+    // The column itself, or as `total` guards a date (NULL outside the dates it can take).
+    let c = match strip_alias(&f.args[1]) {
+        Expr::Column(c) => c,
+        Expr::Case(case) => match (&case.expr, case.when_then_expr.as_slice(), &case.else_expr) {
+            (None, [(_, then)], None) => match strip_alias(then) {
+                Expr::Column(c) => c,
+                _ => return None,
+            },
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let (lo, hi) = match part.as_str() {
+        "month" => (1, 12),
+        "quarter" => (1, 4),
+        "dow" => (0, 6),
+        "isodow" => (1, 7),
+        "day" => (1, 31),
+        "doy" => (1, 366),
+        "hour" => (0, 23),
+        "year" => {
+            let [lo, hi] = years_of(c)?;
+            (i64::from(lo), i64::from(hi))
+        }
+        _ => return None,
+    };
+    Some(Domain::Int((lo..=hi).collect()))
 }
 
 fn strip_alias(e: &Expr) -> &Expr {

@@ -111,6 +111,11 @@ pub struct ColumnPolicy {
     /// Clamping bounds per value of the `bounds_by` column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_bounds: Option<BTreeMap<String, [f64; 2]>>,
+    /// For a date or timestamp column: the years its values fall in (`[first, last]`, public),
+    /// the key domain of `EXTRACT(YEAR FROM column)`. Rows of other years are in no released
+    /// group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub years: Option<[i32; 2]>,
 }
 
 impl ColumnPolicy {
@@ -123,6 +128,7 @@ impl ColumnPolicy {
             generalize: None,
             bounds_by: None,
             key_bounds: None,
+            years: None,
         }
     }
 }
@@ -277,6 +283,24 @@ impl Policy {
                     return bad(format!(
                         "table {t}: only {} is the privacy unit",
                         self.privacy_unit
+                    ));
+                }
+                if let Some([lo, hi]) = cp.years
+                    && !(lo <= hi && i64::from(hi) - i64::from(lo) < 1000)
+                {
+                    return bad(format!(
+                        "table {t}, column {c}: years must be [first, last] with first <= last, \
+                         fewer than 1,000"
+                    ));
+                }
+                if cp.years.is_some()
+                    && matches!(
+                        cp.class,
+                        ColumnClass::DirectIdentifier | ColumnClass::PrivacyUnit
+                    )
+                {
+                    return bad(format!(
+                        "table {t}, column {c}: only a readable date column has years"
                     ));
                 }
                 if let Some([lo, hi]) = cp.bounds
@@ -453,6 +477,19 @@ impl Policy {
             };
             crate::safe_harbor::Rule::for_column(c, cp, f.data_type())
                 .map_err(|e| Error::Policy(format!("table {table}: {e}")))?;
+            if cp.years.is_some()
+                && !matches!(
+                    f.data_type(),
+                    arrow::datatypes::DataType::Date32
+                        | arrow::datatypes::DataType::Date64
+                        | arrow::datatypes::DataType::Timestamp(_, _)
+                )
+            {
+                return Err(Error::Policy(format!(
+                    "table {table}: column {c} has years but is {}, not a date or timestamp",
+                    f.data_type()
+                )));
+            }
         }
         Ok(())
     }

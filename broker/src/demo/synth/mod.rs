@@ -111,14 +111,15 @@ ethnicity = { class = "public", domain = ["hispanic", "nonhispanic"] }
 [tables.encounters.columns]
 encounter_id = { class = "direct_identifier" }
 patient_id = { class = "privacy_unit" }
-start_date = { class = "quasi_identifier", generalize = "year" }
+# Encounters fall in 2021-2025 (public): EXTRACT(YEAR FROM start_date) releases every year.
+start_date = { class = "quasi_identifier", generalize = "year", years = [2021, 2025] }
 encounter_class = { class = "public", domain = ["wellness", "ambulatory", "outpatient", "emergency", "inpatient", "urgentcare"] }
 reason_code = { class = "sensitive", domain = ["E66.9", "E11.9", "I10", "E78.5", "N18.3", "I25.10", "J45.909", "F32.9", "F41.1", "K21.9", "M54.5", "J06.9"] }
 cost = { class = "sensitive", bounds = [0.0, 20000.0] }
 
 [tables.conditions.columns]
 patient_id = { class = "privacy_unit" }
-onset_date = { class = "quasi_identifier", generalize = "year" }
+onset_date = { class = "quasi_identifier", generalize = "year", years = [2021, 2025] }
 code = { class = "sensitive", domain = ["E66.9", "E11.9", "I10", "E78.5", "N18.3", "I25.10", "J45.909", "F32.9", "F41.1", "K21.9", "M54.5", "J06.9"] }
 description = { class = "sensitive" }
 
