@@ -170,6 +170,20 @@ pub struct Prepared {
     pub cost: Spend,
 }
 
+/// A dry run's answer ([`Engine::preview`]).
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// The normalized SQL.
+    pub sql: String,
+    /// What the query would be charged.
+    pub cost: Spend,
+    /// The noise on its counts and sums.
+    pub mechanism: Mechanism,
+    /// Each aggregate of the query, as written, with its 95% half-width (`None` where it
+    /// depends on the group: AVG, VAR, STDDEV, quantiles).
+    pub statistics: Vec<(String, Option<f64>)>,
+}
+
 /// A consent filter prepared for this engine: its snapshot digest and its set of units.
 #[derive(Debug)]
 pub(crate) struct Consent {
@@ -904,6 +918,37 @@ impl Engine {
                 Err(charged)
             }
         }
+    }
+
+    /// A dry run: what `req` would spend and each released statistic's 95% half-width, from
+    /// the SQL, the policy and the request alone. Nothing is read and nothing is spent: the
+    /// answer depends on no row (the same checks as a query, budget included, then
+    /// [`release::preview`]).
+    pub async fn preview(&self, req: &Request<'_>) -> Result<Preview> {
+        let sql = std::panic::catch_unwind(|| normalize_sql(req.sql))
+            .unwrap_or_else(|_| Err(unplannable()))?;
+        let p = match std::panic::AssertUnwindSafe(self.prepare(req, sql))
+            .catch_unwind()
+            .await
+        {
+            Ok(p) => p?,
+            Err(_) => return Err(unplannable()),
+        };
+        let widths = release::preview(&p.checked, &self.dataset, p.spending, req.min_cell_size)?;
+        let statistics = p
+            .checked
+            .aggregate
+            .aggr_expr
+            .iter()
+            .map(|e| e.human_display().to_string())
+            .zip(widths)
+            .collect();
+        Ok(Preview {
+            sql: p.sql,
+            cost: p.cost,
+            mechanism: p.spending.mechanism,
+            statistics,
+        })
     }
 
     /// Stage 1: checks the request and the query, and what it costs. Depends on the SQL, the

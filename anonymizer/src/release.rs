@@ -530,6 +530,69 @@ fn noisy_floats(m: Mechanism, values: &[f64], s: Sensitivity, share: f64) -> Res
     }
 }
 
+/// Each statistic's 95% half-width that a query would be released with, from its plan, the
+/// policy and its spend alone, before anything is read: the noise of each count and sum is
+/// built exactly as [`noise`] builds it and drawn on zeros, so each figure is the mechanism's
+/// own. `None` where the width depends on the group (AVG, VAR, STDDEV and quantiles, whose
+/// intervals come from their noisy parts; values rescaled per key).
+pub fn preview(
+    checked: &Checked,
+    dataset: &Dataset,
+    spending: Spending,
+    min_cell: Option<u64>,
+) -> Result<Vec<Option<f64>>> {
+    let sens_list = sensitivities(checked, summed_rows(checked, dataset));
+    let sens = |column: &str| -> Result<Sensitivity> {
+        sens_list
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
+    };
+    let selected = checked.keys == Keys::Selected;
+    let by_units = selected && selects_by_units(&checked.stats);
+    let share = spending.budget / draws(checked, min_cell).max(1) as f64;
+    let threshold = if selected {
+        let (column, linf) = if by_units {
+            ("__u", 1)
+        } else {
+            ("__n", i64::from(checked.bounds.rows_per_group))
+        };
+        let (_, info, _) = mechanisms::laplace_threshold(
+            &HashMap::new(),
+            checked.bounds.groups,
+            sens(column)?.l1.ceil() as i64,
+            linf,
+            spending.pure(share),
+            spending.delta,
+        )?;
+        Some(info.accuracy)
+    } else {
+        None
+    };
+    let kind = spending.mechanism;
+    let mut out = Vec::with_capacity(checked.stats.len());
+    for (i, s) in checked.stats.iter().enumerate() {
+        let rescaled = checked.rescales.get(i).is_some_and(Option::is_some);
+        let width = match s {
+            s if thresholded(s, selected, by_units) => threshold,
+            Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
+                Some(noisy_ints(kind, &[0], sens(&format!("__s{i}_n"))?, share)?.accuracy)
+            }
+            Statistic::Sum { .. } if rescaled => None,
+            Statistic::Sum { integer: true, .. } => {
+                Some(noisy_ints(kind, &[0], sens(&format!("__s{i}_sum"))?, share)?.accuracy)
+            }
+            Statistic::Sum { .. } => {
+                Some(noisy_floats(kind, &[0.0], sens(&format!("__s{i}_sum"))?, share)?.accuracy)
+            }
+            _ => None,
+        };
+        out.push(width);
+    }
+    Ok(out)
+}
+
 /// Adds noise to every statistic and builds the released batch.
 pub fn noise(
     checked: &Checked,

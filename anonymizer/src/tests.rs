@@ -1815,3 +1815,84 @@ day = { class = "quasi_identifier", years = [2022, 2020] }
     );
     assert!(bad.is_err());
 }
+
+/// A dry run's half-widths are the ones the query is then released with (ground truth: the
+/// release's own `_ci95`), and it spends nothing, reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_predicts_the_released_accuracy_and_spends_nothing() {
+    let e = engine(400);
+    let all = ConsentFilter::everyone();
+    // (SQL, mechanism, each released statistic's column and whether its width is known)
+    type Case<'a> = (&'a str, Option<Mechanism>, &'a [(&'a str, bool)]);
+    let cases: [Case<'_>; 4] = [
+        (
+            "SELECT sex, COUNT(*) AS n, SUM(systolic_bp) AS s, AVG(hba1c) AS a FROM visits \
+             GROUP BY sex",
+            None,
+            &[("n", true), ("s", true), ("a", false)],
+        ),
+        (
+            "SELECT COUNT(DISTINCT patient_id) AS p, SUM(hba1c) AS h FROM visits",
+            Some(Mechanism::Gaussian),
+            &[("p", true), ("h", true)],
+        ),
+        (
+            "SELECT zip3, COUNT(*) AS n FROM visits GROUP BY zip3",
+            None,
+            &[("n", true)],
+        ),
+        (
+            "SELECT diagnosis, COUNT(DISTINCT patient_id) AS p, COUNT(*) AS n FROM visits \
+             GROUP BY diagnosis",
+            Some(Mechanism::Laplace),
+            &[("p", true), ("n", true)],
+        ),
+    ];
+    for (i, (sql, mechanism, columns)) in cases.into_iter().enumerate() {
+        let scope = format!("dry{i}");
+        let r = Request {
+            mechanism,
+            ..req(sql, &scope, &all)
+        };
+        let preview = e.preview(&r).await.unwrap();
+        assert_eq!(preview.statistics.len(), columns.len(), "{sql}");
+        let released = e.run(&r).await.unwrap();
+        assert!(!released.repeated, "the dry run was no run");
+        assert!(
+            (preview.cost.epsilon - released.epsilon).abs() < 1e-9 || preview.cost.concentrated,
+            "{sql}: {:?} vs {}",
+            preview.cost,
+            released.epsilon
+        );
+        for ((stat, width), (column, known)) in preview.statistics.iter().zip(columns) {
+            assert_eq!(width.is_some(), *known, "{sql}: {stat}");
+            let Some(w) = width else { continue };
+            let ci = column_f64(&released.batches, &format!("{column}_ci95"));
+            assert!(!ci.is_empty() || sql.contains("zip3"), "{sql}");
+            for c in ci {
+                assert!(
+                    (c - w).abs() <= 1e-9 * w.max(1.0),
+                    "{sql}: {stat} {w} vs {c}"
+                );
+            }
+        }
+    }
+    // Refusals are the query's own, before anything runs: a direct identifier, no budget.
+    assert!(
+        e.preview(&req(
+            "SELECT COUNT(*) FROM visits WHERE name = 'x'",
+            "s",
+            &all
+        ))
+        .await
+        .is_err()
+    );
+    let poor = Request {
+        budget: Account::new(0.5, 0.0),
+        ..req("SELECT COUNT(*) FROM visits", "s", &all)
+    };
+    assert!(matches!(
+        e.preview(&poor).await,
+        Err(Error::BudgetExhausted { .. })
+    ));
+}

@@ -50,6 +50,11 @@ pub struct QueryArgs {
     /// Print the query's header (receipt, budget, digests) as JSON on stdout (with --out).
     #[arg(long, env = "CONSENTRY_JSON", default_value_t = false)]
     pub json: bool,
+    /// Preview instead of running: what the query would spend and each statistic's 95%
+    /// half-width (JSON), from the SQL, the policy and the budget alone. Nothing is read,
+    /// spent or receipted.
+    #[arg(long, default_value_t = false, conflicts_with_all = ["out", "extract"])]
+    pub dry_run: bool,
 }
 
 /// The noise a researcher may ask for.
@@ -88,20 +93,35 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
             Some(NoiseArg::Laplace) => "laplace",
             Some(NoiseArg::Gaussian) => "gaussian",
         };
-        let stream = q
-            .run(v1::QueryRequest {
-                study: args.study,
-                dataset: args.dataset,
-                sql: args.sql,
-                mode: mode as i32,
-                epsilon,
-                delta,
-                mechanism: mechanism.into(),
-                accuracy: args.accuracy.unwrap_or(0.0),
-            })
-            .await
-            .map_err(conn::status)?
-            .into_inner();
+        let request = v1::QueryRequest {
+            study: args.study,
+            dataset: args.dataset,
+            sql: args.sql,
+            mode: mode as i32,
+            epsilon,
+            delta,
+            mechanism: mechanism.into(),
+            accuracy: args.accuracy.unwrap_or(0.0),
+        };
+        if args.dry_run {
+            let p = q.preview(request).await.map_err(conn::status)?.into_inner();
+            let budget = p.budget.unwrap_or_default();
+            let statistics: Vec<serde_json::Value> = p
+                .statistics
+                .iter()
+                .map(|s| serde_json::json!({"statistic": s.statistic, "ci95": s.ci95}))
+                .collect();
+            return conn::print_json(&serde_json::json!({
+                "normalized_sql": p.normalized_sql,
+                "would_spend": {"epsilon": p.epsilon, "delta": p.delta, "rho": p.rho},
+                "mechanism": p.mechanism,
+                "statistics": statistics,
+                "epsilon_left": budget.epsilon_left,
+                "delta_left": budget.delta_left,
+                "rho_left": budget.rho_left,
+            }));
+        }
+        let stream = q.run(request).await.map_err(conn::status)?.into_inner();
         let (h, batches) = client::collect_query(stream).await?;
         let budget = h.budget.unwrap_or_default();
         let header = serde_json::json!({

@@ -508,9 +508,86 @@ fn ipc_bytes(
         .map_err(|e| Status::internal(format!("encoding the result: {e}")))
 }
 
+impl QueryService {
+    /// A dry run ([`anonymizer::Engine::preview`]): the query's authorization and checks, its
+    /// cost and accuracy; nothing read, spent or receipted. A refusal is the one the query
+    /// would get (its code and words), without a receipt.
+    async fn dry_run(
+        &self,
+        caller: &Caller,
+        q: &v1::QueryRequest,
+    ) -> Result<v1::QueryPreview, Status> {
+        if !matches!(
+            v1::Mode::try_from(q.mode),
+            Ok(v1::Mode::Dp | v1::Mode::Unspecified)
+        ) {
+            return Err(Status::invalid_argument(
+                "a dry run previews DP queries; an extract's rows have no noise to preview",
+            ));
+        }
+        let refused = |d: Denial| Status::new(d.code, d.reason);
+        let sql = anonymizer::engine::normalize_sql(&q.sql)
+            .map_err(|e| refused(anonymizer_denial(&e, None)))?;
+        let auth = {
+            let st = self.0.ledger.state();
+            authorize(&st, caller, q, &sql, QueryMode::Dp, Timestamp::now())
+        }
+        .map_err(refused)?;
+        let engine = self.0.store.engine(&auth.reg, &self.0.ledger).await?;
+        let mechanism = match q.mechanism.trim() {
+            "" => None,
+            m => Some(anonymizer::Mechanism::parse(m).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown mechanism {}: laplace or gaussian",
+                    super::shown(m)
+                ))
+            })?),
+        };
+        let everyone = anonymizer::ConsentFilter::everyone();
+        let scope = format!("{}\n{}", q.study, auth.reg.digest);
+        let ereq = EngineRequest {
+            scope: &scope,
+            sql: &sql,
+            epsilon: q.epsilon,
+            delta: q.delta,
+            mechanism,
+            accuracy: (q.accuracy != 0.0).then_some(q.accuracy),
+            // A preview reads no row: the consent snapshot plays no part.
+            filter: &everyone,
+            budget: auth.account,
+            min_cell_size: auth.min_cell_size,
+        };
+        let p = engine
+            .preview(&ereq)
+            .await
+            .map_err(|e| refused(anonymizer_denial(&e, Some(&auth.reg))))?;
+        Ok(v1::QueryPreview {
+            normalized_sql: p.sql,
+            epsilon: p.cost.epsilon,
+            delta: p.cost.delta,
+            rho: p.cost.rho,
+            mechanism: p.mechanism.name().into(),
+            statistics: p
+                .statistics
+                .into_iter()
+                .map(|(statistic, ci95)| v1::StatisticPreview { statistic, ci95 })
+                .collect(),
+            budget: Some(super::registry::budget(&auth.account)),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Query for QueryService {
     type RunStream = ReceiverStream<Result<v1::QueryResponse, Status>>;
+
+    async fn preview(
+        &self,
+        req: Request<v1::QueryRequest>,
+    ) -> Result<Response<v1::QueryPreview>, Status> {
+        let caller = caller(&req)?;
+        Ok(Response::new(self.dry_run(&caller, req.get_ref()).await?))
+    }
 
     async fn run(
         &self,

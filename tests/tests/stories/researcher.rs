@@ -659,3 +659,63 @@ async fn stock_grpc_tools_discover_the_services_by_reflection_v1_and_v1alpha() {
     let listed = format!("{:?}", s.message().await.unwrap().unwrap());
     assert!(listed.contains("consentry.v1.Query"), "{listed}");
 }
+
+/// Before spending, a researcher previews a query's cost and accuracy: the figures are those
+/// of the release that follows, and the preview reads, spends and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_shows_cost_and_accuracy_before_spending() {
+    let w = crate::world::World::ready(2.0).await;
+    let alice = crate::world::key("alice");
+    let sql = "SELECT sex, COUNT(*) AS n, AVG(hba1c) AS a FROM visits GROUP BY sex";
+    let size = w.ledger.size();
+    let p = w
+        .query(&alice)
+        .preview(crate::world::World::dp("s1", sql, 0.5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.ledger.size(), size, "no receipt, nothing written");
+    assert_eq!((p.epsilon, p.mechanism.as_str()), (0.5, "laplace"));
+    assert_eq!(p.budget.unwrap().epsilon_left, 2.0, "nothing spent");
+    assert_eq!(p.statistics.len(), 2);
+    let n_width = p.statistics[0].ci95.expect("a count's width is known");
+    assert!(
+        p.statistics[1].ci95.is_none(),
+        "an average's depends on the group"
+    );
+    let (h, batches) = w
+        .run(&alice, crate::world::World::dp("s1", sql, 0.5))
+        .await
+        .unwrap();
+    assert!(
+        (h.epsilon_spent - p.epsilon).abs() < 1e-6,
+        "{}",
+        h.epsilon_spent
+    );
+    let ci = batches[0]
+        .column_by_name("n_ci95")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .unwrap()
+        .value(0);
+    assert!((ci - n_width).abs() < 1e-9, "{ci} vs {n_width}");
+    // Refusals are the query's, without a receipt: a non-member, a direct identifier.
+    let e = w
+        .query(&crate::world::key("bob"))
+        .preview(crate::world::World::dp("s1", sql, 0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = w
+        .query(&alice)
+        .preview(crate::world::World::dp(
+            "s1",
+            "SELECT COUNT(*) FROM visits WHERE name = 'x'",
+            0.5,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(w.ledger.size(), size + 1, "only the real query's receipt");
+}
