@@ -65,6 +65,21 @@ impl Store {
         self.root.join(dataset).join(version.to_string())
     }
 
+    /// A stored version's policy file, checked against its registration's digest. Blocking.
+    pub fn policy_text(&self, reg: &DatasetRegistered) -> Result<String, Status> {
+        let path = self
+            .version_dir(reg.dataset.as_str(), reg.version)
+            .join("policy.toml");
+        let bytes = std::fs::read(&path).map_err(|e| internal("reading a dataset's policy", e))?;
+        if ledger::ids::Digest::of(&bytes) != reg.policy_digest {
+            return Err(Status::data_loss(format!(
+                "the stored policy of {} v{} no longer matches its registration",
+                reg.dataset, reg.version
+            )));
+        }
+        String::from_utf8(bytes).map_err(|e| internal("reading a dataset's policy", e))
+    }
+
     /// Released answers kept for free repeats across restarts.
     pub fn kept(&self) -> &crate::kept::Kept {
         &self.kept

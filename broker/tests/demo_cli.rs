@@ -661,5 +661,32 @@ fn a_study_on_two_datasets_keeps_each_approval() {
         text(&refused.stderr)
     );
     ok(query("registry"));
+
+    // The policy that shapes the answers, as registered: for the study's members...
+    let described = ok(client(
+        "alice",
+        &["dataset", "describe", "--dataset", "registry"],
+    ));
+    let policy = std::fs::read_to_string(info["dataset"]["policy_file"].as_str().unwrap()).unwrap();
+    let printed = text(&described.stdout);
+    assert!(
+        printed.starts_with("# dataset registry version 1 (policy SHA-256 "),
+        "{printed}"
+    );
+    assert!(printed.ends_with(&policy), "the registered file, unchanged");
+    // ...not for a researcher of no study on that dataset, nor for an unknown one.
+    let refused = client("bob", &["dataset", "describe", "--dataset", "registry"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("PermissionDenied"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let unknown = client("alice", &["dataset", "describe", "--dataset", "nope"]);
+    assert!(
+        text(&unknown.stderr).contains("NotFound"),
+        "{}",
+        text(&unknown.stderr)
+    );
     drop(served);
 }

@@ -83,6 +83,17 @@ pub enum DatasetCommand {
     },
     /// List the registered dataset versions: custodian, digest, rows, tables, entry index.
     List,
+    /// Print a dataset version's column policy as registered (TOML): each column's class,
+    /// bounds, domain and years, and the contribution limits that shape every answer. For the
+    /// custodian, the operator, and the members, sponsors and IRBs of studies on the dataset.
+    Describe {
+        /// The dataset.
+        #[arg(long, env = "CONSENTRY_DATASET")]
+        dataset: String,
+        /// The version (the latest without).
+        #[arg(long = "dataset-version", env = "CONSENTRY_DATASET_VERSION")]
+        version: Option<u32>,
+    },
     /// Print each file's SHA-256, size and rows (JSON), as a dataset registration records
     /// them: compare a local copy with the `sha256` of its file in the registered entry
     /// (`broker verify --file` does that against a study's bundle).
@@ -190,6 +201,23 @@ pub fn run(conn: &Conn, args: DatasetArgs) -> anyhow::Result<()> {
                 })
                 .collect();
             conn::print_json(&out)
+        }),
+        DatasetCommand::Describe { dataset, version } => conn::block_on(async move {
+            let (_, ch) = conn.channel().await?;
+            let p = v1::registry_client::RegistryClient::new(ch)
+                .describe_dataset(v1::DescribeDatasetRequest {
+                    dataset,
+                    version: version.unwrap_or(0),
+                })
+                .await
+                .map_err(conn::status)?
+                .into_inner();
+            println!(
+                "# dataset {} version {} (policy SHA-256 {})",
+                p.dataset, p.version, p.policy_digest
+            );
+            print!("{}", p.policy_toml);
+            Ok(())
         }),
         DatasetCommand::Hash { files } => {
             let pb = bytes_bar(total_bytes(&files)?, "hashing");

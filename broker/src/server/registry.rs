@@ -263,6 +263,55 @@ impl Registry for RegistryService {
         Ok(Response::new(v1::ListDatasetsResponse { datasets }))
     }
 
+    async fn describe_dataset(
+        &self,
+        req: Request<v1::DescribeDatasetRequest>,
+    ) -> Result<Response<v1::DatasetPolicy>, Status> {
+        let caller = caller(&req)?;
+        let r = req.into_inner();
+        let reg = {
+            let st = self.0.ledger.state();
+            let d = st.dataset(&r.dataset).ok_or_else(|| {
+                Status::not_found(format!("unknown dataset {}", super::shown(&r.dataset)))
+            })?;
+            let v = match r.version {
+                0 => d.versions.last(),
+                n => d.versions.iter().find(|v| v.reg.version == n),
+            }
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "dataset {} has no version {}",
+                    r.dataset, r.version
+                ))
+            })?;
+            let allowed = caller.role == Role::Operator
+                || v.reg.custodian.as_str() == caller.id
+                || st.studies().any(|s| {
+                    s.reg.datasets.iter().any(|d| d.as_str() == r.dataset)
+                        && may_see_study(&caller, s)
+                });
+            if !allowed {
+                return Err(Status::permission_denied(format!(
+                    "dataset {}'s policy is for its custodian, the operator, and the members, \
+                     sponsors and IRBs of studies that requested it",
+                    r.dataset
+                )));
+            }
+            v.reg.clone()
+        };
+        let b = self.0.clone();
+        let reg2 = reg.clone();
+        let policy_toml = tokio::task::spawn_blocking(move || b.store.policy_text(&reg2))
+            .await
+            .map_err(|e| Status::internal(format!("reading a policy: {e}")))??;
+        Ok(Response::new(v1::DatasetPolicy {
+            dataset: reg.dataset.to_string(),
+            version: reg.version,
+            policy_toml,
+            policy_digest: reg.policy_digest.to_string(),
+        }))
+    }
+
     async fn list_studies(
         &self,
         req: Request<v1::ListStudiesRequest>,
