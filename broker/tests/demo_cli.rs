@@ -32,6 +32,20 @@ fn the_demo_is_deterministic_with_its_seed_and_describes_itself() {
         let stdout = text(&out.stdout);
         assert!(stdout.contains("study t2d-outcomes"), "{stdout}");
         assert!(stdout.contains("keys/alice.key"), "{stdout}");
+        // What to try next, with this binary, the PI's key and the study.
+        let exe = env!("CARGO_BIN_EXE_broker");
+        let pi_key = d.join("keys/alice.key");
+        let url = info(d)["url"].as_str().unwrap().to_owned();
+        let try_line = format!("{exe} --url {url} --key {}", pi_key.display());
+        assert!(stdout.contains(&try_line), "{stdout}");
+        assert!(
+            stdout.contains("query --study t2d-outcomes --dataset ehr"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("x-consentry-study\": \"t2d-outcomes\""),
+            "{stdout}"
+        );
     }
     let (ia, ib) = (info(a.path()), info(b.path()));
     // Same seed: same data (so the same registered digest) and the same consents.

@@ -170,4 +170,39 @@ fn print_welcome(dir: &Path, info: &DemoInfo) {
     println!();
     println!("gRPC: {}   Arrow Flight SQL: {}", info.url, info.flight_url);
     println!("ledger verifier key: {}", info.ledger_verifier_key);
+    let key = |id: &str| {
+        info.principals
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.key_file.display().to_string())
+            .unwrap_or_default()
+    };
+    let pi = key(&info.study.pi);
+    // This very binary, so that the lines work whether or not `broker` is on the PATH.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "broker".into());
+    println!();
+    println!("Try next, in another terminal (as the study's PI):");
+    println!(
+        "  {exe} --url {} --key {pi} query --study {} --dataset {} --epsilon 0.5 \\\n    \
+         --sql \"SELECT sex, COUNT(DISTINCT patient_id) AS patients FROM patients GROUP BY sex\"",
+        info.url, info.study.id, info.dataset.id
+    );
+    println!("  (add --dry-run first to see what it would spend and how accurate it would be)");
+    println!("From Python with ADBC (pip install adbc-driver-flightsql pyarrow):");
+    println!("  import subprocess, adbc_driver_flightsql.dbapi as flight_sql");
+    println!(
+        "  token = subprocess.check_output([\"{exe}\", \"token\", \"--key\", \"{pi}\"], text=True).strip()"
+    );
+    println!(
+        "  conn = flight_sql.connect(\"{}\", autocommit=True, db_kwargs={{\n      \
+         \"adbc.flight.sql.authorization_header\": f\"Bearer {{token}}\",\n      \
+         \"adbc.flight.sql.rpc.call_header.x-consentry-study\": \"{}\"}})",
+        info.flight_url, info.study.id
+    );
+    println!(
+        "Notebooks for each role are in the repository's notebooks/ (they find this demo in \
+         ../consentry-data, or CONSENTRY_DEMO_DIR)."
+    );
 }
