@@ -704,3 +704,98 @@ fn a_study_on_two_datasets_keeps_each_approval() {
     );
     drop(served);
 }
+
+#[test]
+fn a_custodian_imports_thousands_of_consents_in_one_call() {
+    let d = tempfile::tempdir().unwrap();
+    let served = serve_demo(d.path());
+    let url = served.info["url"].as_str().unwrap().to_owned();
+    let hospital = d.path().join("keys/hospital.key");
+    let import = |file: &Path| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args(["consent", "import", "--file", file.to_str().unwrap()])
+            .env("CONSENTRY_URL", &url)
+            .env("CONSENTRY_KEY", &hospital)
+            .output()
+            .unwrap()
+    };
+    // 2,000 paper consents; the 500th reuses the 10th's consent id.
+    let csv = d.path().join("paper.csv");
+    let mut rows = String::from("subject,purposes,consent_id,modifiers,valid_until\n");
+    for i in 0..2000 {
+        let id = if i == 499 { 9 } else { i };
+        let modifiers = if i % 3 == 0 { "NCU" } else { "" };
+        rows.push_str(&format!(
+            "bulk-{i},GRU;HMB,paper-{id},{modifiers},2030-01-01T00:00:00Z\n"
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let out = import(&csv);
+    assert!(!out.status.success(), "one was refused");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["appended"].as_u64(), r["refused"].as_u64()),
+        (Some(1999), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["refusals"][0]["line"], 501, "{r}");
+    assert!(
+        text(&out.stderr).contains("1999 of 2000 consents appended"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (first, last) = (
+        r["first_index"].as_u64().unwrap(),
+        r["last_index"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        last - first + 1,
+        1999,
+        "in order, the refused one leaving no entry"
+    );
+    // Ground truth: a subject's consent as the ledger now has it.
+    let listed = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args(["consent", "list", "--subject", "bulk-1234"])
+        .env("CONSENTRY_URL", &url)
+        .env("CONSENTRY_KEY", &hospital)
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed = text(&listed.stdout);
+    assert!(
+        listed.contains("paper-1234") && listed.contains("HMB"),
+        "{listed}"
+    );
+
+    // A file that cannot be read sends nothing: a missing column, a row without purposes.
+    for bad in ["subject,consent_id\nx,y\n", "subject,purposes\nbulk-x,\n"] {
+        std::fs::write(&csv, bad).unwrap();
+        let out = import(&csv);
+        assert!(!out.status.success());
+        assert!(out.stdout.is_empty(), "nothing sent");
+    }
+    // FHIR Consent resources, one per line.
+    let fhir = d.path().join("export.ndjson");
+    let resource = |id: &str, patient: &str| {
+        serde_json::json!({
+            "resourceType": "Consent", "id": id, "status": "active",
+            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]},
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "57016-8"}]}],
+            "patient": {"reference": format!("Patient/{patient}")},
+            "organization": [{"reference": "Organization/hospital"}],
+            "dateTime": "2025-03-01T09:30:00Z",
+            "provision": {"type": "permit", "purpose": [
+                {"system": "http://purl.obolibrary.org/obo/duo.owl", "code": "DUO:0000042"}]}
+        })
+        .to_string()
+    };
+    let lines: Vec<String> = (0..50)
+        .map(|i| resource(&format!("fhir-{i}"), &format!("f-{i}")))
+        .collect();
+    std::fs::write(&fhir, lines.join("\n")).unwrap();
+    let out = import(&fhir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["appended"], 50, "{r}");
+    drop(served);
+}

@@ -158,6 +158,9 @@ struct Pending {
     reply: SyncSender<Result<Appended>>,
 }
 
+/// Where an append's outcome arrives.
+type Reply = mpsc::Receiver<Result<Appended>>;
+
 enum Request {
     Append(Box<Pending>),
     Checkpoint(SyncSender<Result<String>>),
@@ -478,6 +481,26 @@ impl Ledger {
     /// Appends an entry signed by its author. Returns once it is durable. On any refusal
     /// nothing is written.
     pub fn append(&self, signed: SignedEntry) -> Result<Appended> {
+        let reply = self.enqueue_signed(signed)?;
+        reply.recv().map_err(|_| Error::Poisoned)?
+    }
+
+    /// Appends entries signed by their authors, in their order, made durable together (the
+    /// committer writes them in as few batches as it can, each with one fsync). Each entry is
+    /// checked and applied on its own, as by [`Ledger::append`]: a refused one writes nothing
+    /// and the others go on. Returns, once every accepted entry is durable, one result per
+    /// entry.
+    pub fn append_many(&self, signed: Vec<SignedEntry>) -> Vec<Result<Appended>> {
+        let replies: Vec<_> = signed.into_iter().map(|s| self.enqueue_signed(s)).collect();
+        replies
+            .into_iter()
+            .map(|r| r.and_then(|rx| rx.recv().map_err(|_| Error::Poisoned)?))
+            .collect()
+    }
+
+    /// Checks an author-signed entry (clock, key, signature) and hands it to the committer;
+    /// the receiver gets the outcome once it is durable or refused.
+    fn enqueue_signed(&self, signed: SignedEntry) -> Result<Reply> {
         let canonical = signed.entry.canonical_bytes();
         let skew = signed.entry.time.unix() - Timestamp::now().unix();
         let max = self.shared.config.max_clock_skew.as_secs() as i64;
@@ -495,7 +518,7 @@ impl Ledger {
                 author: signed.entry.author.to_string(),
             });
         }
-        self.submit(
+        self.enqueue(
             signed.entry,
             leaf_from_parts(&canonical, &signed.sig),
             key_since,
@@ -522,6 +545,12 @@ impl Ledger {
     }
 
     fn submit(&self, entry: Entry, leaf: Vec<u8>, key_since: u64) -> Result<Appended> {
+        let rx = self.enqueue(entry, leaf, key_since)?;
+        rx.recv().map_err(|_| Error::Poisoned)?
+    }
+
+    /// Hands an entry to the committer.
+    fn enqueue(&self, entry: Entry, leaf: Vec<u8>, key_since: u64) -> Result<Reply> {
         if leaf.len() > MAX_RECORD {
             return Err(Error::Invalid(format!(
                 "entry is larger than {MAX_RECORD} bytes"
@@ -536,7 +565,7 @@ impl Ledger {
             reply,
         })))
         .map_err(|_| Error::Poisoned)?;
-        rx.recv().map_err(|_| Error::Poisoned)?
+        Ok(rx)
     }
 
     /// A signed checkpoint of the current tree, signing a new one if the tree grew since the

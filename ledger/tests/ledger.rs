@@ -735,3 +735,62 @@ fn a_consents_lists_are_bounded() {
     assert_eq!(w.ledger.size(), size);
     w.ledger.append(c.sign(with_denied("fits", 1000))).unwrap();
 }
+
+#[test]
+fn many_entries_append_in_order_and_a_refused_one_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = world(dir.path());
+    let (l, c) = (&w.ledger, &w.custodian);
+    let size = l.size();
+    let mut batch: Vec<_> = (0..5000)
+        .map(|i| {
+            c.sign(consent_body(
+                c,
+                &format!("b{i}"),
+                &format!("MRN-B{i}"),
+                "ehr",
+                &["HMB"],
+            ))
+        })
+        .collect();
+    // A duplicate consent id in the middle, an entry by an author who may not write it (the
+    // researcher) and a revocation of a consent granted earlier in the same batch.
+    batch[1000] = c.sign(consent_body(c, "b10", "MRN-X", "ehr", &["HMB"]));
+    batch[2000] = w
+        .researcher
+        .sign(consent_body(c, "r1", "MRN-R", "ehr", &["HMB"]));
+    batch[4999] = c.sign(Body::ConsentRevoked(ConsentRevoked {
+        subject: SubjectId::new("MRN-B7").unwrap(),
+        consent_id: Some("b7".into()),
+        scope: None,
+        grantor: c.id.clone(),
+        reason: None,
+    }));
+    let results = l.append_many(batch);
+    assert_eq!(results.len(), 5000);
+    let refused: Vec<usize> = (0..5000).filter(|&i| results[i].is_err()).collect();
+    assert_eq!(refused, vec![1000, 2000]);
+    // Accepted entries are in the stream's order, contiguous, each at the index it was told.
+    let indexes: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|a| a.index)
+        .collect();
+    assert_eq!(indexes, (size..size + 4998).collect::<Vec<_>>());
+    assert_eq!(l.size(), size + 4998);
+    // Ground truth from the state: b7 revoked (later in the batch than its grant), b8 in force.
+    let f = l
+        .state()
+        .consent_filter("ehr", "t2d", Timestamp::now())
+        .unwrap();
+    let ConsentFilter::Include(ids) = f else {
+        panic!("opt-in")
+    };
+    let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert!(!ids.contains(&"MRN-B7".to_string()) && ids.contains(&"MRN-B8".to_string()));
+    assert!(!ids.contains(&"MRN-X".to_string()) && !ids.contains(&"MRN-R".to_string()));
+    // Durable: the ledger reopens with them.
+    drop(w);
+    let (again, _) = Ledger::open(dir.path(), config()).unwrap();
+    assert_eq!(again.size(), size + 4998);
+}

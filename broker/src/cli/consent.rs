@@ -108,6 +108,23 @@ pub enum ConsentCommand {
         #[arg(long, env = "CONSENTRY_FHIR_FILE")]
         file: PathBuf,
     },
+    /// Bulk onboarding: every consent of a file, signed with --key and appended through one
+    /// call (refused ones are listed by line; the others are appended).
+    ///
+    /// CSV (`.csv`), one consent per row, with a header naming the columns `subject` and
+    /// `purposes` (DUO codes separated by `;`), and optionally `consent_id` (made up
+    /// without), `modifiers` (`;`-separated), `datasets` (`;`-separated; without, every dataset
+    /// of --custodian), `valid_from` and `valid_until` (RFC 3339). Or NDJSON (`.ndjson`,
+    /// `.jsonl`): one FHIR R4 Consent resource per line, converted as `import-fhir` does.
+    Import {
+        /// The file.
+        #[arg(long, env = "CONSENTRY_CONSENT_FILE")]
+        file: PathBuf,
+        /// The custodian whose datasets a CSV consent without `datasets` covers (the caller
+        /// without).
+        #[arg(long, env = "CONSENTRY_CUSTODIAN")]
+        custodian: Option<String>,
+    },
     /// A subject's consents as a FHIR R4 Bundle (JSON).
     ExportFhir {
         /// The subject.
@@ -272,6 +289,52 @@ pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
                 let a = c.import_fhir(req).await.map_err(conn::status)?.into_inner();
                 conn::print_json(&conn::appended(&a))
             }
+            ConsentCommand::Import { file, custodian } => {
+                let custodian = custodian.unwrap_or_else(|| me.clone());
+                let bodies = bulk_bodies(&file, &me, &custodian)?;
+                let total = bodies.len();
+                let pb = indicatif::ProgressBar::new(total as u64);
+                pb.set_message("signing");
+                let mut signed = Vec::with_capacity(total);
+                for b in bodies {
+                    signed.push(client::sign(&key, b)?);
+                    pb.inc(1);
+                }
+                pb.finish_and_clear();
+                let started = std::time::Instant::now();
+                let r = c
+                    .grant_many(tokio_stream::iter(signed))
+                    .await
+                    .map_err(conn::status)?
+                    .into_inner();
+                let took = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "{} of {total} consents appended in {took:.2} s ({:.0}/s); {} refused",
+                    r.appended,
+                    r.appended as f64 / took.max(1e-9),
+                    r.refused
+                );
+                // Positions in the stream are the file's records: line numbers (after a CSV
+                // header).
+                let first_line = if is_csv(&file) { 2 } else { 1 };
+                let refusals: Vec<serde_json::Value> = r
+                    .refusals
+                    .iter()
+                    .map(|x| serde_json::json!({"line": x.position + first_line, "reason": x.reason}))
+                    .collect();
+                conn::print_json(&serde_json::json!({
+                    "appended": r.appended, "refused": r.refused,
+                    "first_index": r.first_index, "last_index": r.last_index,
+                    "tree_size": r.tree_size, "refusals": refusals,
+                }))?;
+                if r.refused > 0 {
+                    anyhow::bail!(
+                        "{} of {total} consents were refused (listed above)",
+                        r.refused
+                    );
+                }
+                Ok(())
+            }
             ConsentCommand::ExportFhir { subject } => {
                 let b = c
                     .export_fhir(v1::SubjectRequest { subject })
@@ -283,4 +346,118 @@ pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+fn is_csv(file: &std::path::Path) -> bool {
+    file.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+/// The consent entries of a bulk file (see `consent import`), authored by `me`. A record that
+/// cannot be read is refused naming its line and column, never its values.
+fn bulk_bodies(file: &std::path::Path, me: &str, custodian: &str) -> anyhow::Result<Vec<Body>> {
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("csv") => csv_bodies(file, me, custodian),
+        Some("ndjson" | "jsonl") => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let author = ledger::ids::PrincipalId::new(me)?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    ledger::fhir::import(l, &author).with_context(|| {
+                        format!("line {}: not a FHIR Consent this broker takes", i + 1)
+                    })
+                })
+                .collect()
+        }
+        _ => anyhow::bail!(
+            "{}: give a .csv file, or .ndjson / .jsonl of FHIR Consent resources",
+            file.display()
+        ),
+    }
+}
+
+fn csv_bodies(file: &std::path::Path, me: &str, custodian: &str) -> anyhow::Result<Vec<Body>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| headers.iter().position(|h| h == name);
+    let (Some(subject), Some(purposes)) = (column("subject"), column("purposes")) else {
+        anyhow::bail!(
+            "{}: the header must name the columns subject and purposes",
+            file.display()
+        );
+    };
+    let known = [
+        "subject",
+        "purposes",
+        "consent_id",
+        "modifiers",
+        "datasets",
+        "valid_from",
+        "valid_until",
+    ];
+    if let Some(h) = headers.iter().find(|h| !known.contains(h)) {
+        anyhow::bail!(
+            "{}: unknown column {h:?} (columns: {})",
+            file.display(),
+            known.join(", ")
+        );
+    }
+    let list = |s: &str| -> Vec<String> {
+        s.split(';')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let now = ledger::ids::Timestamp::now().to_string();
+    let mut out = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let line = i + 2;
+        let record = record.with_context(|| format!("line {line}: not a CSV record"))?;
+        let get = |name: &str| column(name).and_then(|c| record.get(c)).unwrap_or("");
+        if record.get(subject).unwrap_or("").is_empty() {
+            anyhow::bail!("line {line}: the subject is empty");
+        }
+        let p = list(record.get(purposes).unwrap_or(""));
+        if p.is_empty() {
+            anyhow::bail!("line {line}: no purpose");
+        }
+        let datasets = list(get("datasets"));
+        let scope = if datasets.is_empty() {
+            serde_json::json!({"custodian": custodian})
+        } else {
+            serde_json::json!({"datasets": datasets})
+        };
+        let mut json = serde_json::json!({
+            "consent_id": match get("consent_id") { "" => new_consent_id()?, c => c.to_owned() },
+            "subject": get("subject"),
+            "scope": scope,
+            "purposes": p,
+            "valid_from": match get("valid_from") { "" => now.clone(), v => v.to_owned() },
+            "grantor": me,
+        });
+        let modifiers = list(get("modifiers"));
+        if !modifiers.is_empty() {
+            json["modifiers"] = modifiers.into();
+        }
+        if !get("valid_until").is_empty() {
+            json["valid_until"] = get("valid_until").into();
+        }
+        out.push(
+            Body::from_json("consent_granted", &json.to_string()).with_context(|| {
+                format!("line {line}: not a consent (check its purposes, dates and ids)")
+            })?,
+        );
+    }
+    Ok(out)
 }

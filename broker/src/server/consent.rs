@@ -7,13 +7,20 @@ use std::sync::Arc;
 use ledger::entry::Body;
 use ledger::ids::{Role, SubjectId, Timestamp};
 use proto::v1::{self, consent_server::Consent};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{Broker, appended, caller, signed_by_caller};
 use crate::auth::Caller;
 
 /// The Consent service.
 pub struct ConsentService(pub Arc<Broker>);
+
+/// Entries of a bulk import handed to the ledger at once (its committer batches them).
+const BULK_BATCH: usize = 4096;
+/// Entries one bulk import may carry.
+const MAX_BULK: u64 = 1_000_000;
+/// Refusals a bulk import lists (the rest are counted).
+const MAX_LISTED_REFUSALS: usize = 1000;
 
 /// The subject a caller may read: a patient their own (an empty request means that), a
 /// custodian or the operator any.
@@ -58,6 +65,80 @@ impl Consent for ConsentService {
         let a = self.0.blocking(move |l| l.append(signed)).await?;
         tracing::info!(caller = %caller.id, index = a.index, "consent granted");
         Ok(Response::new(appended(&a)))
+    }
+
+    async fn grant_many(
+        &self,
+        req: Request<Streaming<v1::SignedEntry>>,
+    ) -> Result<Response<v1::BulkAppended>, Status> {
+        let caller = caller(&req)?;
+        let mut stream = req.into_inner();
+        let mut out = v1::BulkAppended::default();
+        let mut position: u64 = 0;
+        let mut batch: Vec<(u64, ledger::entry::SignedEntry)> = Vec::with_capacity(BULK_BATCH);
+        let refuse = |out: &mut v1::BulkAppended, position: u64, reason: String| {
+            out.refused += 1;
+            if out.refusals.len() < MAX_LISTED_REFUSALS {
+                out.refusals.push(v1::BulkRefusal { position, reason });
+            }
+        };
+        loop {
+            let next = stream.message().await?;
+            let done = next.is_none();
+            if let Some(e) = next {
+                if position >= MAX_BULK {
+                    return Err(Status::invalid_argument(format!(
+                        "at most {MAX_BULK} entries per call; the {} before were handled \
+                         ({} appended)",
+                        MAX_BULK, out.appended
+                    )));
+                }
+                match signed_by_caller(&caller, Some(e)) {
+                    Ok(s)
+                        if matches!(
+                            s.entry.body,
+                            Body::ConsentGranted(_) | Body::ConsentRevoked(_)
+                        ) =>
+                    {
+                        batch.push((position, s));
+                    }
+                    Ok(_) => refuse(
+                        &mut out,
+                        position,
+                        "GrantMany takes consent_granted and consent_revoked entries".into(),
+                    ),
+                    Err(s) => refuse(&mut out, position, s.message().to_owned()),
+                }
+                position += 1;
+            }
+            if batch.len() >= BULK_BATCH || (done && !batch.is_empty()) {
+                let taken = std::mem::take(&mut batch);
+                let (positions, entries): (Vec<u64>, Vec<_>) = taken.into_iter().unzip();
+                let ledger = self.0.ledger.clone();
+                let results = tokio::task::spawn_blocking(move || ledger.append_many(entries))
+                    .await
+                    .map_err(|_| Status::internal("a ledger task failed"))?;
+                for (p, r) in positions.into_iter().zip(results) {
+                    match r {
+                        Ok(a) => {
+                            if out.appended == 0 {
+                                out.first_index = a.index;
+                            }
+                            out.appended += 1;
+                            out.last_index = a.index;
+                            out.tree_size = a.index + 1;
+                        }
+                        Err(e) => refuse(&mut out, p, super::ledger_status(e).message().to_owned()),
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        tracing::info!(caller = %caller.id, appended = out.appended, refused = out.refused,
+            "consents imported");
+        Ok(Response::new(out))
     }
 
     async fn revoke(
