@@ -111,6 +111,12 @@ impl Ledger for LedgerService {
         req: Request<v1::ConsistencyProofRequest>,
     ) -> Result<Response<v1::ProofResponse>, Status> {
         let r = req.into_inner();
+        if r.old_size == 0 {
+            return Err(Status::invalid_argument(
+                "old_size must be at least 1: every tree extends the empty one, and RFC 9162 \
+                 defines no proof from it",
+            ));
+        }
         let size = if r.new_size == 0 {
             self.0.ledger.size()
         } else {

@@ -86,3 +86,40 @@ async fn the_sponsor_verifies_which_dataset_versions_the_study_used() {
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange);
 }
+
+/// A consistency proof between two sizes the broker served verifies against the ledger's own
+/// roots; sizes it cannot prove are the caller's error, with the right code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistency_proofs_verify_and_bad_sizes_are_refused() {
+    let w = World::ready(1.0).await;
+    let mut l = w.ledger_client(&key("pharma"));
+    let size = w.ledger.size();
+    let old = size / 2;
+    let p = l
+        .consistency_proof(proto::v1::ConsistencyProofRequest {
+            old_size: old,
+            new_size: size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    use base64::Engine as _;
+    let proof: Vec<Vec<u8>> = p
+        .hashes
+        .iter()
+        .map(|h| base64::engine::general_purpose::STANDARD.decode(h).unwrap())
+        .collect();
+    let (r1, r2) = (w.ledger.root(old).unwrap(), w.ledger.root(size).unwrap());
+    ledger::merkle::verify_consistency(old, size, &proof, &r1, &r2).unwrap();
+    for (old_size, new_size, code) in [
+        (0, size, Code::InvalidArgument),
+        (size + 5, 0, Code::OutOfRange),
+        (1, size + 100, Code::OutOfRange),
+    ] {
+        let e = l
+            .consistency_proof(proto::v1::ConsistencyProofRequest { old_size, new_size })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{old_size} {new_size}: {e:?}");
+    }
+}
