@@ -213,11 +213,15 @@ impl Account {
         } else {
             (self.epsilon - self.spent.epsilon).max(0.0)
         };
-        let zcdp = largest(
-            self.epsilon.max(0.0),
-            |e| self.zcdp_holds(&self.spent.plus(&Spend::pure(e, 0.0))),
-            |e| self.zcdp_margin(self.spent.plus(&Spend::pure(e, 0.0)).rho),
-        );
+        let zcdp_fits = |e: f64| self.zcdp_holds(&self.spent.plus(&Spend::pure(e, 0.0)));
+        // zCDP can only beat adding epsilons if it admits what adding still does (its rule
+        // is monotone in e): one conversion settles the usual case.
+        if basic > 0.0 && !zcdp_fits(basic) {
+            return basic;
+        }
+        let zcdp = largest(self.epsilon.max(0.0), zcdp_fits, |e| {
+            self.zcdp_margin(self.spent.plus(&Spend::pure(e, 0.0)).rho)
+        });
         basic.max(zcdp)
     }
 
@@ -530,6 +534,44 @@ mod tests {
                 steered_calls * 3 < bisect_calls,
                 "{steered_calls} conversions vs {bisect_calls}"
             );
+        }
+    }
+
+    /// `epsilon_left`'s shortcut (one conversion when adding epsilons leaves more) gives what
+    /// the full search gives, on accounts where either accountant wins.
+    #[test]
+    fn epsilon_left_takes_the_better_accountant_with_or_without_the_shortcut() {
+        // Adding wins (the shortcut), zCDP wins (many small queries: the search), nothing spent.
+        for (grant, n, each) in [
+            (10.0, 5, 0.5),
+            (1.0, 400, 0.002),
+            (1.0, 9000, 0.0001),
+            (1.0, 10_000, 0.0001),
+            (2.0, 0, 0.0),
+        ] {
+            let mut a = account(grant, 1e-6);
+            for _ in 0..n {
+                a.spent = a.spent.plus(&Spend::pure(each, 0.0));
+            }
+            let basic = (a.epsilon - a.spent.epsilon).max(0.0);
+            let full = largest(
+                a.epsilon,
+                |e| a.zcdp_holds(&a.spent.plus(&Spend::pure(e, 0.0))),
+                |e| a.zcdp_margin(a.spent.plus(&Spend::pure(e, 0.0)).rho),
+            )
+            .max(basic);
+            let left = a.epsilon_left();
+            assert!(
+                (left - full).abs() <= 1e-9 * full.max(1e-12),
+                "{grant} {n}: {left} vs {full}"
+            );
+            assert!(a.admits(&Spend::pure(left, 0.0)), "{grant} {n}");
+            if n >= 9000 {
+                assert!(
+                    left > basic,
+                    "zCDP gives more than adding: {left} vs {basic}"
+                );
+            }
         }
     }
 }
