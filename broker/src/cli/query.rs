@@ -269,6 +269,12 @@ pub struct Filter {
     /// Only released or only denied queries.
     #[arg(long, env = "CONSENTRY_OUTCOME", value_enum)]
     pub outcome: Option<OutcomeArg>,
+    /// Only receipts after this ledger index (the last one of the previous page).
+    #[arg(long, env = "CONSENTRY_AFTER_INDEX")]
+    pub after_index: Option<u64>,
+    /// At most this many receipts (a page).
+    #[arg(long, env = "CONSENTRY_LIMIT")]
+    pub limit: Option<u32>,
 }
 
 /// A receipt's outcome.
@@ -295,6 +301,8 @@ impl Filter {
                 Some(OutcomeArg::Denied) => "denied".into(),
                 Some(OutcomeArg::Failed) => "failed".into(),
             },
+            after_index: self.after_index.unwrap_or(0),
+            limit: self.limit.unwrap_or(0),
         }
     }
 }

@@ -96,7 +96,16 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         ix
     };
     let mut out = Vec::new();
-    for i in indexes {
+    let limit = if f.limit == 0 {
+        usize::MAX
+    } else {
+        f.limit as usize
+    };
+    // Index 0 is the ledger's genesis entry, never a receipt: after_index 0 is "from the start".
+    for i in indexes.into_iter().filter(|&i| i > f.after_index) {
+        if out.len() >= limit {
+            break;
+        }
         let e = b.ledger.entry(i).map_err(super::ledger_status)?;
         let Body::QueryReceipt(r) = e.entry.body else {
             continue;

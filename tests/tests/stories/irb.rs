@@ -154,6 +154,30 @@ async fn the_irb_reviews_released_and_denied_queries() {
         assert_eq!(own.len(), 3, "{study:?}");
         assert_eq!(own.iter().filter(|r| r.outcome == "denied").count(), 1);
     }
+    // The log in pages: at most `limit` receipts after the last index of the page before.
+    let page = |after_index: u64| {
+        let mut irb = w.audit(&key("irb"));
+        async move {
+            irb.receipts(proto::v1::AuditRequest {
+                study: "s1".into(),
+                after_index,
+                limit: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .receipts
+        }
+    };
+    let first = page(0).await;
+    assert_eq!(first.len(), 2);
+    let second = page(first[1].index).await;
+    assert_eq!(second.len(), 1);
+    let paged: Vec<u64> = first.iter().chain(&second).map(|r| r.index).collect();
+    assert_eq!(paged, all.iter().map(|r| r.index).collect::<Vec<_>>());
+    assert!(page(second[0].index).await.is_empty());
+
     // An identical repeat is released again for free, and marked as a repeat.
     w.run(
         &alice,
