@@ -363,11 +363,7 @@ pub fn share_for_accuracy(
     let by_units = selected && selects_by_units(&checked.stats);
     let mut share: f64 = 0.0;
     let mut need = |column: &str, discrete: bool, m: Mechanism| -> Result<()> {
-        let s = sens
-            .iter()
-            .find(|(c, _)| c == column)
-            .map(|(_, s)| *s)
-            .ok_or_else(|| eng(format!("no sensitivity for {column}")))?;
+        let s = sensitivity_of(&sens, column)?;
         let scale = m.scale_for(accuracy, discrete)?;
         let loss = m.loss_at(s.of_mechanism(m), scale);
         // Partition selection's pure share, in the query's currency.
@@ -396,6 +392,14 @@ pub fn share_for_accuracy(
         }
     }
     Ok(share)
+}
+
+/// A raw column's entry in [`sensitivities`].
+fn sensitivity_of(list: &[(String, Sensitivity)], column: &str) -> Result<Sensitivity> {
+    list.iter()
+        .find(|(c, _)| c == column)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| eng(format!("no sensitivity for {column}")))
 }
 
 /// The most rows a query's aggregate can sum: the dataset's rows, or for a join, every unit's
@@ -542,13 +546,7 @@ pub fn preview(
     min_cell: Option<u64>,
 ) -> Result<Vec<Option<f64>>> {
     let sens_list = sensitivities(checked, summed_rows(checked, dataset));
-    let sens = |column: &str| -> Result<Sensitivity> {
-        sens_list
-            .iter()
-            .find(|(c, _)| c == column)
-            .map(|(_, s)| *s)
-            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
-    };
+    let sens = |column: &str| sensitivity_of(&sens_list, column);
     let selected = checked.keys == Keys::Selected;
     let by_units = selected && selects_by_units(&checked.stats);
     let share = spending.budget / draws(checked, min_cell).max(1) as f64;
@@ -609,13 +607,7 @@ pub fn noise(
     let contribution = checked.bounds;
     let g = contribution.groups;
     let sens_list = sensitivities(checked, summed_rows(checked, dataset));
-    let sens = |column: &str| -> Result<Sensitivity> {
-        sens_list
-            .iter()
-            .find(|(c, _)| c == column)
-            .map(|(_, s)| *s)
-            .ok_or_else(|| eng(format!("no sensitivity for {column}")))
-    };
+    let sens = |column: &str| sensitivity_of(&sens_list, column);
     let n_keys = checked.aggregate.group_expr.len();
     let selected = checked.keys == Keys::Selected;
     let by_units = selected && selects_by_units(&checked.stats);

@@ -89,6 +89,16 @@ fn requested(q: &v1::QueryRequest, mode: QueryMode) -> BTreeMap<String, serde_js
     m
 }
 
+/// The noise a request asks for: none named, Laplace or Gaussian; else why not.
+fn mechanism_of(q: &v1::QueryRequest) -> Result<Option<anonymizer::Mechanism>, String> {
+    match q.mechanism.trim() {
+        "" => Ok(None),
+        m => anonymizer::Mechanism::parse(m)
+            .map(Some)
+            .ok_or_else(|| format!("unknown mechanism {}: laplace or gaussian", super::shown(m))),
+    }
+}
+
 fn authorize(
     st: &ledger::State,
     caller: &Caller,
@@ -534,15 +544,7 @@ impl QueryService {
         }
         .map_err(refused)?;
         let engine = self.0.store.engine(&auth.reg, &self.0.ledger).await?;
-        let mechanism = match q.mechanism.trim() {
-            "" => None,
-            m => Some(anonymizer::Mechanism::parse(m).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "unknown mechanism {}: laplace or gaussian",
-                    super::shown(m)
-                ))
-            })?),
-        };
+        let mechanism = mechanism_of(q).map_err(Status::invalid_argument)?;
         let everyone = anonymizer::ConsentFilter::everyone();
         let scope = format!("{}\n{}", q.study, auth.reg.digest);
         let ereq = EngineRequest {
@@ -656,18 +658,12 @@ impl QueryService {
                 .await?
         } else {
             let scope = format!("{}\n{}", q.study, auth.reg.digest);
-            let mechanism = match q.mechanism.trim() {
-                "" => None,
-                m => match anonymizer::Mechanism::parse(m) {
-                    Some(m) => Some(m),
-                    None => {
-                        let d = deny(
-                            Code::InvalidArgument,
-                            format!("unknown mechanism {}: laplace or gaussian", super::shown(m)),
-                        );
-                        return Err(self.denied(&caller, &q, sql, mode, d).await);
-                    }
-                },
+            let mechanism = match mechanism_of(&q) {
+                Ok(m) => m,
+                Err(reason) => {
+                    let d = deny(Code::InvalidArgument, reason);
+                    return Err(self.denied(&caller, &q, sql, mode, d).await);
+                }
             };
             let ereq = EngineRequest {
                 scope: &scope,
