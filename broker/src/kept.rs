@@ -26,6 +26,13 @@ use ledger::entry::{Body, DatasetRegistered, Outcome};
 use ledger::ids::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
+
+/// A kept file that cannot be used, and why (logged; its repeat is charged again).
+fn damaged(why: impl std::fmt::Display) -> Error {
+    Error::data_loss(why.to_string())
+}
+
 /// One kept release.
 #[derive(Clone, Serialize, Deserialize)]
 struct KeptRelease {
@@ -54,12 +61,13 @@ struct KeptRelease {
 impl KeptRelease {
     /// SHA-256 of the record's JSON without its `sha256` (as a JSON value: the same bytes
     /// whether written from this struct or from the file's parsed JSON).
-    fn checksum(&self) -> anyhow::Result<String> {
+    fn checksum(&self) -> Result<String, Error> {
         let bare = serde_json::to_value(KeptRelease {
             sha256: None,
             ..self.clone()
-        })?;
-        Ok(Digest::of(&serde_json::to_vec(&bare)?).to_string())
+        })
+        .map_err(damaged)?;
+        Ok(Digest::of(&serde_json::to_vec(&bare).map_err(damaged)?).to_string())
     }
 }
 
@@ -85,9 +93,10 @@ fn hex(b: &[u8; 32]) -> String {
 
 impl Kept {
     /// Kept releases under `<data_dir>/releases`.
-    pub fn open(data_dir: &Path) -> std::io::Result<Kept> {
+    pub fn open(data_dir: &Path) -> Result<Kept, Error> {
         let root = data_dir.join("releases");
-        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::internal("creating the kept releases' directory", e))?;
         Ok(Kept { root })
     }
 
@@ -104,7 +113,8 @@ impl Kept {
         receipt: u64,
         asked: &Asked<'_>,
         release: &Release,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Error> {
+        let io = |e: std::io::Error| Error::internal("keeping a release", e);
         let key = Engine::repeat_key(
             asked.scope,
             &release.sql,
@@ -124,27 +134,30 @@ impl Kept {
             consent_digest: hex(&release.consent_digest),
             result_digest: hex(&release.result_digest),
             mechanism: release.mechanism.clone(),
-            ipc: B64.encode(anonymizer::release::ipc_stream(
-                &release.schema,
-                &release.batches,
-            )?),
+            ipc: B64.encode(
+                anonymizer::release::ipc_stream(&release.schema, &release.batches)
+                    .map_err(|e| Error::internal("keeping a release", e))?,
+            ),
             sha256: None,
         };
         kept.sha256 = Some(kept.checksum()?);
         let dir = self.dir(reg);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(io)?;
         let path = dir.join(format!("{}.json", hex(&key)));
         let tmp = path.with_extension("tmp");
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(&kept)?)?;
-        f.sync_all()?;
+            .open(&tmp)
+            .map_err(io)?;
+        let json =
+            serde_json::to_vec(&kept).map_err(|e| Error::internal("keeping a release", e))?;
+        f.write_all(&json).map_err(io)?;
+        f.sync_all().map_err(io)?;
         drop(f);
-        std::fs::rename(&tmp, &path)?;
-        File::open(&dir)?.sync_all()?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok(())
     }
 
@@ -158,9 +171,9 @@ impl Kept {
         for path in files {
             checked += 1;
             let one = std::panic::catch_unwind(|| read_one(&path).map(drop))
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
+                .unwrap_or_else(|_| Err(damaged_bytes()));
             if let Err(e) = one {
-                damaged.push((path, format!("{e:#}")));
+                damaged.push((path, e.to_string()));
             }
         }
         (checked, damaged)
@@ -199,7 +212,7 @@ impl KeptRepeats for VersionKept {
         let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             restore_one(&path, &self.reg, &self.ledger)
         }))
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("its bytes could not be decoded")));
+        .unwrap_or_else(|_| Err(damaged_bytes()));
         match one {
             Ok((k, release)) if k == *key => Some(release),
             Ok(_) => {
@@ -245,23 +258,28 @@ struct Read {
     digest: [u8; 32],
 }
 
-fn read_one(path: &Path) -> anyhow::Result<Read> {
-    let kept: KeptRelease = serde_json::from_slice(&std::fs::read(path)?)?;
-    if let Some(sum) = &kept.sha256 {
-        anyhow::ensure!(
-            *sum == kept.checksum()?,
-            "its bytes do not match their SHA-256 (damaged)"
-        );
+/// What a decoder that panicked on a kept file's bytes leaves.
+fn damaged_bytes() -> Error {
+    damaged("its bytes could not be decoded")
+}
+
+fn read_one(path: &Path) -> Result<Read, Error> {
+    let bytes = std::fs::read(path).map_err(damaged)?;
+    let kept: KeptRelease = serde_json::from_slice(&bytes).map_err(damaged)?;
+    if let Some(sum) = &kept.sha256
+        && *sum != kept.checksum()?
+    {
+        return Err(damaged("its bytes do not match their SHA-256 (damaged)"));
     }
-    let bytes = B64.decode(&kept.ipc)?;
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let bytes = B64.decode(&kept.ipc).map_err(damaged)?;
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(damaged)?;
     let schema = reader.schema();
-    let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    let digest = anonymizer::release::digest(&schema, &batches)?;
-    anyhow::ensure!(
-        Digest::from_bytes(digest) == Digest::parse(&kept.result_digest)?,
-        "the kept rows do not match their digest"
-    );
+    let batches = reader.collect::<Result<Vec<_>, _>>().map_err(damaged)?;
+    let digest = anonymizer::release::digest(&schema, &batches).map_err(damaged)?;
+    if Digest::from_bytes(digest) != Digest::parse(&kept.result_digest).map_err(damaged)? {
+        return Err(damaged("the kept rows do not match their digest"));
+    }
     Ok(Read {
         kept,
         schema,
@@ -274,29 +292,34 @@ fn restore_one(
     path: &Path,
     reg: &DatasetRegistered,
     ledger: &ledger::Ledger,
-) -> anyhow::Result<([u8; 32], Release)> {
+) -> Result<([u8; 32], Release), Error> {
     let Read {
         kept,
         schema,
         batches,
         digest,
     } = read_one(path)?;
-    let entry = ledger.entry(kept.receipt)?.entry;
+    let entry = ledger.entry(kept.receipt).map_err(damaged)?.entry;
     let Body::QueryReceipt(r) = entry.body else {
-        anyhow::bail!("entry {} is not a query receipt", kept.receipt);
+        return Err(damaged(format!(
+            "entry {} is not a query receipt",
+            kept.receipt
+        )));
     };
-    let result_digest = Digest::parse(&kept.result_digest)?;
-    let consent_digest = Digest::parse(&kept.consent_digest)?;
-    anyhow::ensure!(
-        r.outcome == Outcome::Released
-            && r.dataset.as_ref() == Some(&reg.dataset)
-            && r.version == Some(reg.version)
-            && r.sql == kept.sql
-            && r.result_digest.as_ref() == Some(&result_digest)
-            && r.consent_digest.as_ref() == Some(&consent_digest),
-        "receipt {} does not record this release",
-        kept.receipt
-    );
+    let result_digest = Digest::parse(&kept.result_digest).map_err(damaged)?;
+    let consent_digest = Digest::parse(&kept.consent_digest).map_err(damaged)?;
+    if !(r.outcome == Outcome::Released
+        && r.dataset.as_ref() == Some(&reg.dataset)
+        && r.version == Some(reg.version)
+        && r.sql == kept.sql
+        && r.result_digest.as_ref() == Some(&result_digest)
+        && r.consent_digest.as_ref() == Some(&consent_digest))
+    {
+        return Err(damaged(format!(
+            "receipt {} does not record this release",
+            kept.receipt
+        )));
+    }
     let key = Engine::repeat_key(
         &kept.scope,
         &kept.sql,

@@ -9,6 +9,7 @@
 //! - [`cli`]: the `broker` command line (clap), one module per command group.
 //! - [`auth`]: bearer JWTs (EdDSA) minted with a principal's key and checked on the ledger.
 //! - [`server`]: the gRPC services and `serve`.
+//! - [`error`]: the broker's error type, and the one place gRPC status codes are chosen.
 //! - [`store`]: datasets on disk and their query engines.
 //! - [`secrets`]: study pseudonym secrets (0600 files, never sent or logged).
 //! - [`kept`]: released answers kept across restarts for free repeats.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod error;
 pub mod kept;
 pub mod manifest;
 pub mod secrets;

@@ -17,13 +17,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::error::Error;
 use anonymizer::dataset::TableSource;
 use anonymizer::{Dataset, Engine, Policy};
 use ledger::entry::DatasetRegistered;
 use ledger::state::ConsentFilter as LedgerFilter;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
-use tonic::Status;
 
 use crate::manifest;
 
@@ -42,16 +42,16 @@ pub struct Store {
     limits: anonymizer::Limits,
 }
 
-fn internal(what: &str, e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "{what}");
-    Status::internal(format!("{what}; see the broker's log"))
+fn internal(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::internal(what, e)
 }
 
 impl Store {
     /// Opens (creating) `<data_dir>/datasets`; engines run their queries within `limits`.
-    pub fn open(data_dir: &Path, limits: anonymizer::Limits) -> anyhow::Result<Store> {
+    pub fn open(data_dir: &Path, limits: anonymizer::Limits) -> Result<Store, Error> {
         let root = data_dir.join("datasets");
-        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| internal("creating the datasets directory", e))?;
         Ok(Store {
             root,
             kept: crate::kept::Kept::open(data_dir)?,
@@ -66,13 +66,13 @@ impl Store {
     }
 
     /// A stored version's policy file, checked against its registration's digest. Blocking.
-    pub fn policy_text(&self, reg: &DatasetRegistered) -> Result<String, Status> {
+    pub fn policy_text(&self, reg: &DatasetRegistered) -> Result<String, Error> {
         let path = self
             .version_dir(reg.dataset.as_str(), reg.version)
             .join("policy.toml");
         let bytes = std::fs::read(&path).map_err(|e| internal("reading a dataset's policy", e))?;
         if ledger::ids::Digest::of(&bytes) != reg.policy_digest {
-            return Err(Status::data_loss(format!(
+            return Err(Error::data_loss(format!(
                 "the stored policy of {} v{} no longer matches its registration",
                 reg.dataset, reg.version
             )));
@@ -91,7 +91,7 @@ impl Store {
         &self,
         reg: &DatasetRegistered,
         ledger: &Arc<ledger::Ledger>,
-    ) -> Result<Arc<Engine>, Status> {
+    ) -> Result<Arc<Engine>, Error> {
         let key = (reg.dataset.to_string(), reg.version);
         let mut engines = self.engines.lock().await;
         if let Some(e) = engines.get(&key) {
@@ -166,29 +166,26 @@ impl Store {
         &self,
         reg: &DatasetRegistered,
         policy_toml: &str,
-    ) -> Result<Upload, Status> {
+    ) -> Result<Upload, Error> {
         let digest = ledger::ids::Digest::from_bytes(sha2::Sha256::digest(policy_toml).into());
         if digest != reg.policy_digest {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "the policy's SHA-256 is {digest}, but the entry's policy_digest is {}",
                 reg.policy_digest
             )));
         }
         Policy::from_toml(policy_toml)
             .and_then(|p| p.check().map(|()| p))
-            .map_err(|e| Status::invalid_argument(format!("policy.toml: {e}")))?;
+            .map_err(|e| Error::invalid(format!("policy.toml: {e}")))?;
         let mut expected = HashMap::new();
         for t in &reg.tables {
             for f in &t.files {
-                manifest::check_path(&f.path).map_err(Status::invalid_argument)?;
+                manifest::check_path(&f.path).map_err(Error::invalid)?;
                 if expected
                     .insert(f.path.clone(), (f.bytes, f.sha256.clone()))
                     .is_some()
                 {
-                    return Err(Status::invalid_argument(format!(
-                        "file {} is listed twice",
-                        f.path
-                    )));
+                    return Err(Error::invalid(format!("file {} is listed twice", f.path)));
                 }
             }
         }
@@ -229,12 +226,11 @@ impl Store {
 
 /// Reads every table of a version directory through the anonymizer (every column checked
 /// against the policy, units numbered, contributions bounded).
-async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Status> {
+async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Error> {
     let policy_text = tokio::fs::read_to_string(dir.join("policy.toml"))
         .await
         .map_err(|e| internal("reading the policy", e))?;
-    let policy =
-        Policy::from_toml(&policy_text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let policy = Policy::from_toml(&policy_text).map_err(|e| Error::invalid(e.to_string()))?;
     let sources: Vec<TableSource> = reg
         .tables
         .iter()
@@ -245,13 +241,13 @@ async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Status> {
         .collect();
     Dataset::load(policy, &sources)
         .await
-        .map_err(|e| Status::invalid_argument(format!("dataset {}: {e}", reg.dataset)))
+        .map_err(|e| Error::invalid(format!("dataset {}: {e}", reg.dataset)))
 }
 
 /// Checks, without changing anything, the files of a registered version under `data_dir`
 /// against its registration: `Ok(true)` in place, `Ok(false)` missing but staged (moved into
 /// place when the version loads), an error naming what differs or is lost.
-pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, Status> {
+pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, Error> {
     let dir = data_dir
         .join("datasets")
         .join(reg.dataset.as_str())
@@ -265,11 +261,11 @@ pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, S
 }
 
 /// Checks every file of a stored version against its registration.
-fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
+fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Error> {
     let (policy, _) = manifest::hash_file(&dir.join("policy.toml"))
         .map_err(|e| internal("reading a dataset's policy", e))?;
     if policy != reg.policy_digest {
-        return Err(Status::data_loss(format!(
+        return Err(Error::data_loss(format!(
             "the stored policy of {} v{} no longer matches its registration",
             reg.dataset, reg.version
         )));
@@ -279,7 +275,7 @@ fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
             let (sha, bytes) = manifest::hash_file(&dir.join(&f.path))
                 .map_err(|e| internal("reading a dataset file", e))?;
             if sha != f.sha256 || bytes != f.bytes {
-                return Err(Status::data_loss(format!(
+                return Err(Error::data_loss(format!(
                     "file {} of {} v{} no longer matches its registered digest",
                     f.path, reg.dataset, reg.version
                 )));
@@ -319,7 +315,7 @@ impl Upload {
         self.staging.as_deref().unwrap_or(Path::new("."))
     }
 
-    async fn close_open(&mut self) -> Result<(), Status> {
+    async fn close_open(&mut self) -> Result<(), Error> {
         let Some(mut o) = self.open.take() else {
             return Ok(());
         };
@@ -330,7 +326,7 @@ impl Upload {
         let (bytes, sha) = &self.expected[&o.path];
         let got = ledger::ids::Digest::from_bytes(std::mem::take(&mut o.hash).finalize().into());
         if o.bytes != *bytes || got != *sha {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "file {}: received {} bytes with SHA-256 {got}; the entry says {bytes} bytes \
                  with {sha}",
                 o.path, o.bytes
@@ -341,16 +337,16 @@ impl Upload {
     }
 
     /// Appends a chunk of the file at `path` (files are sent one after the other).
-    pub async fn write(&mut self, path: &str, data: &[u8]) -> Result<(), Status> {
+    pub async fn write(&mut self, path: &str, data: &[u8]) -> Result<(), Error> {
         if self.open.as_ref().is_none_or(|o| o.path != path) {
             self.close_open().await?;
             if !self.expected.contains_key(path) {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "file {path:?} is not in the entry's manifest"
                 )));
             }
             if self.done.contains(path) {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "file {path} was already sent; send each file's chunks together"
                 )));
             }
@@ -374,10 +370,10 @@ impl Upload {
         let o = self
             .open
             .as_mut()
-            .ok_or_else(|| Status::internal("no open file"))?;
+            .ok_or_else(|| Error::internal("no open file", "write before open"))?;
         o.bytes += data.len() as u64;
         if o.bytes > limit {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "file {path} is longer than the {limit} bytes its manifest says"
             )));
         }
@@ -391,25 +387,26 @@ impl Upload {
     /// Checks that every file arrived whole and loads the version through the anonymizer to
     /// check it against the policy and the manifest; the files stay staged, synced, until
     /// [`Staged::place`] (after the entry is appended).
-    pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Staged), Status> {
+    pub async fn finish(mut self, reg: &DatasetRegistered) -> Result<(Dataset, Staged), Error> {
         self.close_open().await?;
         if let Some(missing) = self.expected.keys().find(|p| !self.done.contains(*p)) {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "file {missing} of the manifest was not sent"
             )));
         }
         let staging = self.staging().to_owned();
         for t in &reg.tables {
-            let first = t.files.first().ok_or_else(|| {
-                Status::invalid_argument(format!("table {} has no files", t.name))
-            })?;
+            let first = t
+                .files
+                .first()
+                .ok_or_else(|| Error::invalid(format!("table {} has no files", t.name)))?;
             let path = staging.join(&first.path);
             let (_, schema) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
                 .await
                 .map_err(|e| internal("reading a dataset file", e))?
-                .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                .map_err(|e| Error::invalid(format!("{e:#}")))?;
             if manifest::columns_of(&schema) != t.columns {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "table {}: the files' schema differs from the entry's columns",
                     t.name
                 )));
@@ -420,9 +417,9 @@ impl Upload {
                 let (n, _) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
                     .await
                     .map_err(|e| internal("reading a dataset file", e))?
-                    .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+                    .map_err(|e| Error::invalid(format!("{e:#}")))?;
                 if n != f.rows {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(Error::invalid(format!(
                         "file {} has {n} rows; the entry says {}",
                         f.path, f.rows
                     )));
@@ -430,7 +427,7 @@ impl Upload {
                 rows += n;
             }
             if rows != t.rows {
-                return Err(Status::invalid_argument(format!(
+                return Err(Error::invalid(format!(
                     "table {} has {rows} rows; the entry says {}",
                     t.name, t.rows
                 )));
@@ -464,7 +461,7 @@ impl Staged {
     /// The entry is on the ledger: moves the files into place. A directory already there is
     /// a leftover of a registration whose entry never reached the ledger (the ledger took this
     /// version's entry, so no other registration of it exists) and is replaced.
-    pub async fn place(mut self) -> Result<(), Status> {
+    pub async fn place(mut self) -> Result<(), Error> {
         let Some(staging) = self.staging.take() else {
             return Ok(());
         };
@@ -494,7 +491,7 @@ impl Drop for Staged {
 /// A registered version whose directory is missing: the broker stopped between its entry's
 /// append and the rename. Moves the staged upload whose files match the registration into
 /// place; with none, the files are lost (`DATA_LOSS`).
-fn recover_staged(dir: &Path, reg: &DatasetRegistered) -> Result<(), Status> {
+fn recover_staged(dir: &Path, reg: &DatasetRegistered) -> Result<(), Error> {
     let staged = staged_upload(dir, reg).ok_or_else(|| lost(reg))?;
     std::fs::rename(&staged, dir).map_err(|e| internal("recovering a staged upload", e))?;
     if let Some(parent) = dir.parent() {
@@ -519,14 +516,14 @@ fn staged_upload(dir: &Path, reg: &DatasetRegistered) -> Option<PathBuf> {
         .find(|p| check_files(p, reg).is_ok())
 }
 
-fn lost(reg: &DatasetRegistered) -> Status {
-    Status::data_loss(format!(
+fn lost(reg: &DatasetRegistered) -> Error {
+    Error::data_loss(format!(
         "the files of {} v{} are missing",
         reg.dataset, reg.version
     ))
 }
 
-async fn sync_dir(dir: &Path) -> Result<(), Status> {
+async fn sync_dir(dir: &Path) -> Result<(), Error> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|f| f.sync_all()))
         .await

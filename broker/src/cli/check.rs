@@ -91,7 +91,7 @@ fn datasets(dir: &Path, state: &ledger::State, f: &mut Findings) {
                     &what,
                     "staged, not yet in place (moved when the version loads)".into(),
                 ),
-                Err(e) => f.problem(&what, e.message().to_owned()),
+                Err(e) => f.problem(&what, e.to_string()),
             }
         }
     }

@@ -121,10 +121,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         write_info(dir, &info)?;
         print_welcome(dir, &info);
         if args.no_serve {
-            return running.shutdown().await;
+            return Ok(running.shutdown().await?);
         }
         eprintln!("serving on {} (Ctrl-C stops)", running.addr);
-        running.until(shutdown_signal()).await
+        Ok::<_, anyhow::Error>(running.until(shutdown_signal()).await?)
     })?;
     drop(rt);
     super::serve::close(ledger)

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Broker, caller};
 use crate::auth::Caller;
+use crate::error::Error;
 
 /// The Audit service.
 pub struct AuditService(pub Arc<Broker>);
@@ -32,17 +33,17 @@ fn may_review(caller: &Caller, s: &ledger::state::Study) -> bool {
             .is_some_and(|(irb, _)| irb.as_str() == caller.id)
 }
 
-fn parse_time(s: &str, what: &str) -> Result<Option<Timestamp>, Status> {
+fn parse_time(s: &str, what: &str) -> Result<Option<Timestamp>, Error> {
     if s.is_empty() {
         return Ok(None);
     }
     Timestamp::parse(s)
         .map(Some)
-        .map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+        .map_err(|e| Error::invalid(format!("{what}: {e}")))
 }
 
 /// The receipts matching a filter that the caller may review, oldest first.
-fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1::Receipt>, Status> {
+fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1::Receipt>, Error> {
     let from = parse_time(&f.from, "from")?;
     let until = parse_time(&f.until, "until")?;
     let outcome = match f.outcome.as_str() {
@@ -51,7 +52,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         "denied" => Some(Outcome::Denied),
         "failed" => Some(Outcome::Failed),
         o => {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "outcome {}: use released, denied, failed or nothing",
                 super::shown(o)
             )));
@@ -73,7 +74,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
             match st.study(&f.study) {
                 Some(s) if may_review(caller, s) => studies.push(f.study.clone()),
                 Some(_) => {
-                    return Err(Status::permission_denied(format!(
+                    return Err(Error::forbidden(format!(
                         "only study {}'s IRB, sponsor, PI and researchers, and the operator, \
                          review its usage",
                         f.study
@@ -81,7 +82,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
                 }
                 None if caller.role == Role::Operator => studies.push(f.study.clone()),
                 None => {
-                    return Err(Status::not_found(format!(
+                    return Err(Error::not_found(format!(
                         "unknown study {}",
                         super::shown(&f.study)
                     )));
@@ -106,7 +107,7 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         if out.len() >= limit {
             break;
         }
-        let e = b.ledger.entry(i).map_err(super::ledger_status)?;
+        let e = b.ledger.entry(i).map_err(Error::from)?;
         let Body::QueryReceipt(r) = e.entry.body else {
             continue;
         };
@@ -238,8 +239,8 @@ pub fn receipts_batch(rs: &[v1::Receipt]) -> Result<RecordBatch, arrow::error::A
     )
 }
 
-fn export_bytes(batch: &RecordBatch, format: &str) -> Result<Vec<u8>, Status> {
-    let fail = |e: &dyn std::fmt::Display| Status::internal(format!("export: {e}"));
+fn export_bytes(batch: &RecordBatch, format: &str) -> Result<Vec<u8>, Error> {
+    let fail = |e: &dyn std::fmt::Display| Error::internal("an export", e);
     match format {
         "parquet" | "" => {
             let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), batch.schema(), None)
@@ -252,7 +253,7 @@ fn export_bytes(batch: &RecordBatch, format: &str) -> Result<Vec<u8>, Status> {
             w.write(batch).map_err(|e| fail(&e))?;
             Ok(w.into_inner())
         }
-        f => Err(Status::invalid_argument(format!(
+        f => Err(Error::invalid(format!(
             "format {}: use parquet or csv",
             super::shown(f)
         ))),
@@ -272,7 +273,7 @@ impl Audit for AuditService {
         let f = req.into_inner();
         let receipts = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
             .await
-            .map_err(|_| Status::internal("an audit task failed"))??;
+            .map_err(|e| Error::internal("an audit task failed", e))??;
         Ok(Response::new(v1::AuditResponse { receipts }))
     }
 
@@ -285,7 +286,7 @@ impl Audit for AuditService {
         let granted: std::collections::HashMap<String, (f64, f64)> = {
             let st = self.0.ledger.state();
             let s = st.study(&study).ok_or_else(|| {
-                Status::not_found(format!("unknown study {}", super::shown(&study)))
+                Error::not_found(format!("unknown study {}", super::shown(&study)))
             })?;
             s.approval
                 .iter()
@@ -301,7 +302,7 @@ impl Audit for AuditService {
         let b = self.0.clone();
         let rs = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
             .await
-            .map_err(|_| Status::internal("an audit task failed"))??;
+            .map_err(|e| Error::internal("an audit task failed", e))??;
         let mut cum: std::collections::HashMap<String, Spend> = Default::default();
         let points = rs
             .into_iter()
@@ -341,11 +342,11 @@ impl Audit for AuditService {
         let b = self.0.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let rs = receipts(&b, &caller, &f)?;
-            let batch = receipts_batch(&rs).map_err(|e| Status::internal(e.to_string()))?;
+            let batch = receipts_batch(&rs).map_err(|e| Error::internal("an export", e))?;
             export_bytes(&batch, &r.format)
         })
         .await
-        .map_err(|_| Status::internal("an audit task failed"))??;
+        .map_err(|e| Error::internal("an audit task failed", e))??;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             for c in bytes.chunks(1 << 20) {

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Broker, appended, caller, signed_by_caller};
 use crate::auth::Caller;
+use crate::error::Error;
 
 /// The Consent service.
 pub struct ConsentService(pub Arc<Broker>);
@@ -24,32 +25,32 @@ const MAX_LISTED_REFUSALS: usize = 1000;
 
 /// The subject a caller may read: a patient their own (an empty request means that), a
 /// custodian or the operator any.
-fn readable_subject(st: &ledger::State, caller: &Caller, asked: &str) -> Result<SubjectId, Status> {
+fn readable_subject(st: &ledger::State, caller: &Caller, asked: &str) -> Result<SubjectId, Error> {
     match caller.role {
         Role::Patient => {
             let own = st
                 .principal(&caller.id)
                 .and_then(|p| p.subject.clone())
-                .ok_or_else(|| Status::failed_precondition("no subject is registered for you"))?;
+                .ok_or_else(|| Error::precondition("no subject is registered for you"))?;
             if !asked.is_empty() && asked != own.as_str() {
-                return Err(Status::permission_denied(
+                return Err(Error::forbidden(
                     "a patient may read only their own consents and usage",
                 ));
             }
             Ok(own)
         }
         Role::Custodian | Role::Operator => {
-            SubjectId::new(asked).map_err(|e| Status::invalid_argument(format!("subject: {e}")))
+            SubjectId::new(asked).map_err(|e| Error::invalid(format!("subject: {e}")))
         }
-        _ => Err(Status::permission_denied(
+        _ => Err(Error::forbidden(
             "only the patient, a custodian or the operator reads a subject's consents",
         )),
     }
 }
 
-fn leaf_text(l: &ledger::Ledger, index: u64) -> Result<String, Status> {
-    let leaf = l.leaf(index).map_err(super::ledger_status)?;
-    String::from_utf8(leaf).map_err(|_| Status::internal("a stored entry is not UTF-8"))
+fn leaf_text(l: &ledger::Ledger, index: u64) -> Result<String, Error> {
+    let leaf = l.leaf(index).map_err(Error::from)?;
+    String::from_utf8(leaf).map_err(|e| Error::internal("a stored entry", e))
 }
 
 #[tonic::async_trait]
@@ -58,9 +59,7 @@ impl Consent for ConsentService {
         let caller = caller(&req)?;
         let signed = signed_by_caller(&caller, Some(req.into_inner()))?;
         if !matches!(signed.entry.body, Body::ConsentGranted(_)) {
-            return Err(Status::invalid_argument(
-                "Grant takes a consent_granted entry",
-            ));
+            return Err(Error::invalid("Grant takes a consent_granted entry").into());
         }
         let a = self.0.blocking(move |l| l.append(signed)).await?;
         tracing::info!(caller = %caller.id, index = a.index, "consent granted");
@@ -87,11 +86,12 @@ impl Consent for ConsentService {
             let done = next.is_none();
             if let Some(e) = next {
                 if position >= MAX_BULK {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(Error::invalid(format!(
                         "at most {MAX_BULK} entries per call; the {} before were handled \
                          ({} appended)",
                         MAX_BULK, out.appended
-                    )));
+                    ))
+                    .into());
                 }
                 match signed_by_caller(&caller, Some(e)) {
                     Ok(s)
@@ -107,7 +107,7 @@ impl Consent for ConsentService {
                         position,
                         "GrantMany takes consent_granted and consent_revoked entries".into(),
                     ),
-                    Err(s) => refuse(&mut out, position, s.message().to_owned()),
+                    Err(s) => refuse(&mut out, position, s.words()),
                 }
                 position += 1;
             }
@@ -117,7 +117,7 @@ impl Consent for ConsentService {
                 let ledger = self.0.ledger.clone();
                 let results = tokio::task::spawn_blocking(move || ledger.append_many(entries))
                     .await
-                    .map_err(|_| Status::internal("a ledger task failed"))?;
+                    .map_err(|e| Error::internal("a ledger task failed", e))?;
                 for (p, r) in positions.into_iter().zip(results) {
                     match r {
                         Ok(a) => {
@@ -128,7 +128,7 @@ impl Consent for ConsentService {
                             out.last_index = a.index;
                             out.tree_size = a.index + 1;
                         }
-                        Err(e) => refuse(&mut out, p, super::ledger_status(e).message().to_owned()),
+                        Err(e) => refuse(&mut out, p, Error::from(e).words()),
                     }
                 }
             }
@@ -148,9 +148,7 @@ impl Consent for ConsentService {
         let caller = caller(&req)?;
         let signed = signed_by_caller(&caller, Some(req.into_inner()))?;
         if !matches!(signed.entry.body, Body::ConsentRevoked(_)) {
-            return Err(Status::invalid_argument(
-                "Revoke takes a consent_revoked entry",
-            ));
+            return Err(Error::invalid("Revoke takes a consent_revoked entry").into());
         }
         let a = self.0.blocking(move |l| l.append(signed)).await?;
         tracing::info!(caller = %caller.id, index = a.index, "consent revoked");
@@ -224,12 +222,13 @@ impl Consent for ConsentService {
         let r = req.into_inner();
         let signed = signed_by_caller(&caller, r.entry)?;
         let body = ledger::fhir::import(&r.resource_json, &signed.entry.author)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| Error::invalid(e.to_string()))?;
         if body != signed.entry.body {
-            return Err(Status::invalid_argument(
+            return Err(Error::invalid(
                 "the signed entry does not say what the FHIR resource says; convert it with \
                  the published mapping (the CLI's consent import-fhir does) and sign that",
-            ));
+            )
+            .into());
         }
         let a = self.0.blocking(move |l| l.append(signed)).await?;
         tracing::info!(caller = %caller.id, index = a.index, "FHIR consent imported");
@@ -248,14 +247,9 @@ impl Consent for ConsentService {
         };
         let mut resources = Vec::with_capacity(views.len());
         for v in views {
-            let e = self
-                .0
-                .ledger
-                .entry(v.index)
-                .map_err(super::ledger_status)?
-                .entry;
+            let e = self.0.ledger.entry(v.index).map_err(Error::from)?.entry;
             let Body::ConsentGranted(g) = &e.body else {
-                return Err(Status::internal("a consent view points at another entry"));
+                return Err(Error::internal("a consent view", "it points at another entry").into());
             };
             resources.push(ledger::fhir::export(g, e.time, v.ended_by.is_none()));
         }

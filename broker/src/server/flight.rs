@@ -50,6 +50,7 @@ use tonic::{Request, Response, Status};
 use super::query::QueryService;
 use super::{Broker, caller};
 use crate::auth::Caller;
+use crate::error::Error;
 
 /// Epsilon of a DP statement that does not set `x-consentry-epsilon`.
 pub const DEFAULT_EPSILON: f64 = 0.1;
@@ -80,15 +81,13 @@ fn prepared_handle(sql: &str) -> Vec<u8> {
 }
 
 /// The SQL of a prepared statement's handle.
-fn prepared_sql(handle: &[u8]) -> Result<String, Status> {
+fn prepared_sql(handle: &[u8]) -> Result<String, Error> {
     handle
         .strip_prefix(PREPARED)
         .filter(|sql| sql.len() <= MAX_PREPARED_SQL)
         .and_then(|sql| String::from_utf8(sql.to_vec()).ok())
         .ok_or_else(|| {
-            Status::invalid_argument(
-                "not a prepared statement of this broker; prepare the statement again",
-            )
+            Error::invalid("not a prepared statement of this broker; prepare the statement again")
         })
 }
 
@@ -140,7 +139,7 @@ type DoGetStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, St
 
 impl FlightSql {
     /// The service over `broker`.
-    pub fn new(broker: Arc<Broker>) -> anyhow::Result<FlightSql> {
+    pub fn new(broker: Arc<Broker>) -> Result<FlightSql, Error> {
         let mut info = SqlInfoDataBuilder::new();
         info.append(SqlInfo::FlightSqlServerName, "Consentry");
         info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
@@ -154,7 +153,9 @@ impl FlightSql {
             query: QueryService(broker.clone()),
             broker,
             pending: Mutex::new(HashMap::new()),
-            info: info.build()?,
+            info: info
+                .build()
+                .map_err(|e| Error::internal("building the SQL info", e))?,
         })
     }
 
@@ -179,16 +180,17 @@ impl FlightSql {
         // A slot is reserved before the statement runs: a caller over its share is refused
         // before anything is charged.
         let mut handle = [0u8; 16];
-        getrandom::fill(&mut handle).map_err(|_| Status::internal("no randomness"))?;
+        getrandom::fill(&mut handle).map_err(|e| Error::internal("randomness", e))?;
         {
             let mut pending = self.pending();
             pending.retain(|_, p| p.created.elapsed() < RESULT_TTL);
             let mine = pending.values().filter(|p| p.caller == who.id).count();
             if mine >= MAX_PENDING_PER_CALLER || pending.len() >= MAX_PENDING {
-                return Err(Status::resource_exhausted(format!(
+                return Err(Error::exhausted(format!(
                     "too many results wait to be fetched (at most {MAX_PENDING_PER_CALLER} per \
                      caller); fetch (DoGet) earlier results first"
-                )));
+                ))
+                .into());
             }
             pending.insert(
                 handle,
@@ -203,20 +205,20 @@ impl FlightSql {
         let decoded = async {
             let (header, ipc) = self.query.execute(&who, &q).await?;
             let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
-                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+                .map_err(|e| Error::internal("decoding the result", e))?;
             let schema = reader.schema();
             let batches = reader
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Status::internal(format!("decoding the result: {e}")))?;
+                .map_err(|e| Error::internal("decoding the result", e))?;
             let (schema, batches) = without_views(&schema, batches)?;
-            Ok::<_, Status>((header, schema, batches))
+            Ok::<_, Error>((header, schema, batches))
         }
         .await;
         let (header, schema, batches) = match decoded {
             Ok(d) => d,
             Err(s) => {
                 self.pending().remove(&handle);
-                return Err(s);
+                return Err(s.into());
             }
         };
         {
@@ -239,7 +241,7 @@ impl FlightSql {
     }
 
     /// The datasets `caller`'s active studies are approved for, each once, in order.
-    async fn visible_datasets(&self, caller: &Caller) -> Result<Vec<String>, Status> {
+    async fn visible_datasets(&self, caller: &Caller) -> Result<Vec<String>, Error> {
         let mut ds: Vec<String> = self
             .visible_tables(caller)
             .await?
@@ -255,7 +257,7 @@ impl FlightSql {
     async fn visible_tables(
         &self,
         caller: &Caller,
-    ) -> Result<Vec<(String, String, Schema)>, Status> {
+    ) -> Result<Vec<(String, String, Schema)>, Error> {
         if caller.role != Role::Researcher {
             return Ok(Vec::new());
         }
@@ -307,21 +309,21 @@ impl FlightSql {
 }
 
 /// A call header's value, if present and text.
-fn header<T>(req: &Request<T>, name: &str) -> Result<Option<String>, Status> {
+fn header<T>(req: &Request<T>, name: &str) -> Result<Option<String>, Error> {
     match req.metadata().get(name) {
         None => Ok(None),
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim().to_owned()))
-            .map_err(|_| Status::invalid_argument(format!("the header {name} is not text"))),
+            .map_err(|_| Error::invalid(format!("the header {name} is not text"))),
     }
 }
 
-fn number<T>(req: &Request<T>, name: &str, default: f64) -> Result<f64, Status> {
+fn number<T>(req: &Request<T>, name: &str, default: f64) -> Result<f64, Error> {
     match header(req, name)? {
         None => Ok(default),
         Some(s) => s.parse::<f64>().map_err(|_| {
-            Status::invalid_argument(format!(
+            Error::invalid(format!(
                 "the header {name} must be a number, not {}",
                 super::shown(&s)
             ))
@@ -334,7 +336,7 @@ fn query_request(
     st: &ledger::State,
     req: &Request<FlightDescriptor>,
     sql: String,
-) -> Result<v1::QueryRequest, Status> {
+) -> Result<v1::QueryRequest, Error> {
     let study = header(req, "x-consentry-study")?.unwrap_or_default();
     let dataset = match header(req, "x-consentry-dataset")? {
         Some(d) => d,
@@ -354,7 +356,7 @@ fn query_request(
                 [one] => one.clone(),
                 [] => String::new(),
                 many => {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(Error::invalid(format!(
                         "study {study} is approved for several datasets ({}); set the call \
                          header x-consentry-dataset",
                         many.join(", ")
@@ -367,7 +369,7 @@ fn query_request(
         None | Some("dp") => v1::Mode::Dp,
         Some("extract") => v1::Mode::Extract,
         Some(m) => {
-            return Err(Status::invalid_argument(format!(
+            return Err(Error::invalid(format!(
                 "the header x-consentry-mode must be dp or extract, not {}",
                 super::shown(m)
             )));
@@ -425,7 +427,7 @@ fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
 fn without_views(
     schema: &SchemaRef,
     batches: Vec<RecordBatch>,
-) -> Result<(SchemaRef, Vec<RecordBatch>), Status> {
+) -> Result<(SchemaRef, Vec<RecordBatch>), Error> {
     use arrow::datatypes::{DataType, Field};
     let plain = |t: &DataType| match t {
         DataType::Utf8View => DataType::Utf8,
@@ -445,16 +447,16 @@ fn without_views(
         .map(|f| f.as_ref().clone().with_data_type(plain(f.data_type())))
         .collect();
     let out_schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-    let cast = |b: RecordBatch| -> Result<RecordBatch, Status> {
+    let cast = |b: RecordBatch| -> Result<RecordBatch, Error> {
         let cols = b
             .columns()
             .iter()
             .zip(out_schema.fields())
             .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::internal(format!("casting the result: {e}")))?;
+            .map_err(|e| Error::internal("casting the result", e))?;
         RecordBatch::try_new(out_schema.clone(), cols)
-            .map_err(|e| Status::internal(format!("casting the result: {e}")))
+            .map_err(|e| Error::internal("casting the result", e))
     };
     let batches = batches.into_iter().map(cast).collect::<Result<_, _>>()?;
     Ok((out_schema, batches))
@@ -464,10 +466,10 @@ fn flight_info(
     schema: &Schema,
     ticket: Vec<u8>,
     descriptor: FlightDescriptor,
-) -> Result<FlightInfo, Status> {
+) -> Result<FlightInfo, Error> {
     Ok(FlightInfo::new()
         .try_with_schema(schema)
-        .map_err(|e| Status::internal(format!("encoding a schema: {e}")))?
+        .map_err(|e| Error::internal("encoding a schema", e))?
         .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
         .with_descriptor(descriptor))
 }
@@ -491,15 +493,15 @@ fn batches_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> DoGetStream {
         FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .build(input)
-            .map_err(Status::from),
+            .map_err(|e| Error::internal("encoding a result", e).into()),
     )
 }
 
 fn one_batch(
     schema: SchemaRef,
     batch: Result<RecordBatch, arrow_flight::error::FlightError>,
-) -> Result<DoGetStream, Status> {
-    let batch = batch.map_err(Status::from)?;
+) -> Result<DoGetStream, Error> {
+    let batch = batch.map_err(|e| Error::internal("building a catalog answer", e))?;
     Ok(batches_stream(schema, vec![batch]))
 }
 
@@ -524,14 +526,14 @@ impl FlightSqlService for FlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         caller(&request)?;
         if query.transaction_id.is_some() {
-            return Err(Status::invalid_argument(
-                "transactions are not supported: the broker only reads",
-            ));
+            return Err(
+                Error::invalid("transactions are not supported: the broker only reads").into(),
+            );
         }
         if query.query.len() > MAX_PREPARED_SQL {
-            return Err(Status::invalid_argument(format!(
-                "a statement is at most {MAX_PREPARED_SQL} bytes"
-            )));
+            return Err(
+                Error::invalid(format!("a statement is at most {MAX_PREPARED_SQL} bytes")).into(),
+            );
         }
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: prepared_handle(&query.query).into(),
@@ -567,9 +569,7 @@ impl FlightSqlService for FlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         caller(&request)?;
-        Err(Status::invalid_argument(
-            "statements take no parameters: write the values into the SQL",
-        ))
+        Err(Error::invalid("statements take no parameters: write the values into the SQL").into())
     }
 
     async fn do_get_statement(
@@ -578,9 +578,10 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let who = caller(&request)?;
-        let handle: [u8; 16] = ticket.statement_handle.as_ref().try_into().map_err(|_| {
-            Status::invalid_argument("not a ticket of this broker; run the statement again")
-        })?;
+        let handle: [u8; 16] =
+            ticket.statement_handle.as_ref().try_into().map_err(|_| {
+                Error::invalid("not a ticket of this broker; run the statement again")
+            })?;
         let found = {
             let mut pending = self.pending();
             match pending.get(&handle) {
@@ -594,14 +595,14 @@ impl FlightSqlService for FlightSql {
             }
         };
         let p = found.ok_or_else(|| {
-            Status::not_found(
+            Error::not_found(
                 "no result waits under this ticket (fetched already, expired after 10 minutes, \
                  or another principal's); run the statement again: an identical repeat is free",
             )
         })?;
         let (schema, batches) = p
             .result
-            .ok_or_else(|| Status::not_found("the result is not ready"))?;
+            .ok_or_else(|| Error::not_found("the result is not ready"))?;
         Ok(Response::new(batches_stream(schema, batches)))
     }
 
@@ -672,7 +673,7 @@ impl FlightSqlService for FlightSql {
         let mut b = query.into_builder();
         for (d, t, schema) in self.visible_tables(&who).await? {
             b.append(&d, DB_SCHEMA, &t, "TABLE", &schema)
-                .map_err(Status::from)?;
+                .map_err(|e| Error::internal("listing tables", e))?;
         }
         let schema = b.schema();
         Ok(Response::new(one_batch(schema, b.build())?))
@@ -704,11 +705,12 @@ impl FlightSqlService for FlightSql {
         cmd: arrow_flight::sql::Command,
         _request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        Err(Status::unimplemented(format!(
+        Err(Error::Unsupported(format!(
             "{} is not supported: the broker answers SQL statements (DP aggregates or \
              extracts) and catalog calls only",
             cmd.type_url()
-        )))
+        ))
+        .into())
     }
 
     async fn do_get_fallback(
@@ -716,20 +718,18 @@ impl FlightSqlService for FlightSql {
         _request: Request<Ticket>,
         message: Any,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        Err(Status::unimplemented(format!(
-            "{} is not supported",
-            message.type_url
-        )))
+        Err(Error::Unsupported(format!("{} is not supported", message.type_url)).into())
     }
 
     async fn do_action_fallback(
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
-        Err(Status::unimplemented(format!(
+        Err(Error::Unsupported(format!(
             "the action {} is not supported",
             super::shown(&request.get_ref().r#type)
-        )))
+        ))
+        .into())
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Broker, caller};
 use crate::auth::Caller;
+use crate::error::Error;
 
 /// The Ledger service.
 pub struct LedgerService(pub Arc<Broker>);
@@ -60,7 +61,7 @@ impl Ledger for LedgerService {
     ) -> Result<Response<v1::CheckpointResponse>, Status> {
         let cp = self.0.blocking(|l| l.checkpoint()).await?;
         let parsed = ledger::note::open_checkpoint(self.0.ledger.verifier_key(), &cp, None)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Error::internal("opening a checkpoint", e))?;
         Ok(Response::new(v1::CheckpointResponse {
             checkpoint: cp,
             tree_size: parsed.size,
@@ -74,13 +75,11 @@ impl Ledger for LedgerService {
     ) -> Result<Response<v1::GetEntryResponse>, Status> {
         let caller = caller(&req)?;
         let index = req.into_inner().index;
-        let leaf = self.0.ledger.leaf(index).map_err(super::ledger_status)?;
+        let leaf = self.0.ledger.leaf(index).map_err(Error::from)?;
         let signed = ledger::entry::SignedEntry::from_leaf(&leaf, false)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| Error::internal("decoding a stored entry", e))?;
         if !may_read(&self.0.ledger.state(), &caller, &signed.entry) {
-            return Err(Status::permission_denied(format!(
-                "entry {index} is not yours to read"
-            )));
+            return Err(Error::forbidden(format!("entry {index} is not yours to read")).into());
         }
         Ok(Response::new(v1::GetEntryResponse { index, leaf }))
     }
@@ -99,7 +98,7 @@ impl Ledger for LedgerService {
             .0
             .ledger
             .inclusion_proof(r.index, Some(size))
-            .map_err(super::ledger_status)?;
+            .map_err(Error::from)?;
         Ok(Response::new(v1::ProofResponse {
             tree_size: size,
             hashes: ledger::merkle::base64_hashes(&proof),
@@ -112,10 +111,11 @@ impl Ledger for LedgerService {
     ) -> Result<Response<v1::ProofResponse>, Status> {
         let r = req.into_inner();
         if r.old_size == 0 {
-            return Err(Status::invalid_argument(
+            return Err(Error::invalid(
                 "old_size must be at least 1: every tree extends the empty one, and RFC 9162 \
                  defines no proof from it",
-            ));
+            )
+            .into());
         }
         let size = if r.new_size == 0 {
             self.0.ledger.size()
@@ -126,7 +126,7 @@ impl Ledger for LedgerService {
             .0
             .ledger
             .consistency_proof(r.old_size, Some(size))
-            .map_err(super::ledger_status)?;
+            .map_err(Error::from)?;
         Ok(Response::new(v1::ProofResponse {
             tree_size: size,
             hashes: ledger::merkle::base64_hashes(&proof),
@@ -142,12 +142,13 @@ impl Ledger for LedgerService {
         {
             let st = self.0.ledger.state();
             let s = st.study(&study).ok_or_else(|| {
-                Status::not_found(format!("unknown study {}", super::shown(&study)))
+                Error::not_found(format!("unknown study {}", super::shown(&study)))
             })?;
             if !super::registry::may_see_study(&caller, s) {
-                return Err(Status::permission_denied(format!(
+                return Err(Error::forbidden(format!(
                     "bundles of study {study} go to its sponsor, members and IRB"
-                )));
+                ))
+                .into());
             }
         }
         let bundle = self
@@ -155,7 +156,7 @@ impl Ledger for LedgerService {
             .blocking(move |l| ledger::bundle::make_bundle(l, &study, &[]))
             .await?;
         let bundle_json =
-            serde_json::to_string(&bundle).map_err(|e| Status::internal(e.to_string()))?;
+            serde_json::to_string(&bundle).map_err(|e| Error::internal("encoding a bundle", e))?;
         Ok(Response::new(v1::BundleResponse { bundle_json }))
     }
 }

@@ -16,6 +16,7 @@ use proto::v1;
 use tonic::{Request, Status};
 
 use crate::auth::{self, Caller};
+use crate::error::Error;
 use crate::secrets::Secrets;
 use crate::store::Store;
 
@@ -46,7 +47,7 @@ pub struct Broker {
 impl Broker {
     /// A broker over an open ledger and the data directory that holds its datasets, with the
     /// default limits per query.
-    pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> anyhow::Result<Arc<Broker>> {
+    pub fn new(ledger: Arc<Ledger>, data_dir: &Path) -> Result<Arc<Broker>, Error> {
         Self::with_limits(
             ledger,
             data_dir,
@@ -62,14 +63,14 @@ impl Broker {
         data_dir: &Path,
         limits: anonymizer::Limits,
         max_token_lifetime: std::time::Duration,
-    ) -> anyhow::Result<Arc<Broker>> {
+    ) -> Result<Arc<Broker>, Error> {
         Ok(Arc::new(Broker {
             max_token_lifetime,
             store: Store::open(data_dir, limits)?,
-            secrets: Arc::new(Secrets::open(
-                data_dir,
-                ledger.derived_key(crate::secrets::KEY_CONTEXT),
-            )?),
+            secrets: Arc::new(
+                Secrets::open(data_dir, ledger.derived_key(crate::secrets::KEY_CONTEXT))
+                    .map_err(|e| Error::internal("opening the study secrets", e))?,
+            ),
             ledger,
         }))
     }
@@ -80,7 +81,7 @@ impl Broker {
     }
 
     /// Runs a blocking ledger call (an append waits for its fsync) off the async threads.
-    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Status>
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
     where
         F: FnOnce(&Ledger) -> ledger::Result<T> + Send + 'static,
         T: Send + 'static,
@@ -88,17 +89,17 @@ impl Broker {
         let ledger = self.ledger.clone();
         tokio::task::spawn_blocking(move || f(&ledger))
             .await
-            .map_err(|_| Status::internal("a ledger task failed"))?
-            .map_err(ledger_status)
+            .map_err(|e| Error::internal("a ledger task failed", e))?
+            .map_err(Error::from)
     }
 }
 
 /// The caller put into the request by [`authenticate`].
-pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
     req.extensions()
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+        .ok_or_else(|| Error::unauthenticated("no authenticated caller"))
 }
 
 /// Checks the bearer token of a request against the ledger's current state.
@@ -118,34 +119,10 @@ pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>
         })
         .map_err(|e| {
             tracing::info!(error = %e, "call refused: unauthenticated");
-            Status::unauthenticated(e.to_string())
+            Status::from(Error::unauthenticated(e.to_string()))
         })?;
     req.extensions_mut().insert(caller);
     Ok(req)
-}
-
-/// The gRPC status for a ledger error. Messages name what is wrong; they never carry keys.
-pub fn ledger_status(e: ledger::Error) -> Status {
-    use ledger::Error as E;
-    let msg = e.to_string();
-    match e {
-        E::Decode(_) | E::InvalidValue(_) | E::BadSignature { .. } | E::ClockSkew { .. } => {
-            Status::invalid_argument(msg)
-        }
-        E::Invalid(_) | E::Note(_) => Status::failed_precondition(msg),
-        E::UnknownPrincipal(_) | E::RevokedPrincipal(_) => Status::permission_denied(msg),
-        E::WrongRole { .. } | E::Forbidden(_) => Status::permission_denied(msg),
-        E::AlreadyExists(_) => Status::already_exists(msg),
-        E::NotFound { .. } => Status::not_found(msg),
-        E::BudgetExhausted { .. } => Status::resource_exhausted(msg),
-        E::OutOfRange { .. } => Status::out_of_range(msg),
-        E::Proof(_) => Status::invalid_argument(msg),
-        E::Poisoned | E::Locked => Status::unavailable(msg),
-        E::Corrupt { .. } | E::NotInitialized | E::AlreadyInitialized | E::Io(_) => {
-            tracing::error!(error = %msg, "ledger failure");
-            Status::internal("the ledger failed; the operator has been told in the broker's log")
-        }
-    }
 }
 
 /// Decodes a signed entry sent by a client and checks that its author is the caller: the
@@ -153,14 +130,14 @@ pub fn ledger_status(e: ledger::Error) -> Status {
 pub(crate) fn signed_by_caller(
     caller: &Caller,
     e: Option<v1::SignedEntry>,
-) -> Result<ledger::entry::SignedEntry, Status> {
+) -> Result<ledger::entry::SignedEntry, Error> {
     let leaf = e
-        .ok_or_else(|| Status::invalid_argument("the signed entry is missing"))?
+        .ok_or_else(|| Error::invalid("the signed entry is missing"))?
         .leaf;
     let signed = ledger::entry::SignedEntry::from_leaf(&leaf, true)
-        .map_err(|e| Status::invalid_argument(format!("signed entry: {e}")))?;
+        .map_err(|e| Error::invalid(format!("signed entry: {e}")))?;
     if signed.entry.author.as_str() != caller.id {
-        return Err(Status::permission_denied(format!(
+        return Err(Error::forbidden(format!(
             "the entry's author {} is not the caller {}; sign entries with your own key",
             signed.entry.author, caller.id
         )));
@@ -214,12 +191,14 @@ impl Running {
     /// Stops accepting calls, lets in-flight calls (and their appends) finish for up to the
     /// drain time, cancels what is left, and returns. A cancelled call has written nothing
     /// that is not acknowledged: appends are durable before they answer.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> Result<(), Error> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         match tokio::time::timeout(self.drain, &mut self.task).await {
-            Ok(served) => served??,
+            Ok(served) => served
+                .map_err(|e| Error::internal("the server task", e))?
+                .map_err(|e| Error::internal("serving", e))?,
             Err(_) => {
                 tracing::warn!(drain = ?self.drain, "calls still open after the drain time were cancelled");
                 self.task.abort();
@@ -229,28 +208,35 @@ impl Running {
     }
 
     /// Waits until the server stops on its own (an error) or `signal` completes.
-    pub async fn until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn until(self, signal: impl std::future::Future<Output = ()>) -> Result<(), Error> {
         signal.await;
         self.shutdown().await
     }
 }
 
 /// Starts serving every service on `opts.listen`.
-pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Running> {
+pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> Result<Running, Error> {
     use tonic::transport::{Identity, Server, ServerTlsConfig};
-    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
-    let addr = listener.local_addr()?;
+    let start = |what: &'static str| move |e: &dyn std::fmt::Display| Error::internal(what, e);
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| start("listening on the address")(&e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| start("listening on the address")(&e))?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()
+        .map_err(|e| start("building reflection")(&e))?;
     // v1alpha too: grpcio's reflection client, older grpcurl and Postman still speak it.
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+        .build_v1alpha()
+        .map_err(|e| start("building reflection")(&e))?;
 
     let b = broker.clone();
     let check = move |req: Request<()>| authenticate(&b, req);
@@ -281,8 +267,11 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> anyhow::Result<Ru
 
     let mut builder = Server::builder();
     if let Some((cert, key)) = &opts.tls {
-        let identity = Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| start("reading the TLS files")(&e));
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| start("configuring TLS")(&e))?;
     }
     let router = builder
         .add_service(health)

@@ -14,10 +14,11 @@ use ledger::entry::{Body, DatasetRegistered, Outcome, QueryMode, QueryReceipt};
 use ledger::ids::{DatasetId, Digest, PrincipalId, Role, Timestamp};
 use proto::v1::{self, query_server::Query};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::{Broker, caller};
 use crate::auth::Caller;
+use crate::error::Error;
 
 /// The Query service.
 pub struct QueryService(pub Arc<Broker>);
@@ -34,10 +35,9 @@ struct Authorized {
     min_cell_size: Option<u64>,
 }
 
-/// A refusal: its status code and the reason receipted.
+/// A refusal: the error the caller gets (its words are the reason receipted).
 struct Denial {
-    code: Code,
-    reason: String,
+    error: Error,
     /// A query that was charged, then failed: the receipt debits this spend.
     charged: Option<Charged>,
 }
@@ -50,22 +50,12 @@ struct Charged {
     reg: Arc<DatasetRegistered>,
 }
 
-fn deny(code: Code, reason: impl Into<String>) -> Denial {
+fn deny(error: Error) -> Denial {
     Denial {
-        code,
-        reason: reason.into(),
+        error,
         charged: None,
     }
 }
-
-/// What a caller and the ledger learn of a query that failed after its checks: the same
-/// words whatever the cause (a limit, an engine error, a panic), so that how a query fails
-/// says nothing of the rows it read.
-pub(crate) const FAILED: &str = "the query failed while running (it may have exceeded the \
-    broker's memory or time limit per query); its privacy spend was charged";
-
-/// What a caller learns of an internal error: nothing of its cause (the log has its kind).
-const INTERNAL: &str = "the query could not be run because of an internal error";
 
 /// What a refused query asked to spend, for its receipt's mechanism (`requested`): the IRB
 /// sees what a denial was about. Only finite numbers are recorded.
@@ -107,72 +97,62 @@ fn authorize(
     mode: QueryMode,
     now: Timestamp,
 ) -> Result<Authorized, Denial> {
-    use Code::{FailedPrecondition, NotFound, PermissionDenied};
     if caller.role != Role::Researcher {
-        return Err(deny(
-            PermissionDenied,
-            format!("only researchers query; {} is a {}", caller.id, caller.role),
-        ));
+        return Err(deny(Error::forbidden(format!(
+            "only researchers query; {} is a {}",
+            caller.id, caller.role
+        ))));
     }
     if q.study.is_empty() {
-        return Err(deny(
-            Code::InvalidArgument,
+        return Err(deny(Error::invalid(
             "no study given: name the study you query within (gRPC: the request's study; \
              Arrow Flight SQL: the call header x-consentry-study)",
-        ));
+        )));
     }
     let study = st.study(&q.study).ok_or_else(|| {
-        deny(
-            NotFound,
-            format!("unknown study {}", super::shown(&q.study)),
-        )
+        deny(Error::not_found(format!(
+            "unknown study {}",
+            super::shown(&q.study)
+        )))
     })?;
     if !study.is_member(&caller.id) {
-        return Err(deny(
-            PermissionDenied,
-            format!("{} is not a researcher of study {}", caller.id, q.study),
-        ));
+        return Err(deny(Error::forbidden(format!(
+            "{} is not a researcher of study {}",
+            caller.id, q.study
+        ))));
     }
     if !study.active_at(now) {
-        return Err(deny(
-            FailedPrecondition,
-            format!(
-                "study {} is not active (it is {:?}, or outside its approval period)",
-                q.study, study.status
-            ),
-        ));
+        return Err(deny(Error::precondition(format!(
+            "study {} is not active (it is {:?}, or outside its approval period)",
+            q.study, study.status
+        ))));
     }
     let (_, approval) = study
         .approval
         .as_ref()
-        .ok_or_else(|| deny(FailedPrecondition, "the study has no approval"))?;
+        .ok_or_else(|| deny(Error::precondition("the study has no approval")))?;
     let grant = approval
         .grants
         .iter()
         .find(|g| g.dataset.as_str() == q.dataset)
         .ok_or_else(|| {
-            deny(
-                PermissionDenied,
-                format!(
-                    "study {} is not approved for dataset {}",
-                    q.study,
-                    super::shown(&q.dataset)
-                ),
-            )
+            deny(Error::forbidden(format!(
+                "study {} is not approved for dataset {}",
+                q.study,
+                super::shown(&q.dataset)
+            )))
         })?;
     match mode {
         QueryMode::Dp if !grant.dp => {
-            return Err(deny(
-                PermissionDenied,
+            return Err(deny(Error::forbidden(
                 "the approval does not allow DP aggregates on this dataset",
-            ));
+            )));
         }
         QueryMode::Extract if grant.extract_k.is_none() => {
-            return Err(deny(
-                PermissionDenied,
+            return Err(deny(Error::forbidden(
                 "the approval does not allow extracts on this dataset; ask the IRB for an \
                  extract approval, or run DP aggregates",
-            ));
+            )));
         }
         _ => {}
     }
@@ -183,30 +163,27 @@ fn authorize(
         && let Some(first) = st.extract_of(&q.study, &q.dataset)
         && first != sql
     {
-        return Err(deny(
-            FailedPrecondition,
-            format!(
-                "study {} already took an extract of dataset {}, and a study takes one \
+        return Err(deny(Error::precondition(format!(
+            "study {} already took an extract of dataset {}, and a study takes one \
                  extract of a dataset (two different ones could be differenced row by row); \
                  repeat it ({first}), or run DP aggregates",
-                q.study,
-                super::shown(&q.dataset)
-            ),
-        ));
+            q.study,
+            super::shown(&q.dataset)
+        ))));
     }
     let ds = st.dataset(&q.dataset).ok_or_else(|| {
-        deny(
-            NotFound,
-            format!("unknown dataset {}", super::shown(&q.dataset)),
-        )
+        deny(Error::not_found(format!(
+            "unknown dataset {}",
+            super::shown(&q.dataset)
+        )))
     })?;
     let reg = ds.latest().reg.clone();
     let filter = st
         .consent_filter(&q.dataset, &q.study, now)
-        .map_err(|e| deny(FailedPrecondition, format!("consent filter: {e}")))?;
+        .map_err(|e| deny(Error::precondition(format!("consent filter: {e}"))))?;
     let account = st
         .account(&q.study, &q.dataset)
-        .ok_or_else(|| deny(PermissionDenied, "no budget for this dataset"))?;
+        .ok_or_else(|| deny(Error::forbidden("no budget for this dataset")))?;
     Ok(Authorized {
         reg,
         filter,
@@ -216,40 +193,31 @@ fn authorize(
     })
 }
 
-/// The refusal for an anonymizer error. Refusals at plan time name the construct (they depend
-/// on the SQL and the policy only); failures while running are fixed words, charged.
-fn anonymizer_denial(e: &anonymizer::Error, reg: Option<&Arc<DatasetRegistered>>) -> Denial {
-    use anonymizer::Error as E;
-    let code = match e {
-        E::Refused { .. } | E::InvalidQuery(_) => Code::InvalidArgument,
-        E::BudgetExhausted { .. } => Code::ResourceExhausted,
-        E::Policy(_) | E::Dataset(_) | E::BadValue { .. } => Code::FailedPrecondition,
-        E::Failed {
-            epsilon,
-            delta,
-            rho,
-        } => {
-            return Denial {
-                code: Code::Internal,
-                reason: FAILED.into(),
-                charged: reg.map(|reg| Charged {
-                    epsilon: *epsilon,
-                    delta: *delta,
-                    rho: *rho,
-                    reg: reg.clone(),
-                }),
-            };
-        }
-        E::Mechanism(_) | E::Engine(_) | E::Secret(_) => {
-            tracing::error!(kind = e.kind(), "internal error in a query");
-            return deny(Code::Internal, INTERNAL);
-        }
-    };
-    deny(code, e.to_string())
+/// The refusal for an anonymizer error (its code is chosen in [`crate::error`]): refusals at
+/// plan time name the construct (they depend on the SQL and the policy only); a failure while
+/// running is charged, in fixed words.
+fn anonymizer_denial(e: anonymizer::Error, reg: Option<&Arc<DatasetRegistered>>) -> Denial {
+    if let anonymizer::Error::Failed {
+        epsilon,
+        delta,
+        rho,
+    } = e
+    {
+        return Denial {
+            error: Error::Failed,
+            charged: reg.map(|reg| Charged {
+                epsilon,
+                delta,
+                rho,
+                reg: reg.clone(),
+            }),
+        };
+    }
+    deny(Error::Anonymizer(e))
 }
 
 impl QueryService {
-    /// Appends a denial receipt and returns the status the caller gets (with the receipt's
+    /// Appends a denial receipt and returns the error the caller gets (with the receipt's
     /// index, so the researcher can point the IRB at it).
     async fn denied(
         &self,
@@ -258,7 +226,7 @@ impl QueryService {
         sql: String,
         mode: QueryMode,
         d: Denial,
-    ) -> Status {
+    ) -> Error {
         let study = if q.study.trim().is_empty()
             || q.study.len() > 128
             || q.study.chars().any(char::is_control)
@@ -268,7 +236,7 @@ impl QueryService {
             q.study.clone()
         };
         let Ok(researcher) = PrincipalId::new(&caller.id) else {
-            return Status::new(d.code, d.reason);
+            return d.error;
         };
         let mut receipt = QueryReceipt {
             study,
@@ -285,7 +253,7 @@ impl QueryService {
             consent_digest: None,
             result_digest: None,
             outcome: Outcome::Denied,
-            reason: Some(truncate(d.reason.clone(), 4096)),
+            reason: Some(truncate(d.error.words(), 4096)),
             rows_suppressed: None,
         };
         if let Some(c) = &d.charged {
@@ -297,22 +265,24 @@ impl QueryService {
             receipt.delta = c.delta;
             receipt.rho = c.rho;
         }
-        tracing::info!(caller = %caller.id, study = %q.study, code = ?d.code,
+        tracing::info!(caller = %caller.id, study = %q.study, code = ?d.error.grpc_code(),
             charged = d.charged.is_some(), "query denied");
         match self
             .0
             .blocking(move |l| l.append_as_operator(Body::QueryReceipt(receipt)))
             .await
         {
-            Ok(a) => Status::new(d.code, format!("{} (receipt {})", d.reason, a.index)),
+            Ok(a) => Error::Receipted {
+                error: Box::new(d.error),
+                receipt: a.index,
+            },
             // A charge that concurrent queries left no budget for: refused as a release
             // would be, in the same words.
-            Err(s) if d.charged.is_some() && s.code() == Code::ResourceExhausted => {
-                let d = deny(Code::ResourceExhausted, s.message().to_owned());
-                Box::pin(self.denied(caller, q, sql, mode, d)).await
+            Err(e) if d.charged.is_some() && e.is_budget_exhausted() => {
+                Box::pin(self.denied(caller, q, sql, mode, deny(e))).await
             }
             // Fail closed: the caller learns nothing more, the operator sees the log.
-            Err(s) => s,
+            Err(e) => e,
         }
     }
 }
@@ -342,7 +312,7 @@ impl QueryService {
         mode: QueryMode,
         auth: &Authorized,
         r: Released,
-    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Error> {
         let spend = (r.epsilon, r.delta, r.rho);
         let noise = r
             .mechanism
@@ -353,7 +323,7 @@ impl QueryService {
         let receipt = QueryReceipt {
             study: q.study.clone(),
             researcher: PrincipalId::new(&caller.id)
-                .map_err(|e| Status::internal(e.to_string()))?,
+                .map_err(|e| Error::internal("a caller's id", e))?,
             dataset: Some(auth.reg.dataset.clone()),
             version: Some(auth.reg.version),
             dataset_digest: Some(auth.reg.digest.clone()),
@@ -377,17 +347,15 @@ impl QueryService {
             .await
         {
             Ok(a) => a,
-            Err(s) if s.code() == Code::ResourceExhausted => {
-                let d = deny(Code::ResourceExhausted, s.message().to_owned());
-                return Err(self.denied(caller, q, sql, mode, d).await);
+            Err(e) if e.is_budget_exhausted() => {
+                return Err(self.denied(caller, q, sql, mode, deny(e)).await);
             }
             // Any other refusal of a drawn answer is still charged: the draw read the rows,
             // so how it ends must not be free (nor say more than that it failed).
-            Err(s) => {
-                tracing::error!(code = ?s.code(), "a release's receipt was refused");
+            Err(e) => {
+                tracing::error!(code = ?e.grpc_code(), "a release's receipt was refused");
                 let d = Denial {
-                    code: Code::Internal,
-                    reason: FAILED.into(),
+                    error: Error::Failed,
                     charged: Some(Charged {
                         epsilon: spend.0,
                         delta: spend.1,
@@ -434,16 +402,15 @@ impl QueryService {
         auth: &Authorized,
         engine: &anonymizer::Engine,
         filter: &anonymizer::ConsentFilter,
-    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Error> {
         let mode = QueryMode::Extract;
         let Some(k) = auth.extract_k else {
-            return Err(Status::internal("an extract without an approved k"));
+            return Err(Error::internal("an extract", "no approved k"));
         };
         if q.epsilon != 0.0 || q.delta != 0.0 {
-            let d = deny(
-                Code::InvalidArgument,
+            let d = deny(Error::invalid(
                 "an extract spends no privacy budget; leave epsilon and delta at 0",
-            );
+            ));
             return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
         }
         let secrets = self.0.secrets.clone();
@@ -451,16 +418,13 @@ impl QueryService {
         let secret = match tokio::task::spawn_blocking(move || secrets.get(&study)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                tracing::error!(error = %e, "study secret");
-                return Err(Status::internal(
-                    "study secret unavailable; see the broker's log",
-                ));
+                return Err(Error::internal("the study secret is unavailable", e));
             }
-            Err(_) => return Err(Status::internal("a study secret task failed")),
+            Err(e) => return Err(Error::internal("a study secret task failed", e)),
         };
         let today = chrono::DateTime::from_timestamp(Timestamp::now().unix(), 0)
             .map(|t| t.date_naive())
-            .ok_or_else(|| Status::internal("the clock is out of range"))?;
+            .ok_or_else(|| Error::internal("the clock", "out of range"))?;
         let req = anonymizer::extract::ExtractRequest {
             sql,
             filter,
@@ -471,7 +435,7 @@ impl QueryService {
         let x = match engine.extract(&req).await {
             Ok(x) => x,
             Err(e) => {
-                let d = anonymizer_denial(&e, Some(&auth.reg));
+                let d = anonymizer_denial(e, Some(&auth.reg));
                 return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
             }
         };
@@ -513,9 +477,9 @@ fn truncate(mut s: String, max: usize) -> String {
 fn ipc_bytes(
     schema: &arrow::datatypes::SchemaRef,
     batches: &[arrow::array::RecordBatch],
-) -> Result<Vec<u8>, Status> {
+) -> Result<Vec<u8>, Error> {
     anonymizer::release::ipc_stream(schema, batches)
-        .map_err(|e| Status::internal(format!("encoding the result: {e}")))
+        .map_err(|e| Error::internal("encoding the result", e))
 }
 
 impl QueryService {
@@ -526,25 +490,25 @@ impl QueryService {
         &self,
         caller: &Caller,
         q: &v1::QueryRequest,
-    ) -> Result<v1::QueryPreview, Status> {
+    ) -> Result<v1::QueryPreview, Error> {
         if !matches!(
             v1::Mode::try_from(q.mode),
             Ok(v1::Mode::Dp | v1::Mode::Unspecified)
         ) {
-            return Err(Status::invalid_argument(
+            return Err(Error::invalid(
                 "a dry run previews DP queries; an extract's rows have no noise to preview",
             ));
         }
-        let refused = |d: Denial| Status::new(d.code, d.reason);
+        let refused = |d: Denial| d.error;
         let sql = anonymizer::engine::normalize_sql(&q.sql)
-            .map_err(|e| refused(anonymizer_denial(&e, None)))?;
+            .map_err(|e| refused(anonymizer_denial(e, None)))?;
         let auth = {
             let st = self.0.ledger.state();
             authorize(&st, caller, q, &sql, QueryMode::Dp, Timestamp::now())
         }
         .map_err(refused)?;
         let engine = self.0.store.engine(&auth.reg, &self.0.ledger).await?;
-        let mechanism = mechanism_of(q).map_err(Status::invalid_argument)?;
+        let mechanism = mechanism_of(q).map_err(Error::invalid)?;
         let everyone = anonymizer::ConsentFilter::everyone();
         let scope = format!("{}\n{}", q.study, auth.reg.digest);
         let ereq = EngineRequest {
@@ -562,7 +526,7 @@ impl QueryService {
         let p = engine
             .preview(&ereq)
             .await
-            .map_err(|e| refused(anonymizer_denial(&e, Some(&auth.reg))))?;
+            .map_err(|e| refused(anonymizer_denial(e, Some(&auth.reg))))?;
         Ok(v1::QueryPreview {
             normalized_sql: p.sql,
             epsilon: p.cost.epsilon,
@@ -625,17 +589,17 @@ impl QueryService {
         &self,
         caller: &Caller,
         q: &v1::QueryRequest,
-    ) -> Result<(v1::QueryHeader, Vec<u8>), Status> {
+    ) -> Result<(v1::QueryHeader, Vec<u8>), Error> {
         let (caller, q) = (caller.clone(), q.clone());
         let mode = match v1::Mode::try_from(q.mode) {
             Ok(v1::Mode::Dp) | Ok(v1::Mode::Unspecified) => QueryMode::Dp,
             Ok(v1::Mode::Extract) => QueryMode::Extract,
-            Err(_) => return Err(Status::invalid_argument("unknown query mode")),
+            Err(_) => return Err(Error::invalid("unknown query mode")),
         };
         let sql = match anonymizer::engine::normalize_sql(&q.sql) {
             Ok(s) => s,
             Err(e) => {
-                let d = anonymizer_denial(&e, None);
+                let d = anonymizer_denial(e, None);
                 return Err(self.denied(&caller, &q, q.sql.clone(), mode, d).await);
             }
         };
@@ -661,7 +625,7 @@ impl QueryService {
             let mechanism = match mechanism_of(&q) {
                 Ok(m) => m,
                 Err(reason) => {
-                    let d = deny(Code::InvalidArgument, reason);
+                    let d = deny(Error::invalid(reason));
                     return Err(self.denied(&caller, &q, sql, mode, d).await);
                 }
             };
@@ -681,7 +645,7 @@ impl QueryService {
             let (release, _flight) = match engine.run_pending(&ereq).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let d = anonymizer_denial(&e, Some(&auth.reg));
+                    let d = anonymizer_denial(e, Some(&auth.reg));
                     return Err(self.denied(&caller, &q, sql, mode, d).await);
                 }
             };

@@ -9,6 +9,7 @@ use proto::v1::{self, registry_server::Registry};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Broker, appended, caller, signed_by_caller};
+use crate::error::Error;
 
 /// The Registry service.
 pub struct RegistryService(pub Arc<Broker>);
@@ -106,19 +107,16 @@ impl Registry for RegistryService {
             | Body::StudyClosed(_)
             | Body::CheckpointCosigned(_) => {}
             Body::DatasetRegistered(_) => {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "datasets are registered with RegisterDataset, which carries their files",
-                ));
+                )
+                .into());
             }
             Body::ConsentGranted(_) | Body::ConsentRevoked(_) => {
-                return Err(Status::invalid_argument(
-                    "consents go through the Consent service",
-                ));
+                return Err(Error::invalid("consents go through the Consent service").into());
             }
             Body::QueryReceipt(_) => {
-                return Err(Status::permission_denied(
-                    "only the broker writes query receipts",
-                ));
+                return Err(Error::forbidden("only the broker writes query receipts").into());
             }
         }
         let kind = signed.entry.body.kind();
@@ -135,62 +133,60 @@ impl Registry for RegistryService {
         let caller = caller(&req)?;
         // The role first: no one else may hold an upload open.
         if !self.0.ledger.state().may_act(&caller.id, Role::Custodian) {
-            return Err(Status::permission_denied(
-                "only a registered custodian registers datasets",
-            ));
+            return Err(Error::forbidden("only a registered custodian registers datasets").into());
         }
         let mut stream = req.into_inner();
         let Some(Part::Header(h)) = next_part(&mut stream).await?.and_then(|m| m.part) else {
-            return Err(Status::invalid_argument(
-                "the first message of an upload is its header",
-            ));
+            return Err(Error::invalid("the first message of an upload is its header").into());
         };
         let signed = signed_by_caller(&caller, h.entry)?;
         let Body::DatasetRegistered(reg) = &signed.entry.body else {
-            return Err(Status::invalid_argument(
-                "the header's entry must be a dataset_registered entry",
-            ));
+            return Err(
+                Error::invalid("the header's entry must be a dataset_registered entry").into(),
+            );
         };
         let reg = reg.clone();
         // Refuse early what the ledger would refuse, before receiving any file.
         {
             let st = self.0.ledger.state();
             if !st.may_act(&caller.id, Role::Custodian) {
-                return Err(Status::permission_denied(
-                    "only a registered custodian registers datasets",
-                ));
+                return Err(
+                    Error::forbidden("only a registered custodian registers datasets").into(),
+                );
             }
             if let Some(ds) = st.dataset(reg.dataset.as_str()) {
                 if ds.custodian.as_str() != caller.id {
-                    return Err(Status::permission_denied(format!(
+                    return Err(Error::forbidden(format!(
                         "dataset {} belongs to another custodian",
                         reg.dataset
-                    )));
+                    ))
+                    .into());
                 }
                 let last = ds.latest().reg.version;
                 if ds.versions.iter().any(|v| v.reg.version == reg.version) {
-                    return Err(Status::already_exists(format!(
+                    return Err(Error::already_exists(format!(
                         "version {} of dataset {} is registered; register version {} or later",
                         reg.version,
                         reg.dataset,
                         last + 1
-                    )));
+                    ))
+                    .into());
                 }
                 if reg.version <= last {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(Error::precondition(format!(
                         "dataset {} is at version {last}; register version {} or later",
                         reg.dataset,
                         last + 1
-                    )));
+                    ))
+                    .into());
                 }
             }
-            let (key, _) = st
-                .signing_key(&signed.entry)
-                .map_err(super::ledger_status)?;
+            let (key, _) = st.signing_key(&signed.entry).map_err(Error::from)?;
             if !key.verify_raw(&signed.entry.canonical_bytes(), &signed.sig) {
-                return Err(Status::invalid_argument(
+                return Err(Error::invalid(
                     "the entry's signature does not verify with the caller's key",
-                ));
+                )
+                .into());
             }
         }
         let mut upload = self.0.store.begin_upload(&reg, &h.policy_toml).await?;
@@ -198,9 +194,10 @@ impl Registry for RegistryService {
             match m.part {
                 Some(Part::Chunk(c)) => upload.write(&c.path, &c.data).await?,
                 _ => {
-                    return Err(Status::invalid_argument(
+                    return Err(Error::invalid(
                         "after the header, an upload carries only file chunks",
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -211,7 +208,7 @@ impl Registry for RegistryService {
         let a = self.0.blocking(move |l| l.append(signed)).await?;
         staged.place().await?;
         let engine = anonymizer::Engine::new(dataset)
-            .map_err(|e| Status::internal(format!("loading the dataset: {e}")))?;
+            .map_err(|e| Error::internal("loading the dataset", e))?;
         self.0.store.insert_engine(&reg, Arc::new(engine)).await;
         tracing::info!(caller = %caller.id, dataset = %reg.dataset, version = reg.version,
             index = a.index, "dataset registered");
@@ -226,7 +223,7 @@ impl Registry for RegistryService {
         let st = self.0.ledger.state();
         let p = st
             .principal(&id)
-            .ok_or_else(|| Status::not_found(format!("unknown principal {}", super::shown(&id))))?;
+            .ok_or_else(|| Error::not_found(format!("unknown principal {}", super::shown(&id))))?;
         Ok(Response::new(v1::Principal {
             id: p.id.to_string(),
             role: p.role.to_string(),
@@ -272,14 +269,14 @@ impl Registry for RegistryService {
         let reg = {
             let st = self.0.ledger.state();
             let d = st.dataset(&r.dataset).ok_or_else(|| {
-                Status::not_found(format!("unknown dataset {}", super::shown(&r.dataset)))
+                Error::not_found(format!("unknown dataset {}", super::shown(&r.dataset)))
             })?;
             let v = match r.version {
                 0 => d.versions.last(),
                 n => d.versions.iter().find(|v| v.reg.version == n),
             }
             .ok_or_else(|| {
-                Status::not_found(format!(
+                Error::not_found(format!(
                     "dataset {} has no version {}",
                     r.dataset, r.version
                 ))
@@ -291,11 +288,12 @@ impl Registry for RegistryService {
                         && may_see_study(&caller, s)
                 });
             if !allowed {
-                return Err(Status::permission_denied(format!(
+                return Err(Error::forbidden(format!(
                     "dataset {}'s policy is for its custodian, the operator, and the members, \
                      sponsors and IRBs of studies that requested it",
                     r.dataset
-                )));
+                ))
+                .into());
             }
             v.reg.clone()
         };
@@ -303,7 +301,7 @@ impl Registry for RegistryService {
         let reg2 = reg.clone();
         let policy_toml = tokio::task::spawn_blocking(move || b.store.policy_text(&reg2))
             .await
-            .map_err(|e| Status::internal(format!("reading a policy: {e}")))??;
+            .map_err(|e| Error::internal("reading a policy", e))??;
         Ok(Response::new(v1::DatasetPolicy {
             dataset: reg.dataset.to_string(),
             version: reg.version,
@@ -334,13 +332,14 @@ const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// The next message of an upload, or `DEADLINE_EXCEEDED` after [`UPLOAD_IDLE`] of silence.
 async fn next_part(
     stream: &mut Streaming<v1::DatasetUpload>,
-) -> Result<Option<v1::DatasetUpload>, Status> {
+) -> Result<Option<v1::DatasetUpload>, Error> {
     tokio::time::timeout(UPLOAD_IDLE, stream.message())
         .await
         .map_err(|_| {
-            Status::deadline_exceeded(format!(
+            Error::TimedOut(format!(
                 "the upload sent nothing for {} s; nothing was registered",
                 UPLOAD_IDLE.as_secs()
             ))
         })?
+        .map_err(Error::Stream)
 }
