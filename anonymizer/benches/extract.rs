@@ -101,10 +101,13 @@ fn bench(c: &mut Criterion) {
     let engine = Engine::new(ds).unwrap();
     let secret = StudySecret::from_bytes(&[7; 32]).unwrap();
     let reference = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
-    let half: Vec<String> = (0..PATIENTS).step_by(2).map(|p| p.to_string()).collect();
+    let half: Vec<ledger::ids::SubjectId> = (0..PATIENTS)
+        .step_by(2)
+        .map(|p| ledger::ids::SubjectId::new(p.to_string()).expect("a valid subject id"))
+        .collect();
     let filters = [
         ("everyone", ConsentFilter::everyone()),
-        ("consent_half", ConsentFilter::Include(Arc::new(half))),
+        ("consent_half", ConsentFilter::include(half)),
     ];
     let mut g = c.benchmark_group("extract_1m_k5_4qi");
     g.sample_size(10)

@@ -68,7 +68,7 @@ async fn expressions_above_the_aggregate_cannot_read_tables() {
 async fn researcher_expressions_see_only_guarded_rows_in_the_physical_plan() {
     let e = engine(50);
     let ids: Vec<String> = (1000..1010).map(|p: i64| p.to_string()).collect();
-    let some = ConsentFilter::Include(Arc::new(ids));
+    let some = crate::tests::include(&ids);
     let sql = "SELECT v.sex, COUNT(*) FROM visits v JOIN patients p \
                ON v.patient_id = p.patient_id WHERE v.hba1c / 2 > 3 AND p.smoker = 'yes' \
                GROUP BY v.sex";
@@ -93,7 +93,7 @@ async fn failing_expressions_are_not_an_oracle() {
     // Probes that failed on a target row before (division by zero, failing casts, overflow):
     // each must succeed whether or not a row matches, consented or not.
     let e = engine(60);
-    let none = ConsentFilter::Include(Arc::new(vec!["1000".into()]));
+    let none = crate::tests::include(&["1000"]);
     let all = ConsentFilter::everyone();
     let present: Vec<f64> = {
         let b = visits(60);
@@ -217,7 +217,7 @@ async fn declared_group_bounds_are_enforced_on_the_data() {
     let e = Engine::new(ds).unwrap();
     // Each patient alone: its rows fall in at most 2 zip3 groups, however many it has.
     for p in 1000..1080 {
-        let only = ConsentFilter::Include(Arc::new(vec![p.to_string()]));
+        let only = crate::tests::include(&[p.to_string()]);
         let raw = e
             .raw_for_tests("SELECT zip3, COUNT(*) FROM visits GROUP BY zip3", &only)
             .await

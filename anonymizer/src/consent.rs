@@ -17,21 +17,10 @@ use datafusion::logical_expr::{
 
 use crate::dataset::UnitIndex;
 
-/// Who may be included in a query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsentFilter {
-    /// Only these privacy-unit ids (opt-in).
-    Include(Arc<Vec<String>>),
-    /// Everyone except these ids (opt-out).
-    Exclude(Arc<Vec<String>>),
-}
-
-impl ConsentFilter {
-    /// Everyone (an opt-out dataset nobody objected to).
-    pub fn everyone() -> ConsentFilter {
-        ConsentFilter::Exclude(Arc::new(Vec::new()))
-    }
-}
+/// Who may be included in a query: the ledger's consent snapshot itself (its digest made
+/// once, by the ledger's one formula; its ids never copied).
+pub use ledger::state::ConsentFilter;
+use ledger::state::{Basis, Changes};
 
 /// A set of dense unit numbers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,39 +33,64 @@ pub struct UnitSet {
 impl UnitSet {
     /// The set a filter admits among `units`, or `None` when it admits everyone.
     pub fn from_filter(filter: &ConsentFilter, units: &UnitIndex) -> Option<UnitSet> {
-        let n = units.len();
-        let words = n.div_ceil(64);
-        let (ids, include) = match filter {
-            ConsentFilter::Include(ids) => (ids, true),
-            ConsentFilter::Exclude(ids) if ids.is_empty() => return None,
-            ConsentFilter::Exclude(ids) => (ids, false),
+        let include = filter.basis() == Basis::Include;
+        if !include && filter.ids().is_empty() {
+            return None;
+        }
+        let words = units.len().div_ceil(64);
+        let mut set = UnitSet {
+            bits: vec![if include { 0 } else { u64::MAX }; words],
+            tag: *filter.digest().bytes(),
         };
-        let mut bits = if include {
-            vec![0u64; words]
-        } else {
-            vec![u64::MAX; words]
+        for id in filter.ids() {
+            set.mark(units, id.as_str(), include);
+        }
+        Some(set)
+    }
+
+    /// The set of `filter` made from the set of the snapshot its changes apply to
+    /// (`parent`: `None` when that one admitted everyone): only the changed ids are looked
+    /// up. `None` when `filter` carries no changes.
+    pub fn updated(
+        parent: Option<&UnitSet>,
+        filter: &ConsentFilter,
+        units: &UnitIndex,
+    ) -> Option<Option<UnitSet>> {
+        let Changes { added, removed, .. } = filter.changes()?;
+        let include = filter.basis() == Basis::Include;
+        if !include && filter.ids().is_empty() {
+            return Some(None);
+        }
+        let words = units.len().div_ceil(64);
+        let mut set = UnitSet {
+            bits: match parent {
+                Some(p) => p.bits.clone(),
+                // The parent admitted everyone: an opt-out list that was empty.
+                None if !include => vec![u64::MAX; words],
+                None => return None,
+            },
+            tag: *filter.digest().bytes(),
         };
-        for id in ids.iter() {
-            if let Some(c) = units.lookup(id) {
-                let (w, b) = (c as usize / 64, c as usize % 64);
-                if include {
-                    bits[w] |= 1 << b;
-                } else {
-                    bits[w] &= !(1 << b);
-                }
+        // Listed ids are in for an opt-in list and out for an opt-out one.
+        for id in added {
+            set.mark(units, id.as_str(), include);
+        }
+        for id in removed {
+            set.mark(units, id.as_str(), !include);
+        }
+        Some(Some(set))
+    }
+
+    /// Puts the unit of `id` (if the dataset has it) in or out of the set.
+    fn mark(&mut self, units: &UnitIndex, id: &str, admitted: bool) {
+        if let Some(c) = units.lookup(id) {
+            let (w, b) = (c as usize / 64, c as usize % 64);
+            if admitted {
+                self.bits[w] |= 1 << b;
+            } else {
+                self.bits[w] &= !(1 << b);
             }
         }
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        h.update([u8::from(include)]);
-        for id in ids.iter() {
-            h.update(id.as_bytes());
-            h.update([0]);
-        }
-        Some(UnitSet {
-            bits,
-            tag: h.finalize().into(),
-        })
     }
 
     /// Whether unit `c` is in the set (units beyond the index are not).

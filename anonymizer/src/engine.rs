@@ -100,7 +100,7 @@ pub struct Release {
     pub rho: Option<f64>,
     /// The normalized SQL.
     pub sql: String,
-    /// SHA-256 of the consent snapshot (see [`consent_digest`]).
+    /// SHA-256 of the consent snapshot ([`ConsentFilter::digest`]).
     pub consent_digest: [u8; 32],
     /// SHA-256 of the released result (its Arrow IPC stream).
     pub result_digest: [u8; 32],
@@ -149,7 +149,7 @@ pub struct Engine {
     cache: Mutex<RepeatCache>,
     /// Where released answers are kept beyond memory.
     kept: Option<Arc<dyn KeptRepeats>>,
-    consents: Mutex<Vec<(ConsentFilter, Arc<Consent>)>>,
+    consents: Mutex<Vec<([u8; 32], Arc<Consent>)>>,
     flights: Mutex<HashMap<[u8; 32], Weak<tokio::sync::Mutex<()>>>>,
 }
 
@@ -187,24 +187,15 @@ pub struct Preview {
 /// A consent filter prepared for this engine: its snapshot digest and its set of units.
 #[derive(Debug)]
 pub(crate) struct Consent {
-    /// [`consent_digest`] of the filter.
+    /// The snapshot's digest ([`ConsentFilter::digest`]).
     pub digest: [u8; 32],
     /// The units admitted, or `None` for everyone.
     pub set: Option<Arc<UnitSet>>,
 }
 
-/// Prepared consent filters kept per engine. A filter is recognized by the identity of its id
-/// list (the broker hands the same list while the ledger's consents are unchanged); the cache
-/// holds a clone of that list, so its address cannot be reused by another list meanwhile.
+/// Prepared consent filters kept per engine, recognized by their snapshot's digest: a new
+/// snapshot whose changes apply to a kept one updates its set instead of building it whole.
 const CONSENTS_KEPT: usize = 8;
-
-fn same_filter(a: &ConsentFilter, b: &ConsentFilter) -> bool {
-    match (a, b) {
-        (ConsentFilter::Include(x), ConsentFilter::Include(y))
-        | (ConsentFilter::Exclude(x), ConsentFilter::Exclude(y)) => Arc::ptr_eq(x, y),
-        _ => false,
-    }
-}
 
 /// Normalizes SQL: parsed and printed back, so whitespace, keyword case and comments do not
 /// make two identical queries look different. Unquoted names are case-insensitive in
@@ -368,25 +359,6 @@ fn check_size(stmt: &datafusion::sql::sqlparser::ast::Statement) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// The digest of a consent snapshot, the same formula as the ledger's: SHA-256 over
-/// `"include\n"` or `"exclude\n"` then each id and `"\n"` in sorted order.
-pub fn consent_digest(filter: &ConsentFilter) -> [u8; 32] {
-    let (tag, ids) = match filter {
-        ConsentFilter::Include(ids) => ("include\n", ids),
-        ConsentFilter::Exclude(ids) => ("exclude\n", ids),
-    };
-    let mut sorted: Vec<&String> = ids.iter().collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut h = sha2::Sha256::new();
-    h.update(tag.as_bytes());
-    for id in sorted {
-        h.update(id.as_bytes());
-        h.update(b"\n");
-    }
-    h.finalize().into()
 }
 
 /// The unit column of a plan's rows: the first one (the tables of a join are joined on the
@@ -624,23 +596,37 @@ impl Engine {
         })
     }
 
-    /// The filter's digest and unit set, computed once per id list (sorting, hashing and
-    /// looking up a million ids costs more than a COUNT over a million rows).
+    /// The filter's digest and unit set, made once per snapshot (looking up a million ids
+    /// costs more than a COUNT over a million rows), and from the kept set of the snapshot
+    /// before it when the ledger says what changed.
     pub(crate) fn consent(&self, filter: &ConsentFilter) -> Arc<Consent> {
         let lock = || {
             self.consents
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        if let Some((_, c)) = lock().iter().find(|(f, _)| same_filter(f, filter)) {
-            return c.clone();
-        }
+        let digest = *filter.digest().bytes();
+        let parent = {
+            let kept = lock();
+            if let Some((_, c)) = kept.iter().find(|(d, _)| *d == digest) {
+                return c.clone();
+            }
+            filter.changes().and_then(|ch| {
+                kept.iter()
+                    .find(|(d, _)| d == ch.from.bytes())
+                    .map(|(_, c)| c.clone())
+            })
+        };
+        let units = &self.dataset.units;
+        let set = parent
+            .and_then(|p| UnitSet::updated(p.set.as_deref(), filter, units))
+            .unwrap_or_else(|| UnitSet::from_filter(filter, units));
         let prepared = Arc::new(Consent {
-            digest: consent_digest(filter),
-            set: UnitSet::from_filter(filter, &self.dataset.units).map(Arc::new),
+            digest,
+            set: set.map(Arc::new),
         });
         let mut kept = lock();
-        kept.insert(0, (filter.clone(), prepared.clone()));
+        kept.insert(0, (digest, prepared.clone()));
         kept.truncate(CONSENTS_KEPT);
         prepared
     }

@@ -70,7 +70,7 @@ pub struct Extract {
     pub batches: Vec<RecordBatch>,
     /// The normalized SQL.
     pub sql: String,
-    /// SHA-256 of the consent snapshot (see [`crate::engine::consent_digest`]).
+    /// SHA-256 of the consent snapshot ([`crate::ConsentFilter::digest`]).
     pub consent_digest: [u8; 32],
     /// SHA-256 of the released result (its Arrow IPC stream).
     pub result_digest: [u8; 32],

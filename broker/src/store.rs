@@ -15,30 +15,22 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::Error;
 use anonymizer::dataset::TableSource;
 use anonymizer::{Dataset, Engine, Policy};
 use ledger::entry::DatasetRegistered;
-use ledger::state::ConsentFilter as LedgerFilter;
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::manifest;
-
-/// A consent filter converted for the anonymizer, remembered while the ledger's is unchanged.
-struct Converted {
-    from: LedgerFilter,
-    to: Arc<anonymizer::ConsentFilter>,
-}
 
 /// Datasets on disk and their engines.
 pub struct Store {
     root: PathBuf,
     kept: crate::kept::Kept,
     engines: tokio::sync::Mutex<HashMap<(String, u32), Arc<Engine>>>,
-    filters: Mutex<HashMap<(String, String), Converted>>,
     limits: anonymizer::Limits,
 }
 
@@ -56,7 +48,6 @@ impl Store {
             root,
             kept: crate::kept::Kept::open(data_dir)?,
             engines: Default::default(),
-            filters: Default::default(),
             limits,
         })
     }
@@ -116,48 +107,6 @@ impl Store {
         );
         engines.insert(key, engine.clone());
         Ok(engine)
-    }
-
-    /// The anonymizer's form of a ledger consent filter, converted once per snapshot.
-    pub fn convert(
-        &self,
-        dataset: &str,
-        study: &str,
-        f: LedgerFilter,
-    ) -> Arc<anonymizer::ConsentFilter> {
-        let key = (dataset.to_owned(), study.to_owned());
-        let mut cache = self.filters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(&key) {
-            let same = match (&c.from, &f) {
-                (LedgerFilter::Include(a), LedgerFilter::Include(b))
-                | (LedgerFilter::Exclude(a), LedgerFilter::Exclude(b)) => {
-                    Arc::ptr_eq(a, b) || a == b
-                }
-                _ => false,
-            };
-            if same {
-                return c.to.clone();
-            }
-        }
-        let strings = |ids: &[ledger::ids::SubjectId]| {
-            Arc::new(
-                ids.iter()
-                    .map(|s| s.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let to = Arc::new(match &f {
-            LedgerFilter::Include(ids) => anonymizer::ConsentFilter::Include(strings(ids)),
-            LedgerFilter::Exclude(ids) => anonymizer::ConsentFilter::Exclude(strings(ids)),
-        });
-        cache.insert(
-            key,
-            Converted {
-                from: f,
-                to: to.clone(),
-            },
-        );
-        to
     }
 
     /// Receives an upload into a staging directory. Call [`Upload::write`] for each chunk,

@@ -277,7 +277,7 @@ async fn extracts_are_generalized_pseudonymized_and_k_anonymous() {
 async fn only_consented_patients_are_extracted() {
     let (e, raw) = engine(200, false);
     let included: Vec<String> = (5000..5100).map(|p: i64| p.to_string()).collect();
-    let filter = ConsentFilter::Include(Arc::new(included.clone()));
+    let filter = crate::tests::include(&included);
     let x = extract(&e, "SELECT patient_id, sex FROM visits", &filter, 1)
         .await
         .unwrap();
@@ -294,14 +294,14 @@ async fn only_consented_patients_are_extracted() {
         out.iter()
             .all(|r| allowed.contains(r["patient_id"].as_deref().unwrap()))
     );
-    assert_eq!(x.consent_digest, crate::engine::consent_digest(&filter));
+    assert_eq!(x.consent_digest, *filter.digest().bytes());
     assert_eq!(x.suppressed_rows, 0);
 }
 
 #[tokio::test]
 async fn without_quasi_identifiers_the_output_needs_k_patients() {
     let (e, _) = engine(50, false);
-    let filter = ConsentFilter::Include(Arc::new(vec!["5000".into(), "5001".into()]));
+    let filter = crate::tests::include(&["5000", "5001"]);
     let x = extract(&e, "SELECT diagnosis FROM visits", &filter, 3)
         .await
         .unwrap();
@@ -559,7 +559,7 @@ sex = { class = "quasi_identifier", domain = ["F", "M"] }
     assert_eq!(ds.units.len(), 30);
     let e = Engine::new(ds).unwrap();
     let included: Vec<String> = (0..10).map(|p| format!("P-{p:04}")).collect();
-    let filter = ConsentFilter::Include(Arc::new(included.clone()));
+    let filter = crate::tests::include(&included);
     let x = extract(&e, "SELECT patient_id, sex FROM visits", &filter, 2)
         .await
         .unwrap();

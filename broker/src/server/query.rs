@@ -613,10 +613,7 @@ impl QueryService {
             Err(d) => return Err(self.denied(&caller, &q, sql, mode, d).await),
         };
         let engine = self.0.store.engine(&auth.reg, &self.0.ledger).await?;
-        let filter = self
-            .0
-            .store
-            .convert(&q.dataset, &q.study, auth.filter.clone());
+        let filter = auth.filter.clone();
         let released = if mode == QueryMode::Extract {
             self.extract(&caller, &q, &sql, &auth, &engine, &filter)
                 .await?

@@ -35,44 +35,181 @@ pub(super) struct Objection {
     pub(super) scope: ConsentScope,
 }
 
-/// Who may be included in a query on one dataset.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsentFilter {
-    /// Only these subjects (opt-in datasets). Sorted, no duplicates.
-    Include(Arc<Vec<SubjectId>>),
-    /// Everyone except these subjects (opt-out datasets). Sorted, no duplicates.
-    Exclude(Arc<Vec<SubjectId>>),
+/// How a consent snapshot's subject list reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// Only the listed subjects are included (opt-in datasets).
+    Include,
+    /// Everyone but the listed subjects is included (opt-out datasets).
+    Exclude,
 }
 
+/// What changed from an earlier snapshot of the same dataset, study and basis: consumers
+/// that keep something derived from a snapshot (the anonymizer's bitmap of units) update it
+/// instead of rebuilding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The digest of the snapshot these changes apply to.
+    pub from: Digest,
+    /// Ids that joined the list. Sorted.
+    pub added: Vec<SubjectId>,
+    /// Ids that left the list. Sorted.
+    pub removed: Vec<SubjectId>,
+}
+
+/// Who may be included in a query on one dataset: one snapshot of the ledger's consents, made
+/// once per change and shared from the ledger to the engine (a clone is a reference count).
+/// Its digest, the one a receipt records, is computed once, here, by the one formula
+/// ([`ConsentFilter::digest`]).
+#[derive(Debug, Clone)]
+pub struct ConsentFilter(Arc<Snapshot>);
+
+#[derive(Debug)]
+struct Snapshot {
+    basis: Basis,
+    ids: Vec<SubjectId>,
+    digest: Digest,
+    changes: Option<Changes>,
+}
+
+impl PartialEq for ConsentFilter {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.digest == other.0.digest
+    }
+}
+impl Eq for ConsentFilter {}
+
 impl ConsentFilter {
-    /// The digest a receipt records for this snapshot: SHA-256 over
-    /// `"include\n"` or `"exclude\n"` followed by each subject id and `"\n"`, in sorted order.
+    /// The snapshot of `ids` (sorted and deduplicated here) read by `basis`.
+    pub fn new(basis: Basis, mut ids: Vec<SubjectId>) -> ConsentFilter {
+        ids.sort_unstable();
+        ids.dedup();
+        Self::sorted(basis, ids, None)
+    }
+
+    fn sorted(basis: Basis, ids: Vec<SubjectId>, changes: Option<Changes>) -> ConsentFilter {
+        let digest = Self::digest_of(basis, &ids);
+        ConsentFilter(Arc::new(Snapshot {
+            basis,
+            ids,
+            digest,
+            changes,
+        }))
+    }
+
+    /// Only `ids`.
+    pub fn include(ids: Vec<SubjectId>) -> ConsentFilter {
+        Self::new(Basis::Include, ids)
+    }
+
+    /// Everyone but `ids`.
+    pub fn exclude(ids: Vec<SubjectId>) -> ConsentFilter {
+        Self::new(Basis::Exclude, ids)
+    }
+
+    /// Everyone (an opt-out dataset nobody objected to).
+    pub fn everyone() -> ConsentFilter {
+        Self::new(Basis::Exclude, Vec::new())
+    }
+
+    /// How the list reads.
+    pub fn basis(&self) -> Basis {
+        self.0.basis
+    }
+
+    /// The listed subjects, sorted, without duplicates.
+    pub fn ids(&self) -> &[SubjectId] {
+        &self.0.ids
+    }
+
+    /// What changed from the snapshot this one was updated from, if it was.
+    pub fn changes(&self) -> Option<&Changes> {
+        self.0.changes.as_ref()
+    }
+
+    /// The digest a receipt records for this snapshot: SHA-256 over `"include\n"` or
+    /// `"exclude\n"` followed by each subject id and `"\n"`, in sorted order.
     pub fn digest(&self) -> Digest {
+        self.0.digest.clone()
+    }
+
+    fn digest_of(basis: Basis, ids: &[SubjectId]) -> Digest {
         use sha2::Digest as _;
-        let (tag, ids) = match self {
-            ConsentFilter::Include(ids) => ("include\n", ids),
-            ConsentFilter::Exclude(ids) => ("exclude\n", ids),
+        let tag = match basis {
+            Basis::Include => "include\n",
+            Basis::Exclude => "exclude\n",
         };
         let mut h = sha2::Sha256::new();
         h.update(tag.as_bytes());
-        for id in ids.iter() {
+        for id in ids {
             h.update(id.as_str().as_bytes());
             h.update(b"\n");
         }
         Digest::from_bytes(h.finalize().into())
     }
+
     /// Whether `subject` may be included.
     pub fn admits(&self, subject: &SubjectId) -> bool {
-        match self {
-            ConsentFilter::Include(ids) => ids.binary_search(subject).is_ok(),
-            ConsentFilter::Exclude(ids) => ids.binary_search(subject).is_err(),
+        let listed = self.0.ids.binary_search(subject).is_ok();
+        match self.0.basis {
+            Basis::Include => listed,
+            Basis::Exclude => !listed,
         }
+    }
+
+    /// This snapshot with each of `subjects` in or out of the list as its flag says (the
+    /// first flag of an id counts): one pass over the list, and the changes recorded for
+    /// consumers.
+    pub fn updated(&self, subjects: &[(SubjectId, bool)]) -> ConsentFilter {
+        let mut subjects = subjects.to_vec();
+        subjects.sort_by(|a, b| a.0.cmp(&b.0));
+        subjects.dedup_by(|b, a| a.0 == b.0);
+        let old = &self.0.ids;
+        let mut ids = Vec::with_capacity(old.len() + subjects.len());
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        for (s, listed) in &subjects {
+            let at = i + old[i..].partition_point(|x| x < s);
+            ids.extend_from_slice(&old[i..at]);
+            let was = old.get(at) == Some(s);
+            i = if was { at + 1 } else { at };
+            if *listed {
+                ids.push(s.clone());
+            }
+            match (was, *listed) {
+                (false, true) => added.push(s.clone()),
+                (true, false) => removed.push(s.clone()),
+                _ => {}
+            }
+        }
+        ids.extend_from_slice(&old[i..]);
+        if added.is_empty() && removed.is_empty() {
+            return self.clone();
+        }
+        Self::sorted(
+            self.0.basis,
+            ids,
+            Some(Changes {
+                from: self.0.digest.clone(),
+                added,
+                removed,
+            }),
+        )
     }
 }
 
+/// A consent change that touches no one subject (a dataset version registered): the next
+/// filter of the dataset is computed whole.
+pub(super) const WHOLE: u32 = u32::MAX;
+
+/// Up to how many consent changes since a cached filter it is updated rather than computed
+/// again (past it one pass over the dataset's grants is as cheap).
+const INCREMENTAL_MAX: usize = 4096;
+
 #[derive(Clone)]
 pub(super) struct CachedFilter {
-    generation: u64,
+    /// How many consent changes of the dataset it has seen ([`State::touched`]).
+    seen: usize,
     from: Timestamp,
     until: Timestamp,
     filter: ConsentFilter,
@@ -137,35 +274,118 @@ impl State {
             .ok_or_else(|| not_found("study", study))?;
         let dataset_id = DatasetId::new(dataset)?;
         let key = (dataset_id.clone(), st.reg.study.clone());
-        let generation = self.generation.get(&dataset_id).copied().unwrap_or(0);
-        {
-            let cache = self
-                .filter_cache
-                .lock()
-                .expect("filter cache lock is never poisoned by a panic-free section");
-            if let Some(c) = cache.get(&key)
-                && c.generation == generation
-                && c.from <= t
-                && t < c.until
-            {
-                return Ok(c.filter.clone());
-            }
-        }
-        let (filter, until) = self.compute_filter(ds, st, &dataset_id, t);
-        let mut cache = self
+        let touched = self
+            .touched
+            .get(&dataset_id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let cached = self
             .filter_cache
             .lock()
-            .expect("filter cache lock is never poisoned by a panic-free section");
-        cache.insert(
-            key,
-            CachedFilter {
-                generation,
-                from: t,
-                until,
-                filter: filter.clone(),
-            },
-        );
+            .expect("filter cache lock is never poisoned by a panic-free section")
+            .get(&key)
+            .filter(|c| c.from <= t && t < c.until)
+            .cloned();
+        let (filter, from, until) = match cached {
+            Some(c) if c.seen == touched.len() => return Ok(c.filter),
+            // A few subjects changed since: only they are looked at again (the others'
+            // standing holds until the cached window ends).
+            Some(c)
+                if !touched[c.seen..].contains(&WHOLE)
+                    && touched.len() - c.seen <= INCREMENTAL_MAX =>
+            {
+                let (filter, until) = self.update_filter(ds, st, &dataset_id, t, &c, touched);
+                (filter, t, until)
+            }
+            _ => {
+                let (filter, until) = self.compute_filter(ds, st, &dataset_id, t);
+                (filter, t, until)
+            }
+        };
+        self.filter_cache
+            .lock()
+            .expect("filter cache lock is never poisoned by a panic-free section")
+            .insert(
+                key,
+                CachedFilter {
+                    seen: touched.len(),
+                    from,
+                    until,
+                    filter: filter.clone(),
+                },
+            );
         Ok(filter)
+    }
+
+    /// A cached filter brought up to date with the subjects touched since it was made: each
+    /// one's standing at `t` recomputed from its own grants and objections. Returns it and
+    /// the first instant after `t` at which it may change.
+    fn update_filter(
+        &self,
+        ds: &Dataset,
+        st: &Study,
+        dataset: &DatasetId,
+        t: Timestamp,
+        cached: &CachedFilter,
+        touched: &[u32],
+    ) -> (ConsentFilter, Timestamp) {
+        let mut until = cached.until;
+        let mut subjects: Vec<u32> = touched[cached.seen..].to_vec();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let standing: Vec<(SubjectId, bool)> = subjects
+            .into_iter()
+            .map(|sid| {
+                let listed = match ds.consent_basis {
+                    ConsentBasis::OptIn => {
+                        for &gi in self
+                            .grants_by_subject
+                            .get(sid as usize)
+                            .into_iter()
+                            .flatten()
+                        {
+                            let g = &self.grants[gi];
+                            if g.scope.covers(dataset, &ds.custodian) {
+                                for x in std::iter::once(g.valid_from).chain(g.valid_until) {
+                                    if x > t && x < until {
+                                        until = x;
+                                    }
+                                }
+                            }
+                        }
+                        self.admitted_by_grants(sid, ds, st, dataset, t)
+                    }
+                    ConsentBasis::OptOut => self.objected(sid, dataset, &ds.custodian, u64::MAX),
+                };
+                (self.subjects[sid as usize].clone(), listed)
+            })
+            .collect();
+        (cached.filter.updated(&standing), until)
+    }
+
+    /// Whether an opt-in dataset includes subject `sid` for `st` at `t`: a live grant that
+    /// covers the dataset admits the study, and no objection covers it.
+    fn admitted_by_grants(
+        &self,
+        sid: u32,
+        ds: &Dataset,
+        st: &Study,
+        dataset: &DatasetId,
+        t: Timestamp,
+    ) -> bool {
+        !self.objected(sid, dataset, &ds.custodian, u64::MAX)
+            && self.grants_by_subject.get(sid as usize).is_some_and(|gs| {
+                gs.iter().any(|&gi| {
+                    self.grant_admits_scoped(
+                        &self.grants[gi],
+                        st,
+                        dataset,
+                        &ds.custodian,
+                        t,
+                        u64::MAX,
+                    )
+                })
+            })
     }
 
     /// Computes a filter and the first instant after `t` at which it may change.
@@ -217,18 +437,17 @@ impl State {
                 }
             }
         }
-        let mut subjects: Vec<SubjectId> = ids
+        ids.sort_unstable();
+        ids.dedup();
+        let subjects: Vec<SubjectId> = ids
             .iter()
             .map(|&i| self.subjects[i as usize].clone())
             .collect();
-        subjects.sort_unstable();
-        subjects.dedup();
-        let subjects = Arc::new(subjects);
-        let filter = match ds.consent_basis {
-            ConsentBasis::OptIn => ConsentFilter::Include(subjects),
-            ConsentBasis::OptOut => ConsentFilter::Exclude(subjects),
+        let basis = match ds.consent_basis {
+            ConsentBasis::OptIn => Basis::Include,
+            ConsentBasis::OptOut => Basis::Exclude,
         };
-        (filter, until)
+        (ConsentFilter::new(basis, subjects), until)
     }
 
     fn grant_admits_scoped(

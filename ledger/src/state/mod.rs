@@ -21,8 +21,8 @@ use crate::note::VerifierKey;
 mod consent;
 mod rules;
 
+pub use consent::{Basis, Changes, ConsentFilter, ConsentView};
 use consent::{CachedFilter, Grant, Objection};
-pub use consent::{ConsentFilter, ConsentView};
 pub use rules::checkpoint_of;
 
 /// A registered principal.
@@ -154,8 +154,10 @@ pub struct State {
     grants_by_custodian: HashMap<PrincipalId, Vec<usize>>,
     objections: Vec<Objection>,
     objections_by_subject: HashMap<u32, Vec<usize>>,
-    /// Bumped on every consent change touching a dataset; keys the filter cache.
-    generation: HashMap<DatasetId, u64>,
+    /// Per dataset, the subject of every consent change touching it, in log order
+    /// ([`consent::WHOLE`] for a change of no one subject): a cached filter that has seen the
+    /// first n is updated for the rest.
+    touched: HashMap<DatasetId, Vec<u32>>,
     studies: HashMap<StudyId, Study>,
     spent: HashMap<(StudyId, DatasetId), Spend>,
     receipts_by_study: HashMap<String, Vec<u64>>,

@@ -3,7 +3,7 @@
 use foldhash::HashSet;
 use std::sync::Arc;
 
-use super::consent::{Grant, Objection};
+use super::consent::{Grant, Objection, WHOLE};
 use super::{
     Dataset, DatasetVersion, Principal, ReceiptRef, State, Study, StudyStatus, invalid, not_found,
 };
@@ -196,7 +196,8 @@ impl State {
         if let Some(gi) = replaced {
             self.grants[gi].ended = Some(index);
             let scope = self.grants[gi].scope.clone();
-            self.bump(&scope);
+            let old = self.grants[gi].subject;
+            self.bump(&scope, old);
         }
         let gi = self.grants.len();
         self.grant_by_id.insert(b.consent_id.clone(), gi);
@@ -219,7 +220,7 @@ impl State {
                 .or_default()
                 .push(gi);
         }
-        self.bump(&b.scope);
+        self.bump(&b.scope, subject);
         self.grants.push(Grant {
             index,
             subject,
@@ -358,10 +359,13 @@ impl State {
                         );
                     }
                 }
-                self.bump(&ConsentScope {
-                    datasets: vec![b.dataset.clone()],
-                    custodian: None,
-                });
+                self.bump(
+                    &ConsentScope {
+                        datasets: vec![b.dataset.clone()],
+                        custodian: None,
+                    },
+                    WHOLE,
+                );
             }
             Body::ConsentGranted(_) => unreachable!("applied by State::grant"),
             Body::ConsentRevoked(b) => {
@@ -372,7 +376,8 @@ impl State {
                         let gi = self.live_grant_of(id, &b.subject)?;
                         self.grants[gi].ended = Some(index);
                         let scope = self.grants[gi].scope.clone();
-                        self.bump(&scope);
+                        let subject = self.grants[gi].subject;
+                        self.bump(&scope, subject);
                     }
                     (None, Some(scope)) => {
                         let subject = self.intern(b.subject.clone());
@@ -386,7 +391,7 @@ impl State {
                             .entry(subject)
                             .or_default()
                             .push(oi);
-                        self.bump(scope);
+                        self.bump(scope, subject);
                     }
                     _ => unreachable!("checked by check_revocation"),
                 }
@@ -479,20 +484,21 @@ impl State {
         Ok(())
     }
 
-    /// Bumps the consent generation of every dataset the scope covers.
-    fn bump(&mut self, scope: &ConsentScope) {
+    /// Records a consent change of `subject` (or [`WHOLE`]) on every dataset the scope covers:
+    /// cached filters of those datasets are updated for it.
+    fn bump(&mut self, scope: &ConsentScope, subject: u32) {
         for d in &scope.datasets {
-            match self.generation.get_mut(d) {
-                Some(g) => *g += 1,
+            match self.touched.get_mut(d) {
+                Some(v) => v.push(subject),
                 None => {
-                    self.generation.insert(d.clone(), 1);
+                    self.touched.insert(d.clone(), vec![subject]);
                 }
             }
         }
         if let Some(c) = &scope.custodian {
             for (id, ds) in &self.datasets {
                 if &ds.custodian == c {
-                    *self.generation.entry(id.clone()).or_default() += 1;
+                    self.touched.entry(id.clone()).or_default().push(subject);
                 }
             }
         }
