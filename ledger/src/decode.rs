@@ -31,7 +31,7 @@ fn guess_kind(json: &[u8]) -> Option<&'static str> {
     let rest = &json[at..];
     let end = rest.iter().position(|&b| b == b'"')?;
     let name = &rest[..end];
-    Body::KINDS.into_iter().find(|k| k.as_bytes() == name)
+    Body::KINDS.iter().copied().find(|k| k.as_bytes() == name)
 }
 
 /// An entry whose body is typed as `kind` (and whose `kind` field must say so).
@@ -95,21 +95,7 @@ struct BodyOf {
 impl<'de> DeserializeSeed<'de> for BodyOf {
     type Value = Body;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Body, D::Error> {
-        use serde::Deserialize;
-        Ok(match self.kind {
-            "principal_registered" => Body::PrincipalRegistered(Deserialize::deserialize(d)?),
-            "key_rotated" => Body::KeyRotated(Deserialize::deserialize(d)?),
-            "principal_revoked" => Body::PrincipalRevoked(Deserialize::deserialize(d)?),
-            "dataset_registered" => Body::DatasetRegistered(Deserialize::deserialize(d)?),
-            "consent_granted" => Body::ConsentGranted(Deserialize::deserialize(d)?),
-            "consent_revoked" => Body::ConsentRevoked(Deserialize::deserialize(d)?),
-            "study_registered" => Body::StudyRegistered(Deserialize::deserialize(d)?),
-            "study_approved" => Body::StudyApproved(Deserialize::deserialize(d)?),
-            "study_suspended" => Body::StudySuspended(Deserialize::deserialize(d)?),
-            "study_closed" => Body::StudyClosed(Deserialize::deserialize(d)?),
-            "query_receipt" => Body::QueryReceipt(Deserialize::deserialize(d)?),
-            "checkpoint_cosigned" => Body::CheckpointCosigned(Deserialize::deserialize(d)?),
-            _ => return Err(de::Error::custom("unknown kind")),
-        })
+        Body::deserialize_kind(self.kind, d)
+            .unwrap_or_else(|| Err(de::Error::custom("unknown kind")))
     }
 }

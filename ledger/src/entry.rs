@@ -31,33 +31,77 @@ pub struct Entry {
     pub body: Body,
 }
 
-/// The kinds of entry.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Body {
+/// Declares the entry kinds once: each variant of [`Body`], its doc, its name as written in
+/// entries and its body type. Everything that lists kinds (the name of a body, the list of
+/// names, decoding a body of a named kind, serializing one) is generated from this table, so
+/// a new kind is one line here plus its body type and its state rule.
+macro_rules! entry_kinds {
+    ($($(#[doc = $doc:literal])* $variant:ident($body:ty) = $name:literal,)+) => {
+        /// The kinds of entry.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Body {
+            $($(#[doc = $doc])* $variant($body),)+
+        }
+
+        impl Body {
+            /// The kind's name as written in entries.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Body::$variant(_) => $name,)+
+                }
+            }
+
+            /// All kind names, for help texts and decoding.
+            pub const KINDS: &'static [&'static str] = &[$($name),+];
+
+            /// Deserializes a body of the named kind (`None`: no such kind).
+            pub(crate) fn deserialize_kind<'de, D: serde::Deserializer<'de>>(
+                kind: &str,
+                d: D,
+            ) -> Option<Result<Body, D::Error>> {
+                Some(match kind {
+                    $($name => <$body as Deserialize>::deserialize(d).map(Body::$variant),)+
+                    _ => return None,
+                })
+            }
+        }
+
+        /// A body serializes as its kind's fields (the kind is written beside it, in `kind`).
+        impl Serialize for Body {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $(Body::$variant(b) => b.serialize(s),)+
+                }
+            }
+        }
+    };
+}
+
+entry_kinds! {
     /// A principal and its first key.
-    PrincipalRegistered(PrincipalRegistered),
+    PrincipalRegistered(PrincipalRegistered) = "principal_registered",
     /// A principal's new key (the old one stops being valid).
-    KeyRotated(KeyRotated),
+    KeyRotated(KeyRotated) = "key_rotated",
     /// A principal may no longer act.
-    PrincipalRevoked(PrincipalRevoked),
+    PrincipalRevoked(PrincipalRevoked) = "principal_revoked",
     /// A dataset version, with the digests of its files.
-    DatasetRegistered(DatasetRegistered),
+    DatasetRegistered(DatasetRegistered) = "dataset_registered",
     /// A subject's consent.
-    ConsentGranted(ConsentGranted),
+    ConsentGranted(ConsentGranted) = "consent_granted",
     /// A consent withdrawn, or an objection (opt-out).
-    ConsentRevoked(ConsentRevoked),
+    ConsentRevoked(ConsentRevoked) = "consent_revoked",
     /// A study and what it wants to do.
-    StudyRegistered(StudyRegistered),
+    StudyRegistered(StudyRegistered) = "study_registered",
     /// An IRB's approval with budgets.
-    StudyApproved(StudyApproved),
+    StudyApproved(StudyApproved) = "study_approved",
     /// An IRB stops a study for now.
-    StudySuspended(StudyStatus),
+    StudySuspended(StudyStatus) = "study_suspended",
     /// An IRB ends a study for good.
-    StudyClosed(StudyStatus),
+    StudyClosed(StudyStatus) = "study_closed",
     /// A query's outcome.
-    QueryReceipt(QueryReceipt),
+    QueryReceipt(QueryReceipt) = "query_receipt",
     /// A witness cosigned a checkpoint.
-    CheckpointCosigned(CheckpointCosigned),
+    CheckpointCosigned(CheckpointCosigned) = "checkpoint_cosigned",
 }
 
 /// Body of `principal_registered`.
@@ -409,79 +453,43 @@ pub struct CheckpointCosigned {
 }
 
 impl Body {
-    /// The kind's name as written in entries.
-    pub fn kind(&self) -> &'static str {
+    /// The study the entry concerns: a study's registration, approval, suspension or
+    /// closure, or a query receipt (whose study may be `-` when the request named none).
+    /// The one answer to "which study is this entry about".
+    pub fn study(&self) -> Option<&str> {
         match self {
-            Body::PrincipalRegistered(_) => "principal_registered",
-            Body::KeyRotated(_) => "key_rotated",
-            Body::PrincipalRevoked(_) => "principal_revoked",
-            Body::DatasetRegistered(_) => "dataset_registered",
-            Body::ConsentGranted(_) => "consent_granted",
-            Body::ConsentRevoked(_) => "consent_revoked",
-            Body::StudyRegistered(_) => "study_registered",
-            Body::StudyApproved(_) => "study_approved",
-            Body::StudySuspended(_) => "study_suspended",
-            Body::StudyClosed(_) => "study_closed",
-            Body::QueryReceipt(_) => "query_receipt",
-            Body::CheckpointCosigned(_) => "checkpoint_cosigned",
+            Body::StudyRegistered(b) => Some(b.study.as_str()),
+            Body::StudyApproved(b) => Some(b.study.as_str()),
+            Body::StudySuspended(b) | Body::StudyClosed(b) => Some(b.study.as_str()),
+            Body::QueryReceipt(b) => Some(b.study.as_str()),
+            Body::PrincipalRegistered(_)
+            | Body::KeyRotated(_)
+            | Body::PrincipalRevoked(_)
+            | Body::DatasetRegistered(_)
+            | Body::ConsentGranted(_)
+            | Body::ConsentRevoked(_)
+            | Body::CheckpointCosigned(_) => None,
         }
     }
 
-    /// All kind names, for help texts.
-    pub const KINDS: [&'static str; 12] = [
-        "principal_registered",
-        "key_rotated",
-        "principal_revoked",
-        "dataset_registered",
-        "consent_granted",
-        "consent_revoked",
-        "study_registered",
-        "study_approved",
-        "study_suspended",
-        "study_closed",
-        "query_receipt",
-        "checkpoint_cosigned",
-    ];
+    /// The principal whose registration, key rotation or revocation the entry is.
+    pub fn principal(&self) -> Option<&PrincipalId> {
+        match self {
+            Body::PrincipalRegistered(b) => Some(&b.id),
+            Body::KeyRotated(b) => Some(&b.id),
+            Body::PrincipalRevoked(b) => Some(&b.id),
+            _ => None,
+        }
+    }
 
     /// Parses a body of the named kind from JSON text.
     pub fn from_json(kind: &str, json: &str) -> Result<Body, DecodeError> {
-        fn de<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, DecodeError> {
-            serde_json::from_str(json).map_err(|e| DecodeError::Json(e.to_string()))
-        }
-        Ok(match kind {
-            "principal_registered" => Body::PrincipalRegistered(de(json)?),
-            "key_rotated" => Body::KeyRotated(de(json)?),
-            "principal_revoked" => Body::PrincipalRevoked(de(json)?),
-            "dataset_registered" => Body::DatasetRegistered(de(json)?),
-            "consent_granted" => Body::ConsentGranted(de(json)?),
-            "consent_revoked" => Body::ConsentRevoked(de(json)?),
-            "study_registered" => Body::StudyRegistered(de(json)?),
-            "study_approved" => Body::StudyApproved(de(json)?),
-            "study_suspended" => Body::StudySuspended(de(json)?),
-            "study_closed" => Body::StudyClosed(de(json)?),
-            "query_receipt" => Body::QueryReceipt(de(json)?),
-            "checkpoint_cosigned" => Body::CheckpointCosigned(de(json)?),
-            other => return Err(DecodeError::UnknownKind(other.chars().take(40).collect())),
-        })
-    }
-}
-
-/// A body serializes as its kind's fields (the kind is written beside it, in `kind`).
-impl Serialize for Body {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Body::PrincipalRegistered(b) => b.serialize(s),
-            Body::KeyRotated(b) => b.serialize(s),
-            Body::PrincipalRevoked(b) => b.serialize(s),
-            Body::DatasetRegistered(b) => b.serialize(s),
-            Body::ConsentGranted(b) => b.serialize(s),
-            Body::ConsentRevoked(b) => b.serialize(s),
-            Body::StudyRegistered(b) => b.serialize(s),
-            Body::StudyApproved(b) => b.serialize(s),
-            Body::StudySuspended(b) | Body::StudyClosed(b) => b.serialize(s),
-            Body::QueryReceipt(b) => b.serialize(s),
-            Body::CheckpointCosigned(b) => b.serialize(s),
-        }
+        let mut d = serde_json::Deserializer::from_str(json);
+        let body = Body::deserialize_kind(kind, &mut d)
+            .ok_or_else(|| DecodeError::UnknownKind(kind.chars().take(40).collect()))?
+            .and_then(|b| d.end().map(|()| b))
+            .map_err(|e| DecodeError::Json(e.to_string()))?;
+        Ok(body)
     }
 }
 

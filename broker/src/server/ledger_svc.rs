@@ -23,10 +23,11 @@ fn may_read(st: &ledger::State, caller: &Caller, e: &ledger::entry::Entry) -> bo
         return true;
     }
     let study = match &e.body {
-        Body::StudyRegistered(b) => Some(b.study.as_str()),
-        Body::StudyApproved(b) => Some(b.study.as_str()),
-        Body::StudySuspended(b) | Body::StudyClosed(b) => Some(b.study.as_str()),
-        Body::QueryReceipt(b) => Some(b.study.as_str()),
+        b @ (Body::StudyRegistered(_)
+        | Body::StudyApproved(_)
+        | Body::StudySuspended(_)
+        | Body::StudyClosed(_)
+        | Body::QueryReceipt(_)) => b.study(),
         // A patient's registration (it holds the subject id), key rotations and revocation
         // are the operator's and that patient's only.
         Body::PrincipalRegistered(b) if b.role == Role::Patient || b.subject.is_some() => {
