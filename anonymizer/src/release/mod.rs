@@ -27,7 +27,44 @@ use crate::error::{Error, Result};
 use crate::mechanisms::{self, Mechanism, Noisy};
 use crate::plan::{Checked, Keys, Rescale, Statistic};
 use crate::policy::{Bounds, Domain};
-use crate::quantile;
+
+mod count;
+mod draw;
+mod moments;
+mod quantile;
+mod sum;
+
+use draw::{Draw, Noise, Preview};
+
+/// The noise of a statistic: one `impl Noise` per statistic, each in its own module.
+fn noise_of(s: &Statistic) -> Box<dyn Noise> {
+    match s {
+        Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
+            Box::new(count::Count)
+        }
+        Statistic::Sum { integer, .. } => Box::new(sum::Sum { integer: *integer }),
+        Statistic::Avg { bounds, .. } => Box::new(moments::Moments {
+            bounds: *bounds,
+            spread: None,
+        }),
+        Statistic::Var {
+            bounds,
+            sample,
+            stddev,
+            ..
+        } => Box::new(moments::Moments {
+            bounds: *bounds,
+            spread: Some(moments::Spread {
+                sample: *sample,
+                stddev: *stddev,
+            }),
+        }),
+        Statistic::Quantile { bounds, q, .. } => Box::new(quantile::Quantile {
+            bounds: *bounds,
+            q: *q,
+        }),
+    }
+}
 
 /// The noisy aggregate, ready for the operators above it.
 pub struct Noised {
@@ -425,7 +462,7 @@ impl Spending {
     /// The epsilon of a pure part (partition selection, a quantile) given `share` of the
     /// budget: the share itself under Laplace; under Gaussian, the epsilon whose rho
     /// (`epsilon² / 2`) is the share.
-    fn pure(&self, share: f64) -> f64 {
+    pub(crate) fn pure(&self, share: f64) -> f64 {
         match self.mechanism {
             Mechanism::Laplace => share,
             Mechanism::Gaussian => (2.0 * share).sqrt(),
@@ -482,7 +519,7 @@ fn rescale(
 
 /// What a query's draws spent, and their receipt entries.
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     /// Epsilon of the pure parts (Laplace, partition selection, quantiles).
     eps: f64,
     /// Rho of the pure parts: `epsilon² / 2` each.
@@ -491,11 +528,13 @@ struct Tally {
     rho: f64,
     /// Delta of partition selection.
     delta: f64,
-    mech: Vec<serde_json::Value>,
+    /// The receipt's entry of each noisy part.
+    pub(crate) mech: Vec<serde_json::Value>,
 }
 
 impl Tally {
-    fn pure(&mut self, eps: f64) {
+    /// A pure part's epsilon.
+    pub(crate) fn pure(&mut self, eps: f64) {
         self.eps += eps;
         self.pure_rho += eps * eps / 2.0;
     }
@@ -568,23 +607,21 @@ pub fn preview(
     } else {
         None
     };
-    let kind = spending.mechanism;
     let mut out = Vec::with_capacity(checked.stats.len());
     for (i, s) in checked.stats.iter().enumerate() {
         let rescaled = checked.rescales.get(i).is_some_and(Option::is_some);
-        let width = match s {
-            s if thresholded(s, selected, by_units) => threshold,
-            Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
-                Some(noisy_ints(kind, &[0], sens(&format!("__s{i}_n"))?, share)?.accuracy)
-            }
-            Statistic::Sum { .. } if rescaled => None,
-            Statistic::Sum { integer: true, .. } => {
-                Some(noisy_ints(kind, &[0], sens(&format!("__s{i}_sum"))?, share)?.accuracy)
-            }
-            Statistic::Sum { .. } => {
-                Some(noisy_floats(kind, &[0.0], sens(&format!("__s{i}_sum"))?, share)?.accuracy)
-            }
-            _ => None,
+        let width = if thresholded(s, selected, by_units) {
+            threshold
+        } else if rescaled {
+            // Scaled back per key: the width depends on the group.
+            None
+        } else {
+            noise_of(s).preview(&Preview {
+                index: i,
+                mechanism: spending.mechanism,
+                share,
+                sensitivities: &sens_list,
+            })?
         };
         out.push(width);
     }
@@ -664,169 +701,27 @@ pub fn noise(
 
     let mut values: Vec<ArrayRef> = Vec::new();
     let mut accuracies: Vec<Option<Float64Array>> = Vec::new();
-    let ints_of = |column: &str| -> Result<Noisy<i64>> {
-        noisy_ints(
-            noise_kind,
-            &ints(col(raw, column)?, rows)?,
-            sens(column)?,
-            share,
-        )
-    };
-    let floats_of = |column: &str| -> Result<Noisy<f64>> {
-        noisy_floats(
-            noise_kind,
-            &floats(col(raw, column)?, rows)?,
-            sens(column)?,
-            share,
-        )
-    };
     for (i, s) in checked.stats.iter().enumerate() {
-        let name = |part: &str| format!("__s{i}_{part}");
-        let m = rows.len();
-        match s {
-            s if is_thresholded(s) => {
-                let (counts, acc) = threshold_counts
-                    .clone()
-                    .ok_or_else(|| eng("no thresholded counts"))?;
-                values.push(Arc::new(Int64Array::from(counts)));
-                accuracies.push(Some(Float64Array::from(vec![acc; m])));
-            }
-            Statistic::CountRows | Statistic::CountValues(_) | Statistic::CountUnits => {
-                let n = ints_of(&name("n"))?;
-                tally.record(noise_kind, &format!("count {i}"), n.scale, n.loss);
-                gauge.get_or_insert_with(|| n.values.clone());
-                values.push(Arc::new(Int64Array::from(
-                    n.values.iter().map(|v| (*v).max(0)).collect::<Vec<_>>(),
-                )));
-                accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
-            }
-            Statistic::Sum { integer, .. } => {
-                if *integer {
-                    let n = ints_of(&name("sum"))?;
-                    tally.record(noise_kind, &format!("sum {i}"), n.scale, n.loss);
-                    values.push(Arc::new(Int64Array::from(n.values.clone())));
-                    accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
-                } else {
-                    let n = floats_of(&name("sum"))?;
-                    tally.record(noise_kind, &format!("sum {i}"), n.scale, n.loss);
-                    values.push(Arc::new(Float64Array::from(n.values.clone())));
-                    accuracies.push(Some(Float64Array::from(vec![n.accuracy; m])));
-                }
-            }
-            Statistic::Avg { bounds, .. } | Statistic::Var { bounds, .. } => {
-                let [lo, hi] = *bounds;
-                let (mid, h) = ((lo + hi) / 2.0, (hi - lo) / 2.0);
-                let cnt = ints_of(&name("n"))?;
-                tally.record(noise_kind, &format!("count {i}"), cnt.scale, cnt.loss);
-                gauge.get_or_insert_with(|| cnt.values.clone());
-                let sum = floats_of(&name("sum"))?;
-                tally.record(noise_kind, &format!("centred sum {i}"), sum.scale, sum.loss);
-                // Union bound: each noisy part within its (1 - 0.05/parts) interval gives 95%
-                // for the statistic built from them.
-                let alpha = if matches!(s, Statistic::Var { .. }) {
-                    0.05 / 3.0
-                } else {
-                    0.025
-                };
-                let acc_at = |scale: f64, discrete: bool| -> Result<f64> {
-                    noise_kind.accuracy_at(scale, alpha, discrete)
-                };
-                let (a_cnt, a_sum) = (acc_at(cnt.scale, true)?, acc_at(sum.scale, false)?);
-                let sum2 = if matches!(s, Statistic::Var { .. }) {
-                    let n = floats_of(&name("sum2"))?;
-                    tally.record(
-                        noise_kind,
-                        &format!("centred sum of squares {i}"),
-                        n.scale,
-                        n.loss,
-                    );
-                    Some(n)
-                } else {
-                    None
-                };
-                let mut out = Vec::with_capacity(m);
-                let mut acc = Vec::with_capacity(m);
-                for r in 0..m {
-                    let n = (cnt.values[r] as f64).max(1.0);
-                    let mean_y = (sum.values[r] / n).clamp(-h, h);
-                    match (&sum2, s) {
-                        (None, _) => {
-                            out.push(mid + mean_y);
-                            // |S'/N' - S/N| <= (a_sum + |S'/N'|·a_cnt) / (N' - a_cnt) when N' > a_cnt.
-                            let a = if n > a_cnt {
-                                (a_sum + mean_y.abs() * a_cnt) / (n - a_cnt)
-                            } else {
-                                2.0 * h
-                            };
-                            acc.push(a.min(2.0 * h));
-                        }
-                        (Some(s2), Statistic::Var { sample, stddev, .. }) => {
-                            let mean_y2 = (s2.values[r] / n).clamp(0.0, h * h);
-                            let var = (mean_y2 - mean_y * mean_y).max(0.0);
-                            let a_sum2 = acc_at(s2.scale, false)?;
-                            let a =
-                                var_accuracy(n, mean_y, mean_y2, [a_cnt, a_sum, a_sum2], *sample)
-                                    .map_or(h * h, |a| a.min(h * h));
-                            let var = if *sample && n > 1.0 {
-                                var * n / (n - 1.0)
-                            } else {
-                                var
-                            };
-                            // |sqrt(x) - sqrt(y)| <= sqrt(|x - y|).
-                            if *stddev {
-                                out.push(var.sqrt());
-                                acc.push(a.sqrt().min(h));
-                            } else {
-                                out.push(var);
-                                acc.push(a);
-                            }
-                        }
-                        _ => unreachable!("sum2 exists only for VAR"),
-                    }
-                }
-                values.push(Arc::new(Float64Array::from(out)));
-                accuracies.push(Some(Float64Array::from(acc)));
-            }
-            Statistic::Quantile { bounds, q, .. } => {
-                let list = col(raw, &name("values"))?.as_list::<i32>();
-                let candidates: Vec<f64> = (0..=1000)
-                    .map(|j| bounds[0] + (bounds[1] - bounds[0]) * f64::from(j) / 1000.0)
-                    .collect();
-                let per_group = spending.pure(share) / f64::from(g).min(m.max(1) as f64);
-                let mut out = Vec::with_capacity(m);
-                let mut acc = Vec::with_capacity(m);
-                let mut eps_q: f64 = 0.0;
-                for r in rows {
-                    let vals: Vec<f64> = match r {
-                        Some(i) if list.is_valid(*i) => {
-                            let v = list.value(*i);
-                            v.as_primitive::<Float64Type>().iter().flatten().collect()
-                        }
-                        _ => Vec::new(),
-                    };
-                    let c = quantile::cell(
-                        vals,
-                        &candidates,
-                        *bounds,
-                        *q,
-                        contribution.rows_per_group,
-                        per_group,
-                    )?;
-                    eps_q = eps_q.max(c.epsilon);
-                    out.push(c.value);
-                    acc.push(c.half_width);
-                }
-                let total = eps_q * f64::from(g).min(m.max(1) as f64);
-                tally.pure(total);
-                tally.mech.push(json!({"statistic": format!(
-                        "quantile {i} (q = {q}, 1001 candidates; 95% interval from a noisy \
-                         count, two bracketing quantiles and noisy counts outside them, budget \
-                         split {:?})",
-                        quantile::SPLIT
-                    ), "mechanism": "private_quantile", "scale": 0.0, "epsilon": total}));
-                values.push(Arc::new(Float64Array::from(out)));
-                accuracies.push(Some(Float64Array::from(acc)));
-            }
+        if is_thresholded(s) {
+            let (counts, acc) = threshold_counts
+                .clone()
+                .ok_or_else(|| eng("no thresholded counts"))?;
+            values.push(Arc::new(Int64Array::from(counts)));
+            accuracies.push(Some(Float64Array::from(vec![acc; rows.len()])));
+        } else {
+            let column = noise_of(s).release(&mut Draw {
+                index: i,
+                raw,
+                rows,
+                spending,
+                share,
+                bounds: contribution,
+                sensitivities: &sens_list,
+                tally: &mut tally,
+                gauge: &mut gauge,
+            })?;
+            values.push(column.values);
+            accuracies.push(Some(column.accuracy));
         }
         if let Some(r) = checked.rescales.get(i).and_then(Option::as_ref) {
             rescale(s, r, &groups, raw, &mut values, &mut accuracies)?;
@@ -838,7 +733,12 @@ pub fn noise(
     let mut cells_suppressed = 0u64;
     if let Some(min) = min_cell.filter(|&m| m > 1) {
         if gauge.is_none() {
-            let n = ints_of("__n")?;
+            let n = noisy_ints(
+                noise_kind,
+                &ints(col(raw, "__n")?, rows)?,
+                sens("__n")?,
+                share,
+            )?;
             tally.record(
                 noise_kind,
                 "group size (for the minimum cell size)",
@@ -862,7 +762,51 @@ pub fn noise(
         }
     }
 
-    // Build the batch: keys, values cast to the aggregate's types, accuracies.
+    let (batch, accuracy_columns) = released_batch(checked, raw, &groups, values, accuracies)?;
+    // The query's spend in its budget's measure, from the privacy maps.
+    let (spent, rho) = match noise_kind {
+        Mechanism::Laplace => (tally.eps, None),
+        Mechanism::Gaussian => (tally.rho + tally.pure_rho, Some(tally.rho + tally.pure_rho)),
+    };
+    if spent > budget * (1.0 + 1e-9) {
+        return Err(Error::Mechanism(format!(
+            "privacy loss {spent} exceeds the {budget} requested"
+        )));
+    }
+    let mechanism = json!({
+        "noise": noise_kind.name(),
+        "keys": match checked.keys { Keys::None => "none", Keys::Public(_) => "public", Keys::Selected => "selected" },
+        "max_rows_per_unit": contribution.rows,
+        "max_groups_per_unit": g,
+        "max_rows_per_group": contribution.rows_per_group,
+        "statistics": tally.mech,
+    });
+    let mut mechanism = mechanism;
+    if let Some(m) = min_cell {
+        mechanism["min_cell_size"] = json!(m);
+        mechanism["cells_suppressed"] = json!(cells_suppressed);
+    }
+    Ok(Noised {
+        batch,
+        accuracy_columns,
+        epsilon: tally.eps,
+        delta: tally.delta,
+        rho,
+        mechanism,
+    })
+}
+
+/// The released batch: the groups' keys, the noisy values cast to the aggregate's types, and
+/// each value's 95% half-width; with the name of each aggregate's accuracy column.
+fn released_batch(
+    checked: &Checked,
+    raw: &RecordBatch,
+    groups: &Groups,
+    values: Vec<ArrayRef>,
+    accuracies: Vec<Option<Float64Array>>,
+) -> Result<(RecordBatch, Vec<Option<String>>)> {
+    let n_keys = checked.aggregate.group_expr.len();
+    let rows = &groups.rows;
     let agg_schema = checked.aggregate.schema.as_ref();
     let mut fields = Vec::new();
     let mut cols: Vec<ArrayRef> = Vec::new();
@@ -902,37 +846,7 @@ pub fn noise(
         }
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(eng)?;
-    // The query's spend in its budget's measure, from the privacy maps.
-    let (spent, rho) = match noise_kind {
-        Mechanism::Laplace => (tally.eps, None),
-        Mechanism::Gaussian => (tally.rho + tally.pure_rho, Some(tally.rho + tally.pure_rho)),
-    };
-    if spent > budget * (1.0 + 1e-9) {
-        return Err(Error::Mechanism(format!(
-            "privacy loss {spent} exceeds the {budget} requested"
-        )));
-    }
-    let mechanism = json!({
-        "noise": noise_kind.name(),
-        "keys": match checked.keys { Keys::None => "none", Keys::Public(_) => "public", Keys::Selected => "selected" },
-        "max_rows_per_unit": contribution.rows,
-        "max_groups_per_unit": g,
-        "max_rows_per_group": contribution.rows_per_group,
-        "statistics": tally.mech,
-    });
-    let mut mechanism = mechanism;
-    if let Some(m) = min_cell {
-        mechanism["min_cell_size"] = json!(m);
-        mechanism["cells_suppressed"] = json!(cells_suppressed);
-    }
-    Ok(Noised {
-        batch,
-        accuracy_columns,
-        epsilon: tally.eps,
-        delta: tally.delta,
-        rho,
-        mechanism,
-    })
+    Ok((batch, accuracy_columns))
 }
 
 /// SHA-256 of a result's Arrow IPC stream: what the receipt records as the released result.
