@@ -12,17 +12,14 @@ impl State {
         a: &Applying<'_>,
         root_at: &dyn Fn(u64) -> Option<Hash>,
     ) -> Result<()> {
-        let Applying {
-            author, role, kind, ..
-        } = *a;
-        need(role, &[Role::Witness], author, kind)?;
+        a.need(&[Role::Witness])?;
         let ledger_key = self
             .ledger_key
             .as_ref()
             .ok_or_else(|| invalid("no ledger key"))?;
         let witness = &self
             .principals
-            .get(author)
+            .get(a.author)
             .expect("author checked above")
             .key;
         let cp = crate::note::open_checkpoint(ledger_key, &b.checkpoint, None)?;

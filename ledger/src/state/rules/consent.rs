@@ -5,19 +5,12 @@ use super::*;
 impl State {
     /// Ends a consent, or records an objection (a scope-wide revocation).
     pub(super) fn revoke_consent(&mut self, b: &ConsentRevoked, a: &Applying<'_>) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        need(role, &[Role::Patient, Role::Custodian], author, kind)?;
-        self.check_revocation(author, role, b)?;
+        a.need(&[Role::Patient, Role::Custodian])?;
+        self.check_revocation(a.author, a.role, b)?;
         match (&b.consent_id, &b.scope) {
             (Some(id), None) => {
                 let gi = self.live_grant_of(id, &b.subject)?;
-                self.grants[gi].ended = Some(index);
+                self.grants[gi].ended = Some(a.index);
                 let scope = self.grants[gi].scope.clone();
                 let subject = self.grants[gi].subject;
                 self.bump(&scope, subject);
@@ -26,7 +19,7 @@ impl State {
                 let subject = self.intern(b.subject.clone());
                 let oi = self.objections.len();
                 self.objections.push(Objection {
-                    index,
+                    index: a.index,
                     subject,
                     scope: scope.clone(),
                 });

@@ -13,17 +13,10 @@ impl State {
         b: &DatasetRegistered,
         a: &Applying<'_>,
     ) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        need(role, &[Role::Custodian], author, kind)?;
-        self.check_dataset(author, b)?;
+        a.need(&[Role::Custodian])?;
+        self.check_dataset(a.author, b)?;
         let version = DatasetVersion {
-            index,
+            index: a.index,
             reg: Arc::new(b.clone()),
         };
         match self.datasets.get_mut(&b.dataset) {

@@ -7,7 +7,7 @@
 use foldhash::HashSet;
 
 use super::consent::{Grant, Objection};
-use super::{ReceiptRef, State, Study, StudyStatus, invalid, not_found};
+use super::{Principal, ReceiptRef, State, Study, StudyStatus, invalid, not_found};
 use crate::budget::Spend;
 use crate::duo::Modifier;
 use crate::entry::{
@@ -34,6 +34,13 @@ struct Applying<'a> {
     index: u64,
     time: Timestamp,
     kind: &'static str,
+}
+
+impl Applying<'_> {
+    /// Refuses the entry unless its author has one of the `allowed` roles.
+    fn need(&self, allowed: &[Role]) -> Result<()> {
+        need(self.role, allowed, self.author, self.kind)
+    }
 }
 
 /// Roles allowed to write each kind, for error messages.
@@ -106,14 +113,20 @@ impl State {
                 )),
             };
         }
+        let p = self.active_principal(author)?;
+        Ok((p.key.clone(), p.key_since))
+    }
+
+    /// A registered principal that is not revoked.
+    fn active_principal(&self, id: &PrincipalId) -> Result<&Principal> {
         let p = self
             .principals
-            .get(author)
-            .ok_or_else(|| Error::UnknownPrincipal(author.to_string()))?;
+            .get(id)
+            .ok_or_else(|| Error::UnknownPrincipal(id.to_string()))?;
         if p.revoked_at.is_some() {
-            return Err(Error::RevokedPrincipal(author.to_string()));
+            return Err(Error::RevokedPrincipal(id.to_string()));
         }
-        Ok((p.key.clone(), p.key_since))
+        Ok(p)
     }
 
     /// Checks a signature against the author's current key; returns the entry index of that
@@ -150,13 +163,7 @@ impl State {
         let role = if index == 0 {
             Role::Operator
         } else {
-            let p = self
-                .principals
-                .get(author)
-                .ok_or_else(|| Error::UnknownPrincipal(author.to_string()))?;
-            if p.revoked_at.is_some() {
-                return Err(Error::RevokedPrincipal(author.to_string()));
-            }
+            let p = self.active_principal(author)?;
             if p.key_since != key_since {
                 return Err(Error::BadSignature {
                     author: author.to_string(),
@@ -182,7 +189,7 @@ impl State {
         };
         match body {
             Body::ConsentGranted(b) => {
-                need(role, &[Role::Patient, Role::Custodian], author, kind)?;
+                a.need(&[Role::Patient, Role::Custodian])?;
                 self.grant(b, author, role, index)?;
             }
             Body::ConsentRevoked(ref b) => self.revoke_consent(b, &a)?,

@@ -1,6 +1,5 @@
 //! Principals: registration (the genesis entry registers the operator), key rotation and revocation.
 
-use super::super::Principal;
 use super::*;
 use crate::entry::{KeyRotated, PrincipalRegistered, PrincipalRevoked};
 use crate::note::VerifierKey;
@@ -12,15 +11,8 @@ impl State {
         b: &PrincipalRegistered,
         a: &Applying<'_>,
     ) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        if index > 0 {
-            need(role, &[Role::Operator], author, kind)?;
+        if a.index > 0 {
+            a.need(&[Role::Operator])?;
         }
         let key = VerifierKey::parse(&b.key)?;
         if key.name() != b.id.as_str() {
@@ -42,7 +34,7 @@ impl State {
         if let Some(name) = &b.display_name {
             check_text("display_name", name, 200)?;
         }
-        if index == 0 {
+        if a.index == 0 {
             self.ledger_key = Some(key.clone());
         }
         if let Some(s) = &b.subject {
@@ -54,7 +46,7 @@ impl State {
                 id: b.id.clone(),
                 role: b.role,
                 key,
-                key_since: index,
+                key_since: a.index,
                 subject: b.subject.clone(),
                 display_name: b.display_name.clone(),
                 revoked_at: None,
@@ -65,15 +57,8 @@ impl State {
 
     /// Replaces a principal's key (by itself or the operator).
     pub(super) fn rotate_key(&mut self, b: &KeyRotated, a: &Applying<'_>) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        if b.id != *author {
-            need(role, &[Role::Operator], author, kind)?;
+        if b.id != *a.author {
+            a.need(&[Role::Operator])?;
         }
         let key = VerifierKey::parse(&b.key)?;
         if key.name() != b.id.as_str() {
@@ -90,7 +75,7 @@ impl State {
             return Err(invalid("the new key equals the current key"));
         }
         p.key = key;
-        p.key_since = index;
+        p.key_since = a.index;
         Ok(())
     }
 
@@ -100,15 +85,8 @@ impl State {
         b: &PrincipalRevoked,
         a: &Applying<'_>,
     ) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        if b.id != *author {
-            need(role, &[Role::Operator], author, kind)?;
+        if b.id != *a.author {
+            a.need(&[Role::Operator])?;
         }
         if let Some(r) = &b.reason {
             check_text("reason", r, 1000)?;
@@ -127,7 +105,7 @@ impl State {
         if p.revoked_at.is_some() {
             return Err(Error::RevokedPrincipal(b.id.to_string()));
         }
-        p.revoked_at = Some(index);
+        p.revoked_at = Some(a.index);
         Ok(())
     }
 }

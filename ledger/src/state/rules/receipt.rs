@@ -5,20 +5,13 @@ use super::*;
 impl State {
     /// Records a query receipt and debits its spend.
     pub(super) fn receipt(&mut self, b: &QueryReceipt, a: &Applying<'_>) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            time,
-            kind,
-            ..
-        } = *a;
-        need(role, &[Role::Operator], author, kind)?;
-        let debit = self.check_receipt(b, time)?;
+        a.need(&[Role::Operator])?;
+        let debit = self.check_receipt(b, a.time)?;
         match self.receipts_by_study.get_mut(&b.study) {
-            Some(v) => v.push(index),
+            Some(v) => v.push(a.index),
             None => {
-                self.receipts_by_study.insert(b.study.clone(), vec![index]);
+                self.receipts_by_study
+                    .insert(b.study.clone(), vec![a.index]);
             }
         }
         if let Some((study, dataset, cost)) = debit {
@@ -32,8 +25,8 @@ impl State {
             *spent = spent.plus(&cost);
             let (study, dataset) = key;
             self.released.push(ReceiptRef {
-                index,
-                time,
+                index: a.index,
+                time: a.time,
                 study,
                 dataset,
             });

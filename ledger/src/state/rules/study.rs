@@ -6,20 +6,13 @@ use crate::entry::StudyStatus as StatusChange;
 impl State {
     /// Registers a study.
     pub(super) fn register_study(&mut self, b: &StudyRegistered, a: &Applying<'_>) -> Result<()> {
-        let Applying {
-            author,
-            role,
-            index,
-            kind,
-            ..
-        } = *a;
-        need(role, &[Role::Researcher, Role::Sponsor], author, kind)?;
-        self.check_study(author, role, b)?;
+        a.need(&[Role::Researcher, Role::Sponsor])?;
+        self.check_study(a.author, a.role, b)?;
         self.studies.insert(
             b.study.clone(),
             Study {
                 reg: b.clone(),
-                index,
+                index: a.index,
                 status: StudyStatus::Registered,
                 approval: None,
             },
@@ -29,17 +22,14 @@ impl State {
 
     /// Approves a study with its grants.
     pub(super) fn approve_study(&mut self, b: &StudyApproved, a: &Applying<'_>) -> Result<()> {
-        let Applying {
-            author, role, kind, ..
-        } = *a;
-        need(role, &[Role::Irb], author, kind)?;
-        self.check_approval(author, b)?;
+        a.need(&[Role::Irb])?;
+        self.check_approval(a.author, b)?;
         let st = self
             .studies
             .get_mut(&b.study)
             .expect("checked by check_approval");
         st.status = StudyStatus::Approved;
-        st.approval = Some((author.clone(), b.clone()));
+        st.approval = Some((a.author.clone(), b.clone()));
         Ok(())
     }
 
@@ -50,12 +40,9 @@ impl State {
         a: &Applying<'_>,
         suspend: bool,
     ) -> Result<()> {
-        let Applying {
-            author, role, kind, ..
-        } = *a;
-        need(role, &[Role::Irb], author, kind)?;
+        a.need(&[Role::Irb])?;
         check_text("reason", &b.reason, 1000)?;
-        let st = self.study_for_irb(author, &b.study)?;
+        let st = self.study_for_irb(a.author, &b.study)?;
         if suspend && st.status != StudyStatus::Approved {
             return Err(invalid(format!("study {} is not approved", b.study)));
         }
