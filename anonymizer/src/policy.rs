@@ -477,6 +477,22 @@ impl Policy {
             };
             crate::safe_harbor::Rule::for_column(c, cp, f.data_type())
                 .map_err(|e| Error::Policy(format!("table {table}: {e}")))?;
+            if let Some(domain) = &cp.domain {
+                // Released keys are the domain's values cast to the column's type: each must
+                // be one (the domain is the policy's, public, so it may be quoted).
+                let keys: arrow::array::ArrayRef =
+                    std::sync::Arc::new(arrow::array::StringArray::from(domain.as_text()));
+                let strict = arrow::compute::CastOptions {
+                    safe: false,
+                    ..Default::default()
+                };
+                if let Err(e) = arrow::compute::cast_with_options(&keys, f.data_type(), &strict) {
+                    return Err(Error::Policy(format!(
+                        "table {table}: column {c} is {}, and its domain does not fit it ({e})",
+                        f.data_type()
+                    )));
+                }
+            }
             if cp.years.is_some()
                 && !matches!(
                     f.data_type(),

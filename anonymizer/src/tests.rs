@@ -1920,3 +1920,38 @@ async fn a_dry_run_predicts_the_released_accuracy_and_spends_nothing() {
         Err(Error::BudgetExhausted { .. })
     ));
 }
+
+#[test]
+fn rows_outside_a_domain_are_counted_and_a_domain_must_fit_its_column() {
+    let raw = visits(300);
+    let diagnosis = raw
+        .column_by_name("diagnosis")
+        .unwrap()
+        .as_string::<i32>()
+        .clone();
+    let z00 = diagnosis.iter().filter(|d| *d == Some("Z00")).count() as u64;
+    assert!(z00 > 0);
+    let e = engine(300);
+    let visits_table = e
+        .dataset()
+        .tables
+        .iter()
+        .find(|t| t.name == "visits")
+        .unwrap();
+    let outside: std::collections::BTreeMap<_, _> =
+        visits_table.outside_domain.iter().cloned().collect();
+    // Counted before bounding, over every row: Z00 is outside E11/I10/J45; sex fits.
+    assert_eq!(outside.get("diagnosis"), Some(&z00));
+    assert_eq!(outside.get("sex"), Some(&0));
+    // Text keys on a numeric column cannot be released as its values.
+    let policy = Policy::from_toml(&POLICY.replace(
+        "systolic_bp = { class = \"sensitive\", bounds = [90, 200] }",
+        "systolic_bp = { class = \"public\", domain = [\"low\", \"high\"] }",
+    ))
+    .unwrap();
+    let err = Dataset::from_batches(policy, vec![("visits".into(), vec![raw])]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Policy(m) if m.contains("column systolic_bp is Int32")),
+        "{err}"
+    );
+}

@@ -383,6 +383,20 @@ impl Upload {
             }
         }
         let dataset = load(&staging, reg).await?;
+        // A domain is the whole set of a column's values: rows outside it would silently
+        // drop out of every GROUP BY over it.
+        for t in &dataset.tables {
+            for (column, rows) in &t.outside_domain {
+                if *rows > 0 {
+                    return Err(Error::invalid(format!(
+                        "table {}, column {column}: {rows} row(s) hold a value outside the \
+                         column's domain; add the value(s) to the domain in policy.toml, or \
+                         remove the domain to have keys chosen by partition selection",
+                        t.name
+                    )));
+                }
+            }
+        }
         // Durable before it is referenced: files were synced on close; now the directory and
         // its parent (which names it, for a recovery after a crash).
         sync_dir(&staging).await?;

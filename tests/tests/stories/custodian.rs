@@ -1,5 +1,6 @@
 //! The custodian: registers dataset versions with their files and policy.
 
+use arrow::array::AsArray;
 use tonic::Code;
 
 use crate::world::{POLICY, World, key, visits};
@@ -37,6 +38,46 @@ async fn a_custodian_registers_versions_and_bad_uploads_change_nothing() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("sex"), "{}", e.message());
+
+    // A domain that misses values the data holds: refused, naming the column and the count of
+    // such rows, never a value.
+    let narrow = POLICY.replace(r#"domain = ["F", "M"]"#, r#"domain = ["F"]"#);
+    let male_rows = {
+        let v = visits();
+        let sex = v.column_by_name("sex").unwrap().as_string::<i32>().clone();
+        sex.iter().filter(|s| *s == Some("M")).count()
+    };
+    assert!(male_rows > 0);
+    let e = w
+        .upload(&hospital, "visits", 3, &narrow, &f)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        e.message(),
+        format!(
+            "table visits, column sex: {male_rows} row(s) hold a value outside the column's \
+             domain; add the value(s) to the domain in policy.toml, or remove the domain to \
+             have keys chosen by partition selection"
+        )
+    );
+    // A domain whose values are not of the column's type (text keys on a float column).
+    let mistyped = POLICY.replace(
+        r#"hba1c = { class = "sensitive", bounds = [4.0, 14.0] }"#,
+        r#"hba1c = { class = "public", domain = ["high", "low"] }"#,
+    );
+    assert_ne!(mistyped, POLICY);
+    let e = w
+        .upload(&hospital, "visits", 3, &mistyped, &f)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .contains("column hba1c is Float64, and its domain does not fit it"),
+        "{}",
+        e.message()
+    );
 
     // Only custodians register datasets.
     let e = w
