@@ -258,6 +258,18 @@ where
     })
 }
 
+/// What thresholded partition selection kept, and how.
+pub struct Selection {
+    /// The groups kept, with their noisy counts.
+    pub kept: HashMap<u64, i64>,
+    /// The noise (no values): scale, 95% half-width, epsilon spent.
+    pub noise: Noisy<()>,
+    /// Delta spent.
+    pub delta: f64,
+    /// The threshold a noisy count must reach (from the spend and the bounds alone).
+    pub threshold: i64,
+}
+
 /// Thresholded partition selection on counts keyed by group (OpenDP's
 /// `make_laplace_threshold`): noisy counts, keeping only groups whose noisy count clears a
 /// threshold chosen so that delta stays within `delta`. One patient touches at most
@@ -269,7 +281,7 @@ pub fn laplace_threshold(
     max_rows: i64,
     epsilon: f64,
     delta: f64,
-) -> Result<(HashMap<u64, i64>, Noisy<()>, f64)> {
+) -> Result<Selection> {
     if !(delta > 0.0 && delta < 1.0) {
         return Err(Error::Refused {
             construct: "GROUP BY a column without a public domain".into(),
@@ -313,13 +325,17 @@ pub fn laplace_threshold(
     let meas = build(scale, lo)?;
     let (eps_spent, delta_spent) = meas.map(&d_in).map_err(opendp)?;
     let kept = meas.invoke(counts).map_err(opendp)?;
-    let info = Noisy {
-        values: Vec::new(),
-        scale,
-        accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
-        loss: eps_spent.max(spent),
-    };
-    Ok((kept, info, delta_spent))
+    Ok(Selection {
+        kept,
+        noise: Noisy {
+            values: Vec::new(),
+            scale,
+            accuracy: discrete_laplacian_scale_to_accuracy(scale, ALPHA).map_err(opendp)?,
+            loss: eps_spent.max(spent),
+        },
+        delta: delta_spent,
+        threshold: lo,
+    })
 }
 
 /// A private quantile (`alpha` = 0.5 for the median) of one group's values, chosen among
@@ -398,10 +414,15 @@ mod tests {
             laplace_threshold(&counts, 10, 10, 10, 1.0, 0.0),
             Err(Error::Refused { .. })
         ));
-        let (kept, info, delta) = laplace_threshold(&counts, 10, 10, 10, 1.0, 1e-6).unwrap();
-        assert!(kept.contains_key(&1) && !kept.contains_key(&0));
-        assert!(delta <= 1e-6 && delta > 0.0);
-        assert!(info.loss <= 1.0 + 1e-12);
+        let s = laplace_threshold(&counts, 10, 10, 10, 1.0, 1e-6).unwrap();
+        assert!(s.kept.contains_key(&1) && !s.kept.contains_key(&0));
+        assert!(s.delta <= 1e-6 && s.delta > 0.0);
+        assert!(s.noise.loss <= 1.0 + 1e-12);
+        // The threshold depends on the spend and the bounds only: the same for other data.
+        let other: HashMap<u64, i64> = [(7, 3)].into_iter().collect();
+        let t = laplace_threshold(&other, 10, 10, 10, 1.0, 1e-6).unwrap();
+        assert_eq!(t.threshold, s.threshold);
+        assert!(s.threshold > 10);
     }
 
     #[test]

@@ -595,7 +595,7 @@ pub fn preview(
         } else {
             ("__n", i64::from(checked.bounds.rows_per_group))
         };
-        let (_, info, _) = mechanisms::laplace_threshold(
+        let selection = mechanisms::laplace_threshold(
             &HashMap::new(),
             checked.bounds.groups,
             sens(column)?.l1.ceil() as i64,
@@ -603,7 +603,7 @@ pub fn preview(
             spending.pure(share),
             spending.delta,
         )?;
-        Some(info.accuracy)
+        Some(selection.noise.accuracy)
     } else {
         None
     };
@@ -654,6 +654,7 @@ pub fn noise(
     let mut tally = Tally::default();
 
     let mut threshold_counts: Option<(Vec<i64>, f64)> = None;
+    let mut selection: Option<serde_json::Value> = None;
     // Each released group's noisy size, for the minimum cell size.
     let mut gauge: Option<Vec<i64>> = None;
     let groups = match &checked.keys {
@@ -676,7 +677,12 @@ pub fn noise(
             let counts: HashMap<u64, i64> = (0..raw.num_rows())
                 .map(|r| (r as u64, n.value(r)))
                 .collect();
-            let (kept, info, d) = mechanisms::laplace_threshold(
+            let mechanisms::Selection {
+                kept,
+                noise: info,
+                delta: d,
+                threshold,
+            } = mechanisms::laplace_threshold(
                 &counts,
                 g,
                 sens(column)?.l1.ceil() as i64,
@@ -686,7 +692,14 @@ pub fn noise(
             )?;
             tally.pure(info.loss);
             tally.delta += d;
-            tally.mech.push(json!({"statistic": what, "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.loss, "delta": d}));
+            tally.mech.push(json!({"statistic": what, "mechanism": "laplace_threshold", "scale": info.scale, "epsilon": info.loss, "delta": d, "threshold": threshold}));
+            // The threshold comes from the spend and the bounds alone, the number of groups
+            // kept is the mechanism's output: the header may say both.
+            selection = Some(json!({
+                "threshold": threshold,
+                "counts": if by_units { "patients" } else { "rows" },
+                "groups": kept.len(),
+            }));
             let mut rows: Vec<(u64, i64)> = kept.into_iter().collect();
             rows.sort_unstable();
             threshold_counts = Some((rows.iter().map(|r| r.1.max(0)).collect(), info.accuracy));
@@ -782,6 +795,9 @@ pub fn noise(
         "statistics": tally.mech,
     });
     let mut mechanism = mechanism;
+    if let Some(s) = selection {
+        mechanism["partition_selection"] = s;
+    }
     if let Some(m) = min_cell {
         mechanism["min_cell_size"] = json!(m);
         mechanism["cells_suppressed"] = json!(cells_suppressed);

@@ -138,6 +138,7 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
             "delta_guaranteed": budget.delta_guaranteed,
             "accountant": budget.accountant,
             "rows_suppressed": h.rows_suppressed,
+            "note": h.note,
             "normalized_sql": h.normalized_sql,
             "dataset_version": h.dataset_version,
             "dataset_digest": h.dataset_digest,
@@ -158,6 +159,9 @@ pub fn query(conn: &Conn, args: QueryArgs) -> anyhow::Result<()> {
                 );
             }
             None => println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?),
+        }
+        if !h.note.is_empty() {
+            eprintln!("note: {}", h.note);
         }
         let spent = if h.repeated {
             "nothing (identical repeat)".to_owned()

@@ -418,6 +418,7 @@ fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
         "dataset_version": h.dataset_version,
         "dataset_digest": h.dataset_digest,
         "rows_suppressed": h.rows_suppressed,
+        "note": h.note,
         "budget": budget,
     })
 }

@@ -384,6 +384,7 @@ impl QueryService {
             dataset_version: auth.reg.version,
             dataset_digest: auth.reg.digest.to_string(),
             rows_suppressed: r.rows_suppressed.unwrap_or(0),
+            note: String::new(),
         };
         tracing::info!(caller = %caller.id, study = %q.study, receipt = appended.index,
             mode = ?mode, epsilon = r.epsilon, rows_suppressed = r.rows_suppressed,
@@ -460,6 +461,35 @@ impl QueryService {
         };
         self.receipted(caller, q, sql.to_owned(), mode, auth, released)
             .await
+    }
+}
+
+/// What partition selection did, in words: its threshold (from the spend and the bounds
+/// alone) and whether any group reached it (the mechanism's output). Post-processing: it says
+/// nothing the released answer does not, and the same words whatever the reason no group
+/// reached it (no rows at all, or only small groups).
+fn selection_note(mechanism: &serde_json::Value) -> String {
+    let Some(s) = mechanism.get("partition_selection") else {
+        return String::new();
+    };
+    let (Some(threshold), Some(groups)) = (s["threshold"].as_i64(), s["groups"].as_u64()) else {
+        return String::new();
+    };
+    let what = match s["counts"].as_str() {
+        Some("patients") => "patient count",
+        _ => "row count",
+    };
+    if groups == 0 {
+        format!(
+            "no group reached partition selection's threshold: a group is released only when \
+             its noisy {what} reaches {threshold}; declare the GROUP BY columns' domains in the \
+             policy to have every key released"
+        )
+    } else {
+        format!(
+            "keys chosen by partition selection: a group is released only when its noisy \
+             {what} reaches {threshold}; smaller groups are left out"
+        )
     }
 }
 
@@ -674,6 +704,7 @@ impl QueryService {
             // Groups suppressed by the study's minimum cell size (also in the receipt's
             // mechanism).
             out.0.rows_suppressed = cells_suppressed.unwrap_or(0);
+            out.0.note = selection_note(&release.mechanism);
             // Only now that its receipt is durable may the answer be repeated for free, here
             // and after a restart.
             engine.remember(&ereq, &release);

@@ -719,3 +719,71 @@ async fn a_dry_run_shows_cost_and_accuracy_before_spending() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert_eq!(w.ledger.size(), size + 1, "only the real query's receipt");
 }
+
+/// Partition selection says its threshold, and an answer with no group says why, in the same
+/// words whether the rows held no group at all or only groups too small to reach it (the
+/// note is post-processing of the released answer, never a view of the data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_selection_says_its_threshold_and_why_nothing_came_back() {
+    let w = World::ready(10.0).await;
+    let q = |sql: &str, eps: f64| v1::QueryRequest {
+        delta: 1e-7,
+        ..World::dp("s1", sql, eps)
+    };
+    let rows = |b: &[arrow::array::RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+    let threshold_in = |note: &str| -> i64 {
+        let (_, rest) = note.split_once("reaches ").expect(note);
+        rest.split(';').next().unwrap().parse().expect(note)
+    };
+    // Two common areas of about 70 consented patients each: released, with the threshold.
+    let (h, b) = w
+        .run(
+            &key("alice"),
+            q(
+                "SELECT zip, COUNT(DISTINCT patient_id) AS n FROM visits GROUP BY zip",
+                4.0,
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(rows(&b) > 0);
+    assert!(
+        h.note.starts_with("keys chosen by partition selection")
+            && h.note.contains("noisy patient count"),
+        "{}",
+        h.note
+    );
+    let t = threshold_in(&h.note);
+    assert!(t > 1 && t < 70, "{t}");
+    // No row at all, and rows of five patients each alone in their area: nothing released,
+    // and the same words.
+    let sql_none = "SELECT zip, COUNT(DISTINCT patient_id) AS n FROM visits WHERE hba1c > 1000 \
+                    GROUP BY zip";
+    let sql_small = "SELECT zip, COUNT(DISTINCT patient_id) AS n FROM visits WHERE zip IN \
+                     ('50000', '60000', '70000', '80000', '90000') GROUP BY zip";
+    let (h_none, b_none) = w.run(&key("alice"), q(sql_none, 1.0)).await.unwrap();
+    let (h_small, b_small) = w.run(&key("alice"), q(sql_small, 1.0)).await.unwrap();
+    assert_eq!((rows(&b_none), rows(&b_small)), (0, 0));
+    assert!(
+        h_none
+            .note
+            .starts_with("no group reached partition selection's threshold"),
+        "{}",
+        h_none.note
+    );
+    assert_eq!(h_none.note, h_small.note);
+    assert!(threshold_in(&h_none.note) > t);
+    // A query without partition selection has no note.
+    let (h, _) = w
+        .run(
+            &key("alice"),
+            World::dp(
+                "s1",
+                "SELECT sex, COUNT(*) AS n FROM visits GROUP BY sex",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.note, "");
+}
