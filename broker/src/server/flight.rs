@@ -286,21 +286,38 @@ impl FlightSql {
                 let Some(tp) = ds.policy.tables.get(&t.name) else {
                     continue;
                 };
+                // Each listed column carries its policy (class, bounds, domain...) and the
+                // table its contribution limits, as field and schema metadata: what shapes
+                // the answers, readable in any Flight SQL client's catalog.
                 let fields: Vec<_> = t
                     .schema
                     .fields()
                     .iter()
-                    .filter(|f| {
-                        tp.columns.get(f.name()).is_some_and(|c| {
-                            c.class != anonymizer::policy::ColumnClass::DirectIdentifier
-                        })
+                    .filter_map(|f| {
+                        let c = tp.columns.get(f.name())?;
+                        if c.class == anonymizer::policy::ColumnClass::DirectIdentifier {
+                            return None;
+                        }
+                        let policy = serde_json::to_string(c).ok()?;
+                        Some(f.as_ref().clone().with_metadata(
+                            [(POLICY_METADATA.to_owned(), policy)].into_iter().collect(),
+                        ))
                     })
-                    .cloned()
                     .collect();
+                let b = ds.policy.table_bounds(&t.name);
+                let limits = serde_json::json!({
+                    "max_rows_per_unit": b.rows,
+                    "max_groups_per_unit": b.groups,
+                    "max_rows_per_group": b.rows_per_group,
+                });
                 out.push((
                     reg.dataset.as_str().to_owned(),
                     t.name.clone(),
-                    Schema::new(fields),
+                    Schema::new(fields).with_metadata(
+                        [(POLICY_METADATA.to_owned(), limits.to_string())]
+                            .into_iter()
+                            .collect(),
+                    ),
                 ));
             }
         }
@@ -392,6 +409,10 @@ fn query_request(
         accuracy,
     })
 }
+
+/// The metadata key of a listed column's policy (JSON: class, bounds, domain...) and of a
+/// listed table's contribution limits.
+pub const POLICY_METADATA: &str = "consentry.policy";
 
 /// The header of a released query as JSON (the `FlightInfo`'s `app_metadata`).
 fn header_json(h: &v1::QueryHeader) -> serde_json::Value {

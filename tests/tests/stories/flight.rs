@@ -248,6 +248,23 @@ async fn catalog_calls_list_only_what_the_callers_studies_may_query() {
         !names.contains(&"name"),
         "a direct identifier is never listed"
     );
+    // Each column says its policy, and the table its contribution limits (the policy's).
+    let policy_of = |column: &str| -> serde_json::Value {
+        let f = schema.field_with_name(column).unwrap();
+        serde_json::from_str(&f.metadata()["consentry.policy"]).unwrap()
+    };
+    assert_eq!(
+        policy_of("hba1c"),
+        serde_json::json!({"class": "sensitive", "bounds": [4.0, 14.0]})
+    );
+    assert_eq!(
+        policy_of("sex"),
+        serde_json::json!({"class": "public", "domain": ["F", "M"]})
+    );
+    assert_eq!(policy_of("patient_id")["class"], "privacy_unit");
+    let limits: serde_json::Value =
+        serde_json::from_str(&schema.metadata()["consentry.policy"]).unwrap();
+    assert_eq!(limits["max_rows_per_unit"], 5);
 
     let schemas = CommandGetDbSchemas {
         catalog: None,
