@@ -177,6 +177,17 @@ impl FlightSql {
             let st = self.broker.ledger.state();
             query_request(&st, &request, sql)?
         };
+        let dry_run = match header(&request, "x-consentry-dry-run")?.as_deref() {
+            None | Some("0" | "false" | "no") => false,
+            Some("1" | "true" | "yes") => true,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "the header x-consentry-dry-run must be true or false, not {}",
+                    super::shown(v)
+                ))
+                .into());
+            }
+        };
         // A slot is reserved before the statement runs: a caller over its share is refused
         // before anything is charged.
         let mut handle = [0u8; 16];
@@ -203,6 +214,13 @@ impl FlightSql {
             );
         }
         let decoded = async {
+            if dry_run {
+                // Nothing read, spent or receipted: the table of each statistic's 95%
+                // half-width, and the spend in the metadata.
+                let p = self.query.dry_run(&who, &q).await?;
+                let batch = preview_batch(&p)?;
+                return Ok::<_, Error>((preview_json(&p), batch.schema(), vec![batch]));
+            }
             let (header, ipc) = self.query.execute(&who, &q).await?;
             let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
                 .map_err(|e| Error::internal("decoding the result", e))?;
@@ -211,10 +229,10 @@ impl FlightSql {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Error::internal("decoding the result", e))?;
             let (schema, batches) = without_views(&schema, batches)?;
-            Ok::<_, Error>((header, schema, batches))
+            Ok((header_json(&header), schema, batches))
         }
         .await;
-        let (header, schema, batches) = match decoded {
+        let (meta, schema, batches) = match decoded {
             Ok(d) => d,
             Err(s) => {
                 self.pending().remove(&handle);
@@ -236,7 +254,7 @@ impl FlightSql {
         .as_any()
         .encode_to_vec();
         let info = flight_info(&schema, ticket, request.into_inner())?
-            .with_app_metadata(header_json(&header).to_string().into_bytes());
+            .with_app_metadata(meta.to_string().into_bytes());
         Ok(Response::new(info))
     }
 
@@ -414,9 +432,9 @@ fn query_request(
 /// listed table's contribution limits.
 pub const POLICY_METADATA: &str = "consentry.policy";
 
-/// The header of a released query as JSON (the `FlightInfo`'s `app_metadata`).
-fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
-    let budget = h.budget.as_ref().map(|b| {
+/// A study's budget as JSON.
+fn budget_json(b: Option<&v1::Budget>) -> Option<serde_json::Value> {
+    b.map(|b| {
         serde_json::json!({
             "epsilon_granted": b.epsilon_granted, "delta_granted": b.delta_granted,
             "epsilon_spent": b.epsilon_spent, "delta_spent": b.delta_spent,
@@ -425,7 +443,46 @@ fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
             "epsilon_guaranteed": b.epsilon_guaranteed, "delta_guaranteed": b.delta_guaranteed,
             "accountant": b.accountant,
         })
-    });
+    })
+}
+
+/// A dry run's spend and budget as JSON (the `FlightInfo`'s `app_metadata`).
+fn preview_json(p: &v1::QueryPreview) -> serde_json::Value {
+    serde_json::json!({
+        "dry_run": true,
+        "normalized_sql": p.normalized_sql,
+        "epsilon": p.epsilon,
+        "delta": p.delta,
+        "rho": p.rho,
+        "mechanism": p.mechanism,
+        "budget": budget_json(p.budget.as_ref()),
+    })
+}
+
+/// A dry run as a table: each statistic as written and its 95% half-width (NULL where it
+/// depends on the group).
+fn preview_batch(p: &v1::QueryPreview) -> Result<RecordBatch, Error> {
+    use arrow::array::{Float64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("statistic", DataType::Utf8, false),
+        Field::new("ci95", DataType::Float64, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                p.statistics.iter().map(|s| s.statistic.as_str()),
+            )),
+            Arc::new(Float64Array::from_iter(p.statistics.iter().map(|s| s.ci95))),
+        ],
+    )
+    .map_err(|e| Error::internal("building a dry run's table", e))
+}
+
+/// The header of a released query as JSON (the `FlightInfo`'s `app_metadata`).
+fn header_json(h: &v1::QueryHeader) -> serde_json::Value {
+    let budget = budget_json(h.budget.as_ref());
     serde_json::json!({
         "receipt_index": h.receipt_index,
         "epsilon_spent": h.epsilon_spent,

@@ -516,7 +516,7 @@ impl QueryService {
     /// A dry run ([`anonymizer::Engine::preview`]): the query's authorization and checks, its
     /// cost and accuracy; nothing read, spent or receipted. A refusal is the one the query
     /// would get (its code and words), without a receipt.
-    async fn dry_run(
+    pub(crate) async fn dry_run(
         &self,
         caller: &Caller,
         q: &v1::QueryRequest,

@@ -392,3 +392,78 @@ async fn prepared_statements_run_as_statements_through_the_query_path() {
     let left = w.ledger.state().account("s1", "visits").unwrap();
     assert!((left.epsilon_left() - 4.75).abs() < 1e-9, "{left:?}");
 }
+
+/// A dry run through Flight SQL (`x-consentry-dry-run`): a table of each statistic's 95%
+/// half-width and the spend in the metadata; nothing is read, spent or receipted, and the
+/// half-width is the one the real query is then released with.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_over_flight_previews_accuracy_and_spends_nothing() {
+    let w = World::ready(5.0).await;
+    let sql = "SELECT COUNT(*) AS n, AVG(hba1c) AS m FROM visits";
+    let mut dry = Researcher::new(
+        &w,
+        "alice",
+        &[
+            ("x-consentry-study", "s1"),
+            ("x-consentry-epsilon", "0.5"),
+            ("x-consentry-dry-run", "true"),
+        ],
+    );
+    let (size, spent) = (w.ledger.size(), w.ledger.state().spent("s1", "visits"));
+    let info = dry.statement(sql).await.unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["dry_run"], true);
+    assert_eq!(meta["epsilon"], 0.5);
+    assert_eq!(meta["budget"]["epsilon_left"], 5.0);
+    let table = dry.fetch(&ticket(&info)).await.unwrap();
+    assert_eq!(strings(&table[0], "statistic").len(), 2);
+    let ci = table[0]
+        .column_by_name("ci95")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .unwrap()
+        .clone();
+    assert!(
+        ci.is_valid(0) && ci.value(0) > 0.0,
+        "the count's half-width is known"
+    );
+    assert!(ci.is_null(1), "a mean's depends on the group");
+    assert_eq!(w.ledger.size(), size, "no receipt");
+    assert_eq!(
+        w.ledger.state().spent("s1", "visits"),
+        spent,
+        "nothing spent"
+    );
+    // The real query is released with that half-width.
+    let mut real = Researcher::new(
+        &w,
+        "alice",
+        &[("x-consentry-study", "s1"), ("x-consentry-epsilon", "0.5")],
+    );
+    let info = real.statement(sql).await.unwrap();
+    let released = real.fetch(&ticket(&info)).await.unwrap();
+    let n_ci = released[0]
+        .column_by_name("n_ci95")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .unwrap()
+        .value(0);
+    assert!(
+        (n_ci - ci.value(0)).abs() < 1e-9,
+        "{n_ci} vs {}",
+        ci.value(0)
+    );
+    // A header that is not a yes or a no is refused.
+    let mut bad = Researcher::new(
+        &w,
+        "alice",
+        &[
+            ("x-consentry-study", "s1"),
+            ("x-consentry-dry-run", "maybe"),
+        ],
+    );
+    let e = bad.statement(sql).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+}
