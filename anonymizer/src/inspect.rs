@@ -21,7 +21,7 @@ use regex::Regex;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::policy::ColumnClass;
+use crate::policy::{ColumnClass, Domain};
 
 /// What an identifier column holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -662,6 +662,30 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
             .push("no patient-id column: proposed as the privacy unit".into());
         privacy_unit = Some(f.column.clone());
     }
+    // Columns with no identifier: a domain when they hold few values, bounds when numeric.
+    let mut shapes = Vec::with_capacity(findings.len());
+    for (i, f) in findings.iter_mut().enumerate() {
+        let shape = if f.kind.is_none() && f.class == ColumnClass::Sensitive {
+            value_shape(batches, i)?
+        } else {
+            Shape::default()
+        };
+        if let Some(d) = &shape.domain {
+            f.reasons.push(format!(
+                "{} distinct values over every row: proposed as its domain (GROUP BY releases \
+                 every key; registration refuses rows outside it)",
+                d.len()
+            ));
+        } else if shape.bounds.is_some() {
+            f.reasons.push(
+                "numeric: proposed bounds are its values' 1st and 99th percentiles rounded \
+                 outward to two significant digits (never the exact extremes; values outside \
+                 are clamped in sums and means)"
+                    .into(),
+            );
+        }
+        shapes.push(shape);
+    }
     let rows = batches.iter().map(RecordBatch::num_rows).sum();
     let per_unit = match &privacy_unit {
         Some(u) => rows_per_unit(
@@ -678,6 +702,7 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
         privacy_unit.as_deref(),
         per_unit,
         &findings,
+        &shapes,
         opts,
     );
     Ok(Proposal {
@@ -753,6 +778,93 @@ fn rows_per_unit(batches: &[RecordBatch], unit: usize) -> Result<Option<(usize, 
     Ok(Some((at(0.5), at(0.99), n[n.len() - 1])))
 }
 
+/// The most distinct values a proposed domain holds.
+const MAX_DOMAIN: usize = 24;
+
+/// What a column's values propose beyond its class.
+#[derive(Debug, Default)]
+struct Shape {
+    domain: Option<Domain>,
+    bounds: Option<[f64; 2]>,
+}
+
+/// Reads every row of column `i`: text and integer columns with at most [`MAX_DOMAIN`]
+/// distinct values propose them as the domain; other numeric columns propose bounds.
+fn value_shape(batches: &[RecordBatch], i: usize) -> Result<Shape> {
+    let Some(t) = batches
+        .first()
+        .map(|b| b.schema().field(i).data_type().clone())
+    else {
+        return Ok(Shape::default());
+    };
+    let err = |e: arrow::error::ArrowError| Error::Dataset(e.to_string());
+    if matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) || t.is_integer() {
+        let mut seen = std::collections::BTreeSet::new();
+        for b in batches {
+            let text = arrow::compute::cast(b.column(i), &DataType::Utf8).map_err(err)?;
+            for v in text.as_string::<i32>().iter().flatten() {
+                if seen.len() > MAX_DOMAIN {
+                    break;
+                }
+                if !seen.contains(v) {
+                    seen.insert(v.to_owned());
+                }
+            }
+        }
+        if (1..=MAX_DOMAIN).contains(&seen.len()) {
+            let domain = if t.is_integer() {
+                let mut ints: Vec<i64> = seen.iter().filter_map(|v| v.parse().ok()).collect();
+                ints.sort_unstable();
+                Domain::Int(ints)
+            } else {
+                Domain::Text(seen.into_iter().collect())
+            };
+            return Ok(Shape {
+                domain: Some(domain),
+                bounds: None,
+            });
+        }
+    }
+    if !(t.is_integer() || t.is_floating()) {
+        return Ok(Shape::default());
+    }
+    let mut values: Vec<f64> = Vec::new();
+    for b in batches {
+        let f = arrow::compute::cast(b.column(i), &DataType::Float64).map_err(err)?;
+        values.extend(
+            f.as_primitive::<arrow::datatypes::Float64Type>()
+                .iter()
+                .flatten()
+                .filter(|v| v.is_finite()),
+        );
+    }
+    if values.is_empty() {
+        return Ok(Shape::default());
+    }
+    values.sort_unstable_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    let (lo, hi) = (outward(at(0.01), false), outward(at(0.99), true));
+    Ok(Shape {
+        domain: None,
+        bounds: (lo < hi).then_some([lo, hi]),
+    })
+}
+
+/// `x` rounded away from the inside of the bounds to two significant digits (up for an upper
+/// bound, down for a lower one).
+fn outward(x: f64, up: bool) -> f64 {
+    if x == 0.0 {
+        return 0.0;
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    let step = 10f64.powi(magnitude - 1);
+    let q = x / step;
+    let v = (if up { q.ceil() } else { q.floor() }) * step;
+    // Printed without binary noise (0.30000000000000004 is 0.3).
+    let digits = (1 - magnitude).max(0) as usize;
+    format!("{v:.digits$}").parse().unwrap_or(v)
+}
+
 fn toml_key(k: &str) -> String {
     if !k.is_empty()
         && k.chars()
@@ -780,6 +892,7 @@ fn to_toml(
     unit: Option<&str>,
     per_unit: Option<(usize, usize, usize)>,
     findings: &[Finding],
+    shapes: &[Shape],
     opts: &Options,
 ) -> String {
     use std::fmt::Write as _;
@@ -827,12 +940,29 @@ fn to_toml(
         }
     }
     let _ = writeln!(s, "[tables.{}.columns]", toml_key(table));
-    for f in findings {
+    for (f, shape) in findings.iter().zip(shapes) {
         let what = f.kind.map_or("no identifier", |k| k.label());
         let _ = writeln!(s, "# {what}: {}", f.reasons.join("; "));
         let mut value = format!("class = \"{}\"", class_name(f.class));
         if let Some(g) = &f.generalize {
             let _ = write!(value, ", generalize = \"{g}\"");
+        }
+        match &shape.domain {
+            Some(Domain::Text(v)) => {
+                let keys: Vec<String> = v
+                    .iter()
+                    .map(|k| toml::Value::String(k.clone()).to_string())
+                    .collect();
+                let _ = write!(value, ", domain = [{}]", keys.join(", "));
+            }
+            Some(Domain::Int(v)) => {
+                let keys: Vec<String> = v.iter().map(i64::to_string).collect();
+                let _ = write!(value, ", domain = [{}]", keys.join(", "));
+            }
+            None => {}
+        }
+        if let Some([lo, hi]) = shape.bounds {
+            let _ = write!(value, ", bounds = [{lo:?}, {hi:?}]");
         }
         let _ = writeln!(s, "{} = {{ {value} }}", toml_key(&f.column));
     }

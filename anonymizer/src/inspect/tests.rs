@@ -392,3 +392,74 @@ fn the_proposed_rows_per_patient_come_from_the_data() {
         p.policy_toml
     );
 }
+
+#[test]
+fn few_values_propose_a_domain_and_numbers_propose_rounded_percentile_bounds() {
+    // 1,000 patients: a site among three, a grade among five, and a lab value in [4, 15.9].
+    let n = 1000i64;
+    let site: Vec<&str> = (0..n)
+        .map(|p| ["north", "south", "east"][p as usize % 3])
+        .collect();
+    let grade: Vec<i64> = (0..n).map(|p| 1 + p % 5).collect();
+    let lab: Vec<f64> = (0..n).map(|p| 4.0 + (p % 120) as f64 / 10.0).collect();
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Int64, false),
+            Field::new("site", DataType::Utf8, false),
+            Field::new("grade", DataType::Int64, false),
+            Field::new("lab", DataType::Float64, false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..n)),
+            Arc::new(StringArray::from(site)),
+            Arc::new(Int64Array::from(grade)),
+            Arc::new(Float64Array::from(lab.clone())),
+        ],
+    )
+    .unwrap();
+    let p = inspect_batches("t", std::slice::from_ref(&batch), &Options::default()).unwrap();
+    let policy = Policy::from_toml(&p.policy_toml).unwrap();
+    let col = |c: &str| policy.column("t", c).unwrap().clone();
+    assert_eq!(
+        col("site").domain,
+        Some(Domain::Text(vec![
+            "east".into(),
+            "north".into(),
+            "south".into()
+        ])),
+        "{}",
+        p.policy_toml
+    );
+    assert_eq!(col("grade").domain, Some(Domain::Int(vec![1, 2, 3, 4, 5])));
+    // The lab's 1st and 99th percentiles (4.0 and 15.8 of 4.0..=15.9), rounded outward to
+    // two digits: never the exact extremes.
+    let [lo, hi] = col("lab").bounds.unwrap();
+    let mut sorted = lab;
+    sorted.sort_by(f64::total_cmp);
+    let pct = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    assert!(lo <= pct(0.01) && hi >= pct(0.99), "[{lo}, {hi}]");
+    assert_eq!([lo, hi], [4.0, 16.0]);
+    assert!(col("lab").domain.is_none());
+    // The proposal registers: its domains cover every row.
+    let ds = crate::Dataset::from_batches(policy, vec![("t".into(), vec![batch])]).unwrap();
+    assert!(
+        ds.tables[0]
+            .outside_domain
+            .iter()
+            .all(|(_, rows)| *rows == 0)
+    );
+}
+
+#[test]
+fn bounds_round_outward_to_two_significant_digits() {
+    for (x, up, want) in [
+        (15.84, true, 16.0),
+        (15.84, false, 15.0),
+        (0.3041, true, 0.31),
+        (-0.3041, false, -0.31),
+        (1234.0, true, 1300.0),
+        (0.0, true, 0.0),
+    ] {
+        assert_eq!(super::outward(x, up), want, "{x} {up}");
+    }
+}
