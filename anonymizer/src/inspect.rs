@@ -714,6 +714,53 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
     })
 }
 
+/// Reads every table of a dataset (each from one or more Parquet or Arrow IPC files) and
+/// proposes each table's policy; [`merged_policy`] makes them one policy file.
+pub fn inspect_tables(
+    tables: &[(String, Vec<std::path::PathBuf>)],
+    opts: &Options,
+) -> Result<Vec<Proposal>> {
+    tables
+        .iter()
+        .map(|(name, files)| {
+            let mut batches = Vec::new();
+            for f in files {
+                batches.extend(read_file(f)?);
+            }
+            inspect_batches(name, &batches, opts)
+        })
+        .collect()
+}
+
+/// One policy file for several tables' proposals: the first proposal's header, then every
+/// table's section. The tables must agree on the privacy unit (one column name in all).
+pub fn merged_policy(proposals: &[Proposal]) -> Result<String> {
+    let Some(first) = proposals.first() else {
+        return Err(Error::Dataset("no table to inspect".into()));
+    };
+    for p in proposals {
+        if p.privacy_unit != first.privacy_unit {
+            return Err(Error::Policy(format!(
+                "the tables disagree on the privacy unit: table {} has {}, table {} has {}; \
+                 give the patient id one column name in every table",
+                first.table,
+                first.privacy_unit.as_deref().unwrap_or("none"),
+                p.table,
+                p.privacy_unit.as_deref().unwrap_or("none"),
+            )));
+        }
+    }
+    let section = |toml: &str| -> usize { toml.find("\n[tables.").map_or(toml.len(), |i| i + 1) };
+    let mut out = first.policy_toml[..section(&first.policy_toml)].to_string();
+    for p in proposals {
+        out.push_str(&p.policy_toml[section(&p.policy_toml)..]);
+        if !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a Parquet (`.parquet`) or Arrow IPC file and proposes its policy; the table is named
 /// after the file (without extension).
 pub fn inspect_file(path: &Path, opts: &Options) -> Result<Proposal> {

@@ -145,3 +145,77 @@ fn output_into_a_closed_pipe_ends_quietly() {
     );
     assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
 }
+
+fn write_labs(path: &std::path::Path, unit: &str) {
+    let n = 600;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(unit, DataType::Int64, false),
+        Field::new("value", DataType::Float64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from_iter_values((0..n).map(|i| i / 2))),
+            Arc::new(arrow::array::Float64Array::from_iter_values(
+                (0..n).map(|i| 4.0 + (i % 100) as f64 / 10.0),
+            )),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(path).unwrap(), &schema)
+            .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn inspect_proposes_one_policy_for_every_table_of_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let visits = dir.path().join("v.arrow");
+    write_table(&visits);
+    let (labs1, labs2) = (dir.path().join("l1.arrow"), dir.path().join("l2.arrow"));
+    write_labs(&labs1, "patient_id");
+    write_labs(&labs2, "patient_id");
+    let arg = |name: &str, p: &std::path::Path| format!("{name}={}", p.display());
+    let out = broker(&[
+        "dataset",
+        "inspect",
+        &arg("visits", &visits),
+        &arg("labs", &labs1),
+        &arg("labs", &labs2),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.matches("privacy_unit = ").count(), 1, "{stdout}");
+    let policy = anonymizer::policy::Policy::from_toml(&stdout).unwrap();
+    // Both tables, every column classified; the two files of labs are one table (2 rows per
+    // patient in each file, so 4 in the table).
+    for (table, path) in [("visits", &visits), ("labs", &labs1)] {
+        let reader =
+            arrow::ipc::reader::FileReader::try_new(std::fs::File::open(path).unwrap(), None)
+                .unwrap();
+        policy.check_schema(table, &reader.schema()).unwrap();
+    }
+    assert_eq!(policy.table_bounds("labs").rows, 4, "{stdout}");
+    assert!(
+        stderr.contains("table visits") && stderr.contains("table labs"),
+        "{stderr}"
+    );
+    // Tables that name the patient differently cannot share a policy: said, nothing written.
+    let other = dir.path().join("o.arrow");
+    write_labs(&other, "person_id");
+    let out = broker(&[
+        "dataset",
+        "inspect",
+        &arg("visits", &visits),
+        &arg("measurement", &other),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("disagree on the privacy unit"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+}

@@ -40,10 +40,12 @@ pub enum DatasetCommand {
     /// findings report goes to stderr. Review the proposal before registering the dataset:
     /// registration refuses any column the policy does not classify.
     Inspect {
-        /// The table's file: Parquet (`.parquet`) or Arrow IPC (file or stream). The table is
-        /// named after the file, without its extension.
-        #[arg(env = "CONSENTRY_INSPECT_FILE")]
-        file: PathBuf,
+        /// The tables' files: Parquet (`.parquet`) or Arrow IPC (file or stream), each as
+        /// NAME=FILE or FILE (the table named after the file, without its extension). Several
+        /// files of one name are one table; several tables make one policy (they must agree on
+        /// the privacy unit).
+        #[arg(env = "CONSENTRY_INSPECT_FILE", required = true, num_args = 1..)]
+        files: Vec<String>,
         /// Write the proposed policy to this file (never overwritten) instead of stdout.
         #[arg(long, env = "CONSENTRY_INSPECT_OUT")]
         out: Option<PathBuf>,
@@ -236,7 +238,7 @@ pub fn run(conn: &Conn, args: DatasetArgs) -> anyhow::Result<()> {
             Ok(())
         }
         DatasetCommand::Inspect {
-            file,
+            files,
             out,
             sample,
             json,
@@ -245,20 +247,31 @@ pub fn run(conn: &Conn, args: DatasetArgs) -> anyhow::Result<()> {
                 bail!("--sample must be at least 1");
             }
             let opts = anonymizer::inspect::Options { sample };
-            let proposal = anonymizer::inspect::inspect_file(&file, &opts)?;
+            let tables: Vec<(String, Vec<PathBuf>)> = group_tables(&files)?
+                .into_iter()
+                .map(|(name, fs)| (name, fs.into_iter().map(|(_, f)| f).collect()))
+                .collect();
+            let proposals = anonymizer::inspect::inspect_tables(&tables, &opts)?;
+            let policy_toml = anonymizer::inspect::merged_policy(&proposals)?;
             if let Some(path) = &out {
                 let mut f = super::conn::create_new(path)?;
-                f.write_all(proposal.policy_toml.as_bytes())?;
+                f.write_all(policy_toml.as_bytes())?;
                 f.sync_all()?;
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&proposal)?);
+                let doc = match proposals.as_slice() {
+                    [one] => serde_json::to_value(one)?,
+                    many => serde_json::json!({ "tables": many, "policy_toml": policy_toml }),
+                };
+                println!("{}", serde_json::to_string_pretty(&doc)?);
                 return Ok(());
             }
             if out.is_none() {
-                print!("{}", proposal.policy_toml);
+                print!("{policy_toml}");
             }
-            eprint!("{}", proposal.report());
+            for p in &proposals {
+                eprint!("{}", p.report());
+            }
             if let Some(path) = &out {
                 eprintln!("proposed policy written to {}", path.display());
             }
