@@ -206,7 +206,11 @@ static NAME_HINTS: LazyLock<Vec<(Kind, Regex)>> = LazyLock::new(|| {
         ),
         (
             Kind::BirthDate,
-            w("dob|date_of_birth|birth_date|birthdate|birthday|born_on"),
+            // OMOP's month_of_birth and day_of_birth too: a date's elements other than the
+            // year are identifiers (45 CFR 164.514(b)(2)(i)(C)).
+            w(
+                "dob|date_of_birth|birth_date|birthdate|birthday|born_on|month_of_birth|day_of_birth|birth_month|birth_day",
+            ),
         ),
         (Kind::BirthYear, w("birth_year|year_of_birth|yob")),
         (Kind::Age, re("^(?:patient_)?age(?:_years|_at_[a-z_]+)?$")),
@@ -665,7 +669,24 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
     // Columns with no identifier: a domain when they hold few values, bounds when numeric.
     let mut shapes = Vec::with_capacity(findings.len());
     for (i, f) in findings.iter_mut().enumerate() {
-        let shape = if f.kind.is_none() && f.class == ColumnClass::Sensitive {
+        let unclassified = f.kind.is_none() && f.class == ColumnClass::Sensitive;
+        // A record's own id (OMOP's measurement_id, visit_occurrence_id...): a unique number
+        // per row (45 CFR 164.514(b)(2)(i)(R)). Concept ids are vocabulary codes, not ids.
+        let w = words(&f.column);
+        if unclassified
+            && w.ends_with("_id")
+            && !w.ends_with("concept_id")
+            && let Some(rows) = all_distinct(batches, i)?
+        {
+            f.class = ColumnClass::DirectIdentifier;
+            f.reasons.push(format!(
+                "a row id: its name ends in _id and its {rows} values are all distinct; \
+                 proposed direct identifier"
+            ));
+            shapes.push(Shape::default());
+            continue;
+        }
+        let shape = if unclassified {
             value_shape(batches, i)?
         } else {
             Shape::default()
@@ -823,6 +844,22 @@ fn rows_per_unit(batches: &[RecordBatch], unit: usize) -> Result<Option<(usize, 
     n.sort_unstable();
     let at = |q: f64| n[((n.len() - 1) as f64 * q).round() as usize];
     Ok(Some((at(0.5), at(0.99), n[n.len() - 1])))
+}
+
+/// The number of non-null values of column `i` when they are all distinct (and there are
+/// some).
+fn all_distinct(batches: &[RecordBatch], i: usize) -> Result<Option<usize>> {
+    let mut seen = std::collections::HashSet::new();
+    for b in batches {
+        let text = arrow::compute::cast(b.column(i), &DataType::Utf8)
+            .map_err(|e| Error::Dataset(e.to_string()))?;
+        for v in text.as_string::<i32>().iter().flatten() {
+            if !seen.insert(v.to_owned()) {
+                return Ok(None);
+            }
+        }
+    }
+    Ok((!seen.is_empty()).then_some(seen.len()))
 }
 
 /// The most distinct values a proposed domain holds.

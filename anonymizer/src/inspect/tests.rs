@@ -463,3 +463,64 @@ fn bounds_round_outward_to_two_significant_digits() {
         assert_eq!(super::outward(x, up), want, "{x} {up}");
     }
 }
+
+#[test]
+fn omop_names_are_read_row_ids_and_birth_months_are_identifiers() {
+    // An OMOP-shaped measurement table: 500 persons with two measurements each.
+    let n = 1000i64;
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("measurement_id", DataType::Int64, false),
+            Field::new("person_id", DataType::Int64, false),
+            Field::new("measurement_concept_id", DataType::Int64, false),
+            Field::new("month_of_birth", DataType::Int64, false),
+            Field::new("day_of_birth", DataType::Int64, false),
+            Field::new("value_as_number", DataType::Float64, false),
+            Field::new("visit_occurrence_id", DataType::Int64, false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from_iter_values(50_000..50_000 + n)),
+            Arc::new(Int64Array::from_iter_values((0..n).map(|i| i / 2))),
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| [3004410, 3027018][i as usize % 2]),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| 1 + (i / 2) % 12),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                (0..n).map(|i| 1 + (i / 2) % 28),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                (0..n).map(|i| 4.0 + (i % 100) as f64 / 10.0),
+            )),
+            // Not unique (a visit holds both of a person's measurements): not a row id.
+            Arc::new(Int64Array::from_iter_values((0..n).map(|i| i / 2))),
+        ],
+    )
+    .unwrap();
+    let p = inspect_batches("measurement", &[batch], &Options::default()).unwrap();
+    let class = |c: &str| p.findings.iter().find(|f| f.column == c).unwrap().class;
+    assert_eq!(p.privacy_unit.as_deref(), Some("person_id"));
+    assert_eq!(class("measurement_id"), ColumnClass::DirectIdentifier);
+    assert_eq!(class("month_of_birth"), ColumnClass::DirectIdentifier);
+    assert_eq!(class("day_of_birth"), ColumnClass::DirectIdentifier);
+    assert_eq!(class("measurement_concept_id"), ColumnClass::Sensitive);
+    assert_eq!(class("visit_occurrence_id"), ColumnClass::Sensitive);
+    let policy = Policy::from_toml(&p.policy_toml).unwrap();
+    assert_eq!(
+        policy
+            .column("measurement", "measurement_concept_id")
+            .unwrap()
+            .domain,
+        Some(Domain::Int(vec![3004410, 3027018])),
+        "{}",
+        p.policy_toml
+    );
+    let report = p.report();
+    assert!(report.contains("a row id"), "{report}");
+    // Reasons never quote values.
+    assert!(
+        !report.contains("50000") && !report.contains("3004410"),
+        "{report}"
+    );
+}
