@@ -94,38 +94,40 @@ impl UnitIndex {
     }
 }
 
-/// For each column of `table` with a public domain, how many rows hold a value outside it.
-fn outside_domains(
-    policy: &Policy,
-    table: &str,
-    batches: &[RecordBatch],
-) -> Result<Vec<(String, u64)>> {
-    let Some(tp) = policy.tables.get(table) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for (column, cp) in &tp.columns {
-        let Some(domain) = &cp.domain else {
-            continue;
+impl Table {
+    /// For each of its columns with a public domain, how many of its (bounded) rows hold a
+    /// value that is not NULL and not in the domain: a GROUP BY over the column would leave
+    /// them out, so a registration refuses them (the count only, never the values). Rows past
+    /// a patient's bound are in no answer and not counted.
+    pub fn outside_domains(&self, policy: &Policy) -> Result<Vec<(String, u64)>> {
+        let (table, batches) = (&self.name, &self.batches);
+        let Some(tp) = policy.tables.get(table) else {
+            return Ok(Vec::new());
         };
-        let keys: std::collections::HashSet<String> = domain.as_text().into_iter().collect();
-        let mut outside = 0u64;
-        for b in batches {
-            let Some(c) = b.column_by_name(column) else {
+        let mut out = Vec::new();
+        for (column, cp) in &tp.columns {
+            let Some(domain) = &cp.domain else {
                 continue;
             };
-            let text = arrow::compute::cast(c, &DataType::Utf8)
-                .map_err(|e| Error::Dataset(format!("table {table}, column {column}: {e}")))?;
-            outside += text
-                .as_string::<i32>()
-                .iter()
-                .flatten()
-                .filter(|v| !keys.contains(*v))
-                .count() as u64;
+            let keys: std::collections::HashSet<String> = domain.as_text().into_iter().collect();
+            let mut outside = 0u64;
+            for b in batches {
+                let Some(c) = b.column_by_name(column) else {
+                    continue;
+                };
+                let text = arrow::compute::cast(c, &DataType::Utf8)
+                    .map_err(|e| Error::Dataset(format!("table {table}, column {column}: {e}")))?;
+                outside += text
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .filter(|v| !keys.contains(*v))
+                    .count() as u64;
+            }
+            out.push((column.clone(), outside));
         }
-        out.push((column.clone(), outside));
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// One table of a dataset, in memory.
@@ -139,10 +141,6 @@ pub struct Table {
     pub batches: Vec<RecordBatch>,
     /// Rows dropped by contribution bounding.
     pub rows_dropped: u64,
-    /// Per column with a public domain, the rows (before bounding) whose value is not NULL
-    /// and not in the domain: a GROUP BY over the column would leave them out, so a
-    /// registration refuses them (the count only, never the values).
-    pub outside_domain: Vec<(String, u64)>,
 }
 
 /// A dataset version loaded for querying.
@@ -267,7 +265,6 @@ impl Dataset {
         let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
         fields.push(Arc::new(Field::new(UNIT_COLUMN, DataType::UInt32, false)));
         let out_schema = Arc::new(Schema::new(fields));
-        let outside_domain = outside_domains(policy, name, &batches)?;
         let k = policy.table_bounds(name).rows;
         let mut seen: Vec<u32> = Vec::new();
         let mut out = Vec::with_capacity(batches.len());
@@ -304,7 +301,6 @@ impl Dataset {
             schema: out_schema,
             batches: out,
             rows_dropped: dropped,
-            outside_domain,
         })
     }
 

@@ -1931,16 +1931,17 @@ fn rows_outside_a_domain_are_counted_and_a_domain_must_fit_its_column() {
         .clone();
     let z00 = diagnosis.iter().filter(|d| *d == Some("Z00")).count() as u64;
     assert!(z00 > 0);
-    let e = engine(300);
-    let visits_table = e
-        .dataset()
-        .tables
-        .iter()
-        .find(|t| t.name == "visits")
-        .unwrap();
-    let outside: std::collections::BTreeMap<_, _> =
-        visits_table.outside_domain.iter().cloned().collect();
-    // Counted before bounding, over every row: Z00 is outside E11/I10/J45; sex fits.
+    // A bound above every patient's rows (at most 12), so every raw row is counted.
+    let unbounded =
+        Policy::from_toml(&POLICY.replace("max_rows_per_unit = 10", "max_rows_per_unit = 12"))
+            .unwrap();
+    let ds = Dataset::from_batches(unbounded, vec![("visits".into(), vec![raw.clone()])]).unwrap();
+    let outside: std::collections::BTreeMap<_, _> = ds.tables[0]
+        .outside_domains(&ds.policy)
+        .unwrap()
+        .into_iter()
+        .collect();
+    // Z00 is outside E11/I10/J45; sex fits.
     assert_eq!(outside.get("diagnosis"), Some(&z00));
     assert_eq!(outside.get("sex"), Some(&0));
     // Text keys on a numeric column cannot be released as its values.

@@ -34,16 +34,12 @@ pub struct Store {
     limits: anonymizer::Limits,
 }
 
-fn internal(what: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::internal(what, e)
-}
-
 impl Store {
     /// Opens (creating) `<data_dir>/datasets`; engines run their queries within `limits`.
     pub fn open(data_dir: &Path, limits: anonymizer::Limits) -> Result<Store, Error> {
         let root = data_dir.join("datasets");
         std::fs::create_dir_all(&root)
-            .map_err(|e| internal("creating the datasets directory", e))?;
+            .map_err(|e| Error::internal("creating the datasets directory", e))?;
         Ok(Store {
             root,
             kept: crate::kept::Kept::open(data_dir)?,
@@ -61,14 +57,15 @@ impl Store {
         let path = self
             .version_dir(reg.dataset.as_str(), reg.version)
             .join("policy.toml");
-        let bytes = std::fs::read(&path).map_err(|e| internal("reading a dataset's policy", e))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| Error::internal("reading a dataset's policy", e))?;
         if ledger::ids::Digest::of(&bytes) != reg.policy_digest {
             return Err(Error::data_loss(format!(
                 "the stored policy of {} v{} no longer matches its registration",
                 reg.dataset, reg.version
             )));
         }
-        String::from_utf8(bytes).map_err(|e| internal("reading a dataset's policy", e))
+        String::from_utf8(bytes).map_err(|e| Error::internal("reading a dataset's policy", e))
     }
 
     /// Released answers kept for free repeats across restarts.
@@ -98,11 +95,11 @@ impl Store {
             check_files(&dir2, &reg2)
         })
         .await
-        .map_err(|e| internal("a dataset check failed", e))??;
+        .map_err(|e| Error::internal("a dataset check failed", e))??;
         let dataset = load(&dir, reg).await?;
         let engine = Arc::new(
             Engine::with_limits(dataset, self.limits)
-                .map_err(|e| internal("loading", e))?
+                .map_err(|e| Error::internal("loading", e))?
                 .with_kept(self.kept.of_version(reg, ledger)),
         );
         engines.insert(key, engine.clone());
@@ -141,9 +138,9 @@ impl Store {
         let parent = self.root.join(reg.dataset.as_str());
         tokio::fs::create_dir_all(&parent)
             .await
-            .map_err(|e| internal("creating the dataset directory", e))?;
+            .map_err(|e| Error::internal("creating the dataset directory", e))?;
         let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| internal("randomness", e))?;
+        getrandom::fill(&mut nonce).map_err(|e| Error::internal("randomness", e))?;
         let staging = parent.join(format!(
             ".upload-{}-{}",
             reg.version,
@@ -151,10 +148,10 @@ impl Store {
         ));
         tokio::fs::create_dir(&staging)
             .await
-            .map_err(|e| internal("creating the staging directory", e))?;
+            .map_err(|e| Error::internal("creating the staging directory", e))?;
         tokio::fs::write(staging.join("policy.toml"), policy_toml)
             .await
-            .map_err(|e| internal("writing the policy", e))?;
+            .map_err(|e| Error::internal("writing the policy", e))?;
         Ok(Upload {
             staging: Some(staging),
             target: self.version_dir(reg.dataset.as_str(), reg.version),
@@ -178,7 +175,7 @@ impl Store {
 async fn load(dir: &Path, reg: &DatasetRegistered) -> Result<Dataset, Error> {
     let policy_text = tokio::fs::read_to_string(dir.join("policy.toml"))
         .await
-        .map_err(|e| internal("reading the policy", e))?;
+        .map_err(|e| Error::internal("reading the policy", e))?;
     let policy = Policy::from_toml(&policy_text).map_err(|e| Error::invalid(e.to_string()))?;
     let sources: Vec<TableSource> = reg
         .tables
@@ -212,7 +209,7 @@ pub fn check_version(data_dir: &Path, reg: &DatasetRegistered) -> Result<bool, E
 /// Checks every file of a stored version against its registration.
 fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Error> {
     let (policy, _) = manifest::hash_file(&dir.join("policy.toml"))
-        .map_err(|e| internal("reading a dataset's policy", e))?;
+        .map_err(|e| Error::internal("reading a dataset's policy", e))?;
     if policy != reg.policy_digest {
         return Err(Error::data_loss(format!(
             "the stored policy of {} v{} no longer matches its registration",
@@ -222,7 +219,7 @@ fn check_files(dir: &Path, reg: &DatasetRegistered) -> Result<(), Error> {
     for t in &reg.tables {
         for f in &t.files {
             let (sha, bytes) = manifest::hash_file(&dir.join(&f.path))
-                .map_err(|e| internal("reading a dataset file", e))?;
+                .map_err(|e| Error::internal("reading a dataset file", e))?;
             if sha != f.sha256 || bytes != f.bytes {
                 return Err(Error::data_loss(format!(
                     "file {} of {} v{} no longer matches its registered digest",
@@ -271,7 +268,7 @@ impl Upload {
         o.file
             .sync_all()
             .await
-            .map_err(|e| internal("writing a dataset file", e))?;
+            .map_err(|e| Error::internal("writing a dataset file", e))?;
         let (bytes, sha) = &self.expected[&o.path];
         let got = ledger::ids::Digest::from_bytes(std::mem::take(&mut o.hash).finalize().into());
         if o.bytes != *bytes || got != *sha {
@@ -303,11 +300,11 @@ impl Upload {
             if let Some(parent) = full.parent() {
                 tokio::fs::create_dir_all(parent)
                     .await
-                    .map_err(|e| internal("creating a dataset directory", e))?;
+                    .map_err(|e| Error::internal("creating a dataset directory", e))?;
             }
             let file = tokio::fs::File::create(&full)
                 .await
-                .map_err(|e| internal("creating a dataset file", e))?;
+                .map_err(|e| Error::internal("creating a dataset file", e))?;
             self.open = Some(OpenFile {
                 path: path.to_owned(),
                 file,
@@ -330,7 +327,7 @@ impl Upload {
         o.file
             .write_all(data)
             .await
-            .map_err(|e| internal("writing a dataset file", e))
+            .map_err(|e| Error::internal("writing a dataset file", e))
     }
 
     /// Checks that every file arrived whole and loads the version through the anonymizer to
@@ -352,7 +349,7 @@ impl Upload {
             let path = staging.join(&first.path);
             let (_, schema) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
                 .await
-                .map_err(|e| internal("reading a dataset file", e))?
+                .map_err(|e| Error::internal("reading a dataset file", e))?
                 .map_err(|e| Error::invalid(format!("{e:#}")))?;
             if manifest::columns_of(&schema) != t.columns {
                 return Err(Error::invalid(format!(
@@ -365,7 +362,7 @@ impl Upload {
                 let path = staging.join(&f.path);
                 let (n, _) = tokio::task::spawn_blocking(move || manifest::file_shape(&path))
                     .await
-                    .map_err(|e| internal("reading a dataset file", e))?
+                    .map_err(|e| Error::internal("reading a dataset file", e))?
                     .map_err(|e| Error::invalid(format!("{e:#}")))?;
                 if n != f.rows {
                     return Err(Error::invalid(format!(
@@ -386,7 +383,10 @@ impl Upload {
         // A domain is the whole set of a column's values: rows outside it would silently
         // drop out of every GROUP BY over it.
         for t in &dataset.tables {
-            for (column, rows) in &t.outside_domain {
+            let outside = t
+                .outside_domains(&dataset.policy)
+                .map_err(|e| Error::invalid(format!("dataset {}: {e}", reg.dataset)))?;
+            for (column, rows) in &outside {
                 if *rows > 0 {
                     return Err(Error::invalid(format!(
                         "table {}, column {column}: {rows} row(s) hold a value outside the \
@@ -431,11 +431,11 @@ impl Staged {
         if tokio::fs::metadata(&self.target).await.is_ok() {
             tokio::fs::remove_dir_all(&self.target)
                 .await
-                .map_err(|e| internal("removing a stale upload", e))?;
+                .map_err(|e| Error::internal("removing a stale upload", e))?;
         }
         tokio::fs::rename(&staging, &self.target)
             .await
-            .map_err(|e| internal("moving the upload into place", e))?;
+            .map_err(|e| Error::internal("moving the upload into place", e))?;
         if let Some(parent) = self.target.parent() {
             sync_dir(parent).await?;
         }
@@ -456,11 +456,11 @@ impl Drop for Staged {
 /// place; with none, the files are lost (`DATA_LOSS`).
 fn recover_staged(dir: &Path, reg: &DatasetRegistered) -> Result<(), Error> {
     let staged = staged_upload(dir, reg).ok_or_else(|| lost(reg))?;
-    std::fs::rename(&staged, dir).map_err(|e| internal("recovering a staged upload", e))?;
+    std::fs::rename(&staged, dir).map_err(|e| Error::internal("recovering a staged upload", e))?;
     if let Some(parent) = dir.parent() {
         std::fs::File::open(parent)
             .and_then(|f| f.sync_all())
-            .map_err(|e| internal("syncing a directory", e))?;
+            .map_err(|e| Error::internal("syncing a directory", e))?;
     }
     tracing::warn!(dataset = %reg.dataset, version = reg.version,
         "recovered a registered version from its staged upload");
@@ -490,6 +490,6 @@ async fn sync_dir(dir: &Path) -> Result<(), Error> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || std::fs::File::open(&dir).and_then(|f| f.sync_all()))
         .await
-        .map_err(|e| internal("syncing a directory", e))?
-        .map_err(|e| internal("syncing a directory", e))
+        .map_err(|e| Error::internal("syncing a directory", e))?
+        .map_err(|e| Error::internal("syncing a directory", e))
 }

@@ -18,6 +18,17 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Writes `batch` as an Arrow IPC file.
+fn write_ipc(path: &std::path::Path, batch: &RecordBatch) {
+    let mut w = arrow::ipc::writer::FileWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
+    w.write(batch).unwrap();
+    w.finish().unwrap();
+}
+
 fn write_table(path: &std::path::Path) {
     let n = 300;
     let schema = Arc::new(Schema::new(vec![
@@ -27,7 +38,7 @@ fn write_table(path: &std::path::Path) {
         Field::new("diagnosis", DataType::Utf8, false),
     ]));
     let batch = RecordBatch::try_new(
-        schema.clone(),
+        schema,
         vec![
             Arc::new(Int64Array::from_iter_values(0..n)),
             Arc::new(StringArray::from_iter_values(
@@ -42,11 +53,7 @@ fn write_table(path: &std::path::Path) {
         ],
     )
     .unwrap();
-    let mut w =
-        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(path).unwrap(), &schema)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.finish().unwrap();
+    write_ipc(path, &batch);
 }
 
 #[test]
@@ -153,7 +160,7 @@ fn write_labs(path: &std::path::Path, unit: &str) {
         Field::new("value", DataType::Float64, false),
     ]));
     let batch = RecordBatch::try_new(
-        schema.clone(),
+        schema,
         vec![
             Arc::new(Int64Array::from_iter_values((0..n).map(|i| i / 2))),
             Arc::new(arrow::array::Float64Array::from_iter_values(
@@ -162,11 +169,7 @@ fn write_labs(path: &std::path::Path, unit: &str) {
         ],
     )
     .unwrap();
-    let mut w =
-        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(path).unwrap(), &schema)
-            .unwrap();
-    w.write(&batch).unwrap();
-    w.finish().unwrap();
+    write_ipc(path, &batch);
 }
 
 #[test]

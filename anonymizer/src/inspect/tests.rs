@@ -444,7 +444,8 @@ fn few_values_propose_a_domain_and_numbers_propose_rounded_percentile_bounds() {
     let ds = crate::Dataset::from_batches(policy, vec![("t".into(), vec![batch])]).unwrap();
     assert!(
         ds.tables[0]
-            .outside_domain
+            .outside_domains(&ds.policy)
+            .unwrap()
             .iter()
             .all(|(_, rows)| *rows == 0)
     );

@@ -217,26 +217,25 @@ impl Running {
 /// Starts serving every service on `opts.listen`.
 pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> Result<Running, Error> {
     use tonic::transport::{Identity, Server, ServerTlsConfig};
-    let start = |what: &'static str| move |e: &dyn std::fmt::Display| Error::internal(what, e);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .map_err(|e| start("listening on the address")(&e))?;
+        .map_err(|e| Error::internal("listening on the address", e))?;
     let addr = listener
         .local_addr()
-        .map_err(|e| start("listening on the address")(&e))?;
+        .map_err(|e| Error::internal("listening on the address", e))?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| start("building reflection")(&e))?;
+        .map_err(|e| Error::internal("building reflection", e))?;
     // v1alpha too: grpcio's reflection client, older grpcurl and Postman still speak it.
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| start("building reflection")(&e))?;
+        .map_err(|e| Error::internal("building reflection", e))?;
 
     let b = broker.clone();
     let check = move |req: Request<()>| authenticate(&b, req);
@@ -267,11 +266,12 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> Result<Running, E
 
     let mut builder = Server::builder();
     if let Some((cert, key)) = &opts.tls {
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| start("reading the TLS files")(&e));
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| Error::internal("reading the TLS files", e));
         let identity = Identity::from_pem(read(cert)?, read(key)?);
         builder = builder
             .tls_config(ServerTlsConfig::new().identity(identity))
-            .map_err(|e| start("configuring TLS")(&e))?;
+            .map_err(|e| Error::internal("configuring TLS", e))?;
     }
     let router = builder
         .add_service(health)

@@ -336,56 +336,54 @@ impl State {
         let standing: Vec<(SubjectId, bool)> = subjects
             .into_iter()
             .map(|sid| {
-                let listed = match ds.consent_basis {
-                    ConsentBasis::OptIn => {
-                        for &gi in self
-                            .grants_by_subject
-                            .get(sid as usize)
-                            .into_iter()
-                            .flatten()
-                        {
-                            let g = &self.grants[gi];
-                            if g.scope.covers(dataset, &ds.custodian) {
-                                for x in std::iter::once(g.valid_from).chain(g.valid_until) {
-                                    if x > t && x < until {
-                                        until = x;
-                                    }
-                                }
+                // The subject's grants' time boundaries bound the window of an opt-in update
+                // (an opt-out list depends on objections only).
+                let grants = match ds.consent_basis {
+                    ConsentBasis::OptIn => self.grants_by_subject.get(sid as usize),
+                    ConsentBasis::OptOut => None,
+                };
+                for &gi in grants.into_iter().flatten() {
+                    let g = &self.grants[gi];
+                    if g.scope.covers(dataset, &ds.custodian) {
+                        for x in std::iter::once(g.valid_from).chain(g.valid_until) {
+                            if x > t && x < until {
+                                until = x;
                             }
                         }
-                        self.admitted_by_grants(sid, ds, st, dataset, t)
                     }
-                    ConsentBasis::OptOut => self.objected(sid, dataset, &ds.custodian, u64::MAX),
-                };
+                }
+                let admitted = self.admitted(sid, ds, st, dataset, t, u64::MAX);
+                // Opt-in lists the admitted, opt-out the objectors (the not admitted).
+                let listed = admitted == (ds.consent_basis == ConsentBasis::OptIn);
                 (self.subjects[sid as usize].clone(), listed)
             })
             .collect();
         (cached.filter.updated(&standing), until)
     }
 
-    /// Whether an opt-in dataset includes subject `sid` for `st` at `t`: a live grant that
-    /// covers the dataset admits the study, and no objection covers it.
-    fn admitted_by_grants(
+    /// Whether subject `sid`'s consents admit `st` on `dataset` at `t`, counting only entries
+    /// before `as_of`: not objected, and for an opt-in dataset a grant covering it admits the
+    /// study. The one per-subject rule: [`State::subject_admitted`] and filter updates use it.
+    fn admitted(
         &self,
         sid: u32,
         ds: &Dataset,
         st: &Study,
         dataset: &DatasetId,
         t: Timestamp,
+        as_of: u64,
     ) -> bool {
-        !self.objected(sid, dataset, &ds.custodian, u64::MAX)
-            && self.grants_by_subject.get(sid as usize).is_some_and(|gs| {
+        if self.objected(sid, dataset, &ds.custodian, as_of) {
+            return false;
+        }
+        match ds.consent_basis {
+            ConsentBasis::OptOut => true,
+            ConsentBasis::OptIn => self.grants_by_subject.get(sid as usize).is_some_and(|gs| {
                 gs.iter().any(|&gi| {
-                    self.grant_admits_scoped(
-                        &self.grants[gi],
-                        st,
-                        dataset,
-                        &ds.custodian,
-                        t,
-                        u64::MAX,
-                    )
+                    self.grant_admits_scoped(&self.grants[gi], st, dataset, &ds.custodian, t, as_of)
                 })
-            })
+            }),
+        }
     }
 
     /// Computes a filter and the first instant after `t` at which it may change.
@@ -484,24 +482,7 @@ impl State {
         let Some(sid) = self.subject_id(subject) else {
             return ds.consent_basis == ConsentBasis::OptOut;
         };
-        if self.objected(sid, &dataset_id, &ds.custodian, as_of) {
-            return false;
-        }
-        match ds.consent_basis {
-            ConsentBasis::OptOut => true,
-            ConsentBasis::OptIn => self.grants_by_subject.get(sid as usize).is_some_and(|gs| {
-                gs.iter().any(|&gi| {
-                    self.grant_admits_scoped(
-                        &self.grants[gi],
-                        st,
-                        &dataset_id,
-                        &ds.custodian,
-                        t,
-                        as_of,
-                    )
-                })
-            }),
-        }
+        self.admitted(sid, ds, st, &dataset_id, t, as_of)
     }
 
     /// Released receipts whose consent snapshot included `subject` ("who used my data").

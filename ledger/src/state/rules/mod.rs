@@ -37,32 +37,28 @@ struct Applying<'a> {
 }
 
 impl Applying<'_> {
-    /// Refuses the entry unless its author has one of the `allowed` roles.
+    /// Refuses the entry unless its author has one of the `allowed` roles (the roles named in
+    /// the error message).
     fn need(&self, allowed: &[Role]) -> Result<()> {
-        need(self.role, allowed, self.author, self.kind)
+        if allowed.contains(&self.role) {
+            return Ok(());
+        }
+        let needed = match allowed {
+            [Role::Operator] => "operator",
+            [Role::Custodian] => "custodian",
+            [Role::Irb] => "irb",
+            [Role::Witness] => "witness",
+            [Role::Patient, Role::Custodian] => "the patient or a custodian",
+            [Role::Researcher, Role::Sponsor] => "the principal investigator or the sponsor",
+            _ => "another role",
+        };
+        Err(Error::WrongRole {
+            author: self.author.to_string(),
+            role: self.role,
+            kind: self.kind,
+            needed,
+        })
     }
-}
-
-/// Roles allowed to write each kind, for error messages.
-fn need(role: Role, allowed: &[Role], author: &PrincipalId, kind: &'static str) -> Result<()> {
-    if allowed.contains(&role) {
-        return Ok(());
-    }
-    let needed = match allowed {
-        [Role::Operator] => "operator",
-        [Role::Custodian] => "custodian",
-        [Role::Irb] => "irb",
-        [Role::Witness] => "witness",
-        [Role::Patient, Role::Custodian] => "the patient or a custodian",
-        [Role::Researcher, Role::Sponsor] => "the principal investigator or the sponsor",
-        _ => "another role",
-    };
-    Err(Error::WrongRole {
-        author: author.to_string(),
-        role,
-        kind,
-        needed,
-    })
 }
 
 fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
