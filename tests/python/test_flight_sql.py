@@ -138,3 +138,81 @@ def test_pyarrow_flight_statement_with_receipt_metadata(demo):
     # No token: unauthenticated.
     with pytest.raises(fl.FlightUnauthenticatedError):
         client.get_flight_info(fl.FlightDescriptor.for_command(statement(sql)))
+
+
+def _budget_left(demo, study: str) -> float:
+    """The study's budget left, read by a dry run (which spends nothing)."""
+    client = fl.FlightClient(demo.info["flight_url"])
+    options = fl.FlightCallOptions(headers=[
+        (b"authorization", f"Bearer {demo.token('alice')}".encode()),
+        (b"x-consentry-study", study.encode()),
+        (b"x-consentry-dry-run", b"true"),
+    ])
+    info = client.get_flight_info(
+        fl.FlightDescriptor.for_command(statement("SELECT COUNT(*) AS n FROM patients")), options
+    )
+    return json.loads(info.app_metadata)["budget"]["epsilon_left"]
+
+
+def test_adbc_budget_exhaustion_is_named_and_spends_nothing(demo):
+    """ADBC's Go driver maps gRPC's RESOURCE_EXHAUSTED to its own `InternalError` (its table,
+    not the broker's): the message still carries the code and the budget left, and nothing is
+    spent."""
+    study = demo.info["study"]["id"]
+    before = _budget_left(demo, study)
+    with connect(demo, study=study, epsilon=before + 1) as conn, conn.cursor() as cur:
+        with pytest.raises(adbc_driver_manager.Error) as e:
+            cur.execute("SELECT COUNT(*) AS n FROM patients")
+    message = str(e.value)
+    assert "ResourceExhausted" in message and "privacy budget exhausted" in message, message
+    assert "receipt" in message
+    assert _budget_left(demo, study) == before
+
+
+def test_sqlalchemy_dialect_browses_the_catalog_and_queries(demo):
+    """SQLAlchemy's Flight SQL dialect (`flightsql-dbapi`, what Superset connects with): the
+    headers ride in the URL's query, identifiers quote as the server's SQL info says."""
+    from sqlalchemy import create_engine, inspect, text
+    import flightsql.sqlalchemy  # noqa: F401  (registers datafusion+flightsql://)
+
+    study = demo.info["study"]["id"]
+    host_port = demo.info["flight_url"].removeprefix("grpc://")
+    url = (
+        f"datafusion+flightsql://{host_port}?insecure=true&token={demo.token('alice')}"
+        f"&x-consentry-study={study}&x-consentry-epsilon=0.2"
+    )
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        inspector = inspect(conn)
+        assert inspector.get_schema_names() == ["public"]
+        assert sorted(inspector.get_table_names()) == [
+            "conditions", "encounters", "observations", "patients"]
+        columns = [c["name"] for c in inspector.get_columns("patients")]
+        assert "patient_id" in columns and "sex" in columns
+        assert not {"ssn", "first_name", "last_name", "address"} & set(columns), columns
+        rows = conn.execute(text(
+            'SELECT "sex", COUNT(*) AS n FROM "patients" GROUP BY "sex" ORDER BY "sex"'
+        )).fetchall()
+        assert [r[0] for r in rows] == ["F", "M"]
+        assert all(r[2] > 0 for r in rows)  # n_ci95: each cell's 95% half-width
+        with pytest.raises(Exception) as e:
+            conn.execute(text("SELECT ssn, COUNT(*) AS n FROM patients GROUP BY ssn"))
+        assert "invalid argument" in str(e.value) and "ssn" in str(e.value)
+
+
+def test_polars_reads_through_an_adbc_connection(demo):
+    """Polars takes the ADBC connection, which carries the token and the study.
+    (`pl.read_database_uri(..., engine="adbc")` hands the driver the URI alone, and the Flight
+    SQL driver reads no credentials or headers from a URI, so it reaches no authenticated
+    Flight SQL server.)"""
+    import polars as pl
+
+    study = demo.info["study"]["id"]
+    with connect(demo, study=study, epsilon=0.2) as conn:
+        frame = pl.read_database(
+            "SELECT code, COUNT(DISTINCT patient_id) AS patients FROM conditions "
+            "GROUP BY code ORDER BY code",
+            connection=conn,
+        )
+    assert frame.columns == ["code", "patients", "patients_ci95"]
+    assert frame.height > 0 and frame["patients_ci95"].min() > 0

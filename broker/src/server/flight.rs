@@ -38,7 +38,8 @@ use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
     ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
     CommandGetSqlInfo, CommandGetTables, CommandPreparedStatementQuery, CommandStatementQuery,
-    DoPutPreparedStatementResult, ProstMessageExt as _, SqlInfo, TicketStatementQuery,
+    DoPutPreparedStatementResult, ProstMessageExt as _, SqlInfo, SqlSupportedCaseSensitivity,
+    TicketStatementQuery,
 };
 use arrow_flight::{Action, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
 use futures::{Stream, TryStreamExt as _};
@@ -149,6 +150,16 @@ impl FlightSql {
         info.append(SqlInfo::FlightSqlServerSubstrait, false);
         info.append(SqlInfo::FlightSqlServerTransaction, 0i32);
         info.append(SqlInfo::FlightSqlServerCancel, false);
+        // What SQLAlchemy's Flight SQL dialect (and so Superset) and JDBC metadata read first:
+        // identifiers quote with `"`, unquoted ones fold to lower case (DataFusion's SQL).
+        info.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+        info.append(
+            SqlInfo::SqlIdentifierCase,
+            SqlSupportedCaseSensitivity::SqlCaseSensitivityLowercase as i32,
+        );
+        info.append(SqlInfo::SqlDdlCatalog, false);
+        info.append(SqlInfo::SqlDdlSchema, false);
+        info.append(SqlInfo::SqlDdlTable, false);
         Ok(FlightSql {
             query: QueryService(broker.clone()),
             broker,
