@@ -735,7 +735,7 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
     })
 }
 
-/// Reads every table of a dataset (each from one or more Parquet or Arrow IPC files) and
+/// Reads every table of a dataset (each from one or more Parquet, CSV or Arrow IPC files) and
 /// proposes each table's policy; [`merged_policy`] makes them one policy file.
 pub fn inspect_tables(
     tables: &[(String, Vec<std::path::PathBuf>)],
@@ -746,7 +746,7 @@ pub fn inspect_tables(
         .map(|(name, files)| {
             let mut batches = Vec::new();
             for f in files {
-                batches.extend(read_file(f)?);
+                batches.extend(crate::files::read_batches(f)?.1);
             }
             inspect_batches(name, &batches, opts)
         })
@@ -782,43 +782,15 @@ pub fn merged_policy(proposals: &[Proposal]) -> Result<String> {
     Ok(out)
 }
 
-/// Reads a Parquet (`.parquet`) or Arrow IPC file and proposes its policy; the table is named
+/// Reads a Parquet (`.parquet`), CSV (`.csv`) or Arrow IPC file and proposes its policy; the table is named
 /// after the file (without extension).
 pub fn inspect_file(path: &Path, opts: &Options) -> Result<Proposal> {
     let table = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "data".into());
-    let batches = read_file(path)?;
+    let (_, batches) = crate::files::read_batches(path)?;
     inspect_batches(&table, &batches, opts)
-}
-
-fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let err = |e: &dyn std::fmt::Display| Error::Dataset(format!("{name}: {e}"));
-    let file = std::fs::File::open(path).map_err(|e| err(&e))?;
-    if path.extension().is_some_and(|e| e == "parquet") {
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| err(&e))?
-            .build()
-            .map_err(|e| err(&e))?;
-        return reader
-            .map(|b| b.map_err(|e| err(&e)))
-            .collect::<Result<Vec<_>>>();
-    }
-    match arrow::ipc::reader::FileReader::try_new(file, None) {
-        Ok(r) => r.map(|b| b.map_err(|e| err(&e))).collect(),
-        Err(_) => {
-            let file = std::fs::File::open(path).map_err(|e| err(&e))?;
-            arrow::ipc::reader::StreamReader::try_new(file, None)
-                .map_err(|e| err(&e))?
-                .map(|b| b.map_err(|e| err(&e)))
-                .collect()
-        }
-    }
 }
 
 /// How many rows each unit has, over every row: (median, 99th percentile, most), or `None`

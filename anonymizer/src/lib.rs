@@ -26,6 +26,7 @@ pub mod dataset;
 pub mod engine;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod inspect;
 pub mod mechanisms;
 pub mod plan;

@@ -36,10 +36,17 @@ pub fn hash_file_progress(
     Ok((Digest::from_bytes(h.finalize().into()), n))
 }
 
-/// Rows and schema of a Parquet (`.parquet`) or Arrow IPC file, from its metadata.
+/// Rows and schema of a Parquet (`.parquet`) or Arrow IPC file, from its metadata. A CSV file
+/// is refused: registration stores it converted to Parquet ([`parquet_beside`]).
 pub fn file_shape(path: &Path) -> anyhow::Result<(u64, Schema)> {
+    anyhow::ensure!(
+        !anonymizer::files::is_csv(path),
+        "{} is CSV: a registration stores a CSV file converted to Parquet beside it; use that \
+         .parquet file",
+        path.display()
+    );
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    if path.extension().is_some_and(|e| e == "parquet") {
+    if anonymizer::files::is_parquet(path) {
         let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
             .with_context(|| format!("{} is not a readable Parquet file", path.display()))?;
         let rows = b.metadata().file_metadata().num_rows();
@@ -54,6 +61,45 @@ pub fn file_shape(path: &Path) -> anyhow::Result<(u64, Schema)> {
         }
         Ok((rows, schema))
     }
+}
+
+/// Writes a CSV file's table as Parquet beside it (`visits.csv` → `visits.parquet`): the file
+/// a registration records and stores. A Parquet file already there is kept when it holds
+/// exactly what this conversion writes (a registration run again), and refused otherwise.
+/// The file is written whole, synced, then renamed into place.
+pub fn parquet_beside(
+    csv: &Path,
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[arrow::array::RecordBatch],
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, schema, None)
+        .with_context(|| format!("converting {} to Parquet", csv.display()))?;
+    for b in batches {
+        w.write(b)
+            .with_context(|| format!("converting {} to Parquet", csv.display()))?;
+    }
+    w.close()
+        .with_context(|| format!("converting {} to Parquet", csv.display()))?;
+    let out = csv.with_extension("parquet");
+    match std::fs::read(&out) {
+        Ok(existing) if existing == bytes => return Ok(out),
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not the conversion of {}: register it as it is, or move it away",
+            out.display(),
+            csv.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+    }
+    let partial = csv.with_extension("parquet.partial");
+    let mut f = std::fs::File::create(&partial)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::io::Write::write_all(&mut f, &bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
 }
 
 /// Checks a manifest path: relative, plain components only, no `..`, printable.

@@ -222,3 +222,66 @@ fn inspect_proposes_one_policy_for_every_table_of_a_dataset() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn inspect_reads_a_directory_of_csv_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut visits = String::from("patient_id,zip,age,visit_date\n");
+    let mut labs = [
+        String::from("patient_id,code,value\n"),
+        String::from("patient_id,code,value\n"),
+    ];
+    for i in 0..300 {
+        visits.push_str(&format!(
+            "p{i},0{:04},{},2021-0{}-1{}\n",
+            1000 + i,
+            20 + i % 60,
+            1 + i % 9,
+            i % 10
+        ));
+        labs[i % 2].push_str(&format!("p{i},4548-4,{}.{}\n", 4 + i % 9, i % 10));
+    }
+    std::fs::write(d.join("visits.csv"), visits).unwrap();
+    std::fs::create_dir(d.join("labs")).unwrap();
+    for (k, l) in labs.iter().enumerate() {
+        std::fs::write(d.join("labs").join(format!("part-{k}.csv")), l).unwrap();
+    }
+    // Not tables: passed over.
+    std::fs::write(d.join("_SUCCESS"), "").unwrap();
+    std::fs::write(d.join("notes.txt"), "exported").unwrap();
+    let out = broker(&["dataset", "inspect", d.to_str().unwrap()]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let policy = anonymizer::policy::Policy::from_toml(&stdout).unwrap();
+    // Both tables, the two files of labs one table, every column classified against the
+    // types read from the CSV files (the ZIP code stays text: its leading zero).
+    for (table, file) in [
+        ("visits", d.join("visits.csv")),
+        ("labs", d.join("labs/part-0.csv")),
+    ] {
+        let (schema, _) = anonymizer::files::read_batches(&file).unwrap();
+        policy.check_schema(table, &schema).unwrap();
+    }
+    assert!(
+        stdout.contains("zip = { class = \"quasi_identifier\", generalize = \"zip3\" }"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("table visits") && stderr.contains("table labs"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("notes") && !stdout.contains("SUCCESS"),
+        "{stdout}"
+    );
+    // A directory without a table file is refused, naming what it looked for.
+    let empty = tempfile::tempdir().unwrap();
+    let out = broker(&["dataset", "inspect", empty.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("holds no table file"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -239,6 +239,59 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
     assert_eq!(listed[1]["entry_index"], reg["index"]);
     assert_eq!(listed[1]["rows"], listed[0]["rows"]);
 
+    // The same tables as CSV files in a directory (with files that are no table beside them):
+    // each is converted to Parquet beside it, and that file is what is registered and stored.
+    let csv_dir = copy.path().join("csv");
+    std::fs::create_dir(&csv_dir).unwrap();
+    std::fs::write(csv_dir.join("_SUCCESS"), "").unwrap();
+    std::fs::write(csv_dir.join("README.txt"), "exported tables").unwrap();
+    for t in &tables {
+        let file = std::fs::File::open(t).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let stem = Path::new(t).file_stem().unwrap().to_str().unwrap();
+        let out = std::fs::File::create(csv_dir.join(format!("{stem}.csv"))).unwrap();
+        let mut w = arrow::csv::Writer::new(out);
+        for b in reader {
+            w.write(&b.unwrap()).unwrap();
+        }
+    }
+    let csv_arg = [csv_dir.to_str().unwrap().to_owned()];
+    let out = register("hospital", &policy, &csv_arg);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("converted to"),
+        "{}",
+        text(&out.stderr)
+    );
+    let from_csv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(from_csv["version"], 3);
+    assert_eq!(from_csv["rows"], listed[0]["rows"]);
+    // Registered again, the directory now holding each CSV file and its Parquet conversion:
+    // one file per table, the same bytes, so the same digest.
+    let out = register("hospital", &policy, &csv_arg);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["version"], 4);
+    assert_eq!(again["digest"], from_csv["digest"]);
+    assert_eq!(versions().len(), 4);
+    let patients = csv_dir.join("patients.parquet");
+    // A Parquet file beside a CSV that is not its conversion is refused, and nothing is
+    // registered.
+    let original = std::fs::read(&patients).unwrap();
+    std::fs::copy(&tables[0], &patients).unwrap();
+    let out = register("hospital", &policy, &csv_arg);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not the conversion of"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(versions().len(), 4);
+    std::fs::write(&patients, original).unwrap();
+
     // A query whose --out exists, or has an unknown extension, is refused before it runs:
     // no receipt, nothing spent, the file untouched. A new .csv gets the result.
     let receipts = || -> usize {
@@ -332,6 +385,28 @@ fn a_custodian_registers_a_version_and_a_sponsor_verifies_files_offline() {
     assert_eq!(found[0].0, 1);
     assert_eq!(found[1].0, 2);
     assert!(found[1].1.ends_with(".parquet"), "{found:?}");
+    // The Parquet file written beside a CSV is the file versions 3 and 4 recorded.
+    let out = verify(&[patients.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let found: Vec<(u64, String)> = v["files"][0]["registered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["version"].as_u64().unwrap(),
+                m["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (3, "patients/patients.parquet".to_owned()),
+            (4, "patients/patients.parquet".to_owned())
+        ]
+    );
 
     // A changed copy fails, naming the file.
     let changed = copy.path().join("changed.parquet");

@@ -1,6 +1,6 @@
 //! `broker dataset …`: a custodian's dataset tools.
 //!
-//! `inspect` reads a Parquet or Arrow IPC file and proposes its column policy, detecting
+//! `inspect` reads a dataset's Parquet, CSV or Arrow IPC files and proposes its column policy, detecting
 //! identifier columns from their names and values. The proposal goes to stdout (or to `--out`),
 //! the findings report to stderr; `--json` prints the findings as JSON instead. Nothing it
 //! prints carries a record value: findings are counts and patterns.
@@ -40,10 +40,12 @@ pub enum DatasetCommand {
     /// findings report goes to stderr. Review the proposal before registering the dataset:
     /// registration refuses any column the policy does not classify.
     Inspect {
-        /// The tables' files: Parquet (`.parquet`) or Arrow IPC (file or stream), each as
-        /// NAME=FILE or FILE (the table named after the file, without its extension). Several
-        /// files of one name are one table; several tables make one policy (they must agree on
-        /// the privacy unit).
+        /// The tables' files: Parquet (`.parquet`), CSV (`.csv`, with a header row; columns
+        /// typed from their values) or Arrow IPC, each as NAME=FILE or FILE (the table named
+        /// after the file, without its extension), or directories: DIR (each table file in it
+        /// a table named after it, each subdirectory a table of its files) or NAME=DIR.
+        /// Several files of one name are one table; several tables make one policy (they must
+        /// agree on the privacy unit).
         #[arg(env = "CONSENTRY_INSPECT_FILE", required = true, num_args = 1..)]
         files: Vec<String>,
         /// Write the proposed policy to this file (never overwritten) instead of stdout.
@@ -74,8 +76,10 @@ pub enum DatasetCommand {
         /// Whether patients opt in (only those who consented are queried) or opt out.
         #[arg(long, env = "CONSENTRY_CONSENT_BASIS", value_enum, default_value_t = Basis::OptIn)]
         basis: Basis,
-        /// The tables' files, Parquet or Arrow IPC: `NAME=FILE`, or `FILE` for a table named
-        /// after the file. Repeat a NAME to give a table several files (same schema).
+        /// The tables' files, Parquet, CSV or Arrow IPC: `NAME=FILE`, or `FILE` for a table
+        /// named after the file, or directories as `dataset inspect` reads them. Repeat a NAME
+        /// to give a table several files (same schema). A CSV file is converted to Parquet
+        /// beside it (`visits.csv` → `visits.parquet`), and that file is registered and stored.
         #[arg(
             required = true,
             env = "CONSENTRY_REGISTER_FILES",
@@ -138,27 +142,103 @@ pub fn total_bytes(files: &[PathBuf]) -> anyhow::Result<u64> {
 /// A table's name and its files as `(path inside the dataset, file on disk)`.
 pub type TableFiles = (String, Vec<(String, PathBuf)>);
 
-/// `NAME=FILE` or `FILE` arguments grouped by table, in order of first mention, each file
-/// with its path inside the dataset (`NAME/<file name>`).
+/// The file names a table's file may have: Parquet, CSV and Arrow IPC.
+const TABLE_FILE_EXTENSIONS: [&str; 6] = ["parquet", "csv", "arrow", "arrows", "ipc", "feather"];
+
+fn is_table_file(path: &std::path::Path) -> bool {
+    let visible = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| !n.starts_with(['.', '_']));
+    visible
+        && path.is_file()
+        && path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            TABLE_FILE_EXTENSIONS
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(e))
+        })
+}
+
+/// The entries of a directory, sorted by name.
+fn sorted_entries(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = std::fs::read_dir(dir)
+        .with_context(|| format!("reading the directory {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading the directory {}", dir.display()))?;
+    out.sort();
+    Ok(out)
+}
+
+/// One argument as `(table name, file)` pairs: `NAME=FILE`; `FILE` (named after the file);
+/// `NAME=DIR` (every table file in DIR); `DIR` (each table file in it is a table named after
+/// it, each subdirectory a table of the files in it). Table files are `.parquet`, `.csv` and
+/// Arrow IPC (`.arrow`, `.arrows`, `.ipc`, `.feather`); others, and hidden files or ones
+/// starting with `_` (`_SUCCESS`), are passed over.
+fn expand_argument(a: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let stem = |f: &std::path::Path| -> anyhow::Result<String> {
+        Ok(f.file_stem()
+            .and_then(|s| s.to_str())
+            .with_context(|| format!("{}: name the table, as NAME=FILE", f.display()))?
+            .to_owned())
+    };
+    let (name, path) = match a.split_once('=') {
+        Some((n, f)) => (Some(n.to_owned()), PathBuf::from(f)),
+        None => (None, PathBuf::from(a)),
+    };
+    if !path.is_dir() {
+        let name = match name {
+            Some(n) => n,
+            None => stem(&path)?,
+        };
+        return Ok(vec![(name, path)]);
+    }
+    let mut out = Vec::new();
+    for entry in sorted_entries(&path)? {
+        if is_table_file(&entry) {
+            let table = match &name {
+                Some(n) => n.clone(),
+                None => stem(&entry)?,
+            };
+            out.push((table, entry));
+        } else if name.is_none() && entry.is_dir() {
+            let table = entry
+                .file_name()
+                .and_then(|s| s.to_str())
+                .with_context(|| format!("{}: not a table name", entry.display()))?
+                .to_owned();
+            for f in sorted_entries(&entry)? {
+                if is_table_file(&f) {
+                    out.push((table.clone(), f));
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "{} holds no table file ({})",
+        path.display(),
+        TABLE_FILE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+    );
+    Ok(out)
+}
+
+/// `NAME=FILE`, `FILE`, `NAME=DIR` or `DIR` arguments (see [`expand_argument`]) grouped by
+/// table, in order of first mention, each file with its path inside the dataset
+/// (`NAME/<file name>`).
 pub fn group_tables(args: &[String]) -> anyhow::Result<Vec<TableFiles>> {
     let mut out: Vec<TableFiles> = Vec::new();
-    for a in args {
-        let (name, file) = match a.split_once('=') {
-            Some((n, f)) => (n.to_owned(), PathBuf::from(f)),
-            None => {
-                let f = PathBuf::from(a);
-                let stem = f
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .with_context(|| format!("{a}: name the table, as NAME={a}"))?
-                    .to_owned();
-                (stem, f)
-            }
-        };
+    for (name, file) in args
+        .iter()
+        .map(|a| expand_argument(a))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+    {
         let file_name = file
             .file_name()
             .and_then(|s| s.to_str())
-            .with_context(|| format!("{a}: not a file name"))?;
+            .with_context(|| format!("{}: not a file name", file.display()))?;
         let rel = format!("{name}/{file_name}");
         crate::manifest::check_path(&rel).map_err(anyhow::Error::msg)?;
         match out.iter_mut().find(|(n, _)| *n == name) {
@@ -170,6 +250,47 @@ pub fn group_tables(args: &[String]) -> anyhow::Result<Vec<TableFiles>> {
             }
             None => out.push((name, vec![(rel, file)])),
         }
+    }
+    Ok(out)
+}
+
+/// Each CSV file of `tables`, once its columns pass the policy, converted to Parquet beside it
+/// ([`crate::manifest::parquet_beside`]), the Parquet file taking its place (and its path
+/// inside the dataset); each conversion is said on stderr.
+fn converted(
+    tables: Vec<TableFiles>,
+    policy: &anonymizer::policy::Policy,
+) -> anyhow::Result<Vec<TableFiles>> {
+    let mut out = Vec::with_capacity(tables.len());
+    for (name, files) in tables {
+        let mut kept = Vec::with_capacity(files.len());
+        for (rel, f) in files {
+            if !anonymizer::files::is_csv(&f) {
+                if !kept.contains(&(rel.clone(), f.clone())) {
+                    kept.push((rel, f));
+                }
+                continue;
+            }
+            let (schema, batches) = anonymizer::files::read_batches(&f)?;
+            policy
+                .check_schema(&name, &schema)
+                .with_context(|| format!("{} (table {name})", f.display()))?;
+            let parquet = crate::manifest::parquet_beside(&f, schema, &batches)?;
+            eprintln!(
+                "{} converted to {} (the file registered and stored)",
+                f.display(),
+                parquet.display()
+            );
+            let rel = std::path::Path::new(&rel)
+                .with_extension("parquet")
+                .to_string_lossy()
+                .into_owned();
+            // A directory holding both files names the conversion twice: once is enough.
+            if !kept.contains(&(rel.clone(), parquet.clone())) {
+                kept.push((rel, parquet));
+            }
+        }
+        out.push((name, kept));
     }
     Ok(out)
 }
@@ -292,7 +413,7 @@ fn register(
         .with_context(|| format!("reading the policy {}", policy_path.display()))?;
     let policy = anonymizer::policy::Policy::from_toml(&policy_toml)
         .with_context(|| format!("the policy {}", policy_path.display()))?;
-    let tables = group_tables(table_args)?;
+    let tables = converted(group_tables(table_args)?, &policy)?;
     // Refuse locally, before hashing or uploading, what the broker would refuse.
     for (name, files) in &tables {
         for (_, f) in files {
