@@ -600,3 +600,48 @@ proptest! {
         }
     }
 }
+
+/// Groups kept by partition selection come out in the order of their keys, not in the order
+/// the data holds them (the order in which each key first appears among the consented rows:
+/// with `LIMIT 1` and no ORDER BY, the first consented patient's value).
+#[tokio::test]
+async fn selected_groups_are_released_in_key_order_not_the_datas() {
+    let patients = 3000;
+    let e = engine(patients);
+    let table = visits(patients);
+    let (pid, zip) = (
+        table
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>(),
+        table.column(4).as_string::<i32>(),
+    );
+    let dropped: Vec<String> = (1000..1400).map(|p: i64| p.to_string()).collect();
+    let mut first_is_not_smallest = false;
+    for (filter, first) in [
+        (ConsentFilter::everyone(), 1000),
+        (crate::tests::exclude(&dropped), 1400),
+    ] {
+        // Ground truth: the zip3 of the first consented row.
+        let row = (0..table.num_rows())
+            .find(|&r| pid.value(r) == first)
+            .unwrap();
+        let first_zip = zip.value(row).to_string();
+        let sql = "SELECT zip3, COUNT(*) AS n FROM visits GROUP BY zip3";
+        let released =
+            crate::tests::column_str(&e.run(&req(sql, &filter)).await.unwrap().batches, "zip3");
+        assert!(released.len() >= 45, "{released:?}");
+        let mut sorted = released.clone();
+        sorted.sort();
+        assert_eq!(released, sorted);
+        let limited = format!("{sql} LIMIT 1");
+        let one = crate::tests::column_str(
+            &e.run(&req(&limited, &filter)).await.unwrap().batches,
+            "zip3",
+        );
+        assert_eq!(one, [sorted[0].clone()]);
+        first_is_not_smallest |= sorted[0] != first_zip;
+    }
+    // The order of the data would have shown: the test has a first patient whose zip3 is not
+    // the smallest key.
+    assert!(first_is_not_smallest);
+}

@@ -175,7 +175,7 @@ fn column_f64(b: &[RecordBatch], name: &str) -> Vec<f64> {
         .collect()
 }
 
-fn column_str(b: &[RecordBatch], name: &str) -> Vec<String> {
+pub(crate) fn column_str(b: &[RecordBatch], name: &str) -> Vec<String> {
     b.iter()
         .flat_map(|b| {
             let c = arrow::compute::cast(b.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();

@@ -180,6 +180,36 @@ fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result
     })
 }
 
+/// Groups kept by partition selection in the order of their key values (nulls last), never in
+/// the aggregate's order: that is the order in which each key first appears among the
+/// consented rows, which no noise covers (with a LIMIT and no ORDER BY, the first consented
+/// patient's diagnosis).
+fn by_key(raw: &RecordBatch, n_keys: usize, kept: Vec<(u64, i64)>) -> Result<Vec<(u64, i64)>> {
+    let indices = arrow::array::UInt64Array::from_iter_values(kept.iter().map(|k| k.0));
+    let columns = raw.columns()[..n_keys]
+        .iter()
+        .map(|c| {
+            Ok(arrow::compute::SortColumn {
+                values: arrow::compute::take(c.as_ref(), &indices, None)?,
+                options: Some(arrow::compute::SortOptions {
+                    descending: false,
+                    nulls_first: false,
+                }),
+            })
+        })
+        .collect::<std::result::Result<Vec<_>, arrow::error::ArrowError>>()
+        .map_err(eng)?;
+    let order = if columns.is_empty() {
+        (0..kept.len() as u32).collect()
+    } else {
+        arrow::compute::lexsort_to_indices(&columns, None)
+            .map_err(eng)?
+            .values()
+            .to_vec()
+    };
+    Ok(order.into_iter().map(|i| kept[i as usize]).collect())
+}
+
 /// The 95% half-width of a variance from noisy parts: `n` the noisy count, `m1` and `m2` the
 /// noisy mean and mean square of the centred values, `[a_n, a_s, a_q]` the half-widths of the
 /// count, sum and sum of squares (each at 1 - 0.05/3). With N' = n:
@@ -700,8 +730,7 @@ pub fn noise(
                 "counts": if by_units { "patients" } else { "rows" },
                 "groups": kept.len(),
             }));
-            let mut rows: Vec<(u64, i64)> = kept.into_iter().collect();
-            rows.sort_unstable();
+            let rows = by_key(raw, n_keys, kept.into_iter().collect())?;
             threshold_counts = Some((rows.iter().map(|r| r.1.max(0)).collect(), info.accuracy));
             gauge = threshold_counts.as_ref().map(|t| t.0.clone());
             Groups {
