@@ -30,6 +30,24 @@ const FILE_BYTES: usize = SECRET_BYTES + 32;
 /// What the ledger's key is derived for to authenticate the secrets (`Ledger::derived_key`).
 pub const KEY_CONTEXT: &str = "consentry/study-secrets/v1";
 
+/// What the ledger's key is derived for to commit to consent snapshots.
+pub const CONSENT_COMMITMENT_CONTEXT: &str = "consentry/consent-commitment/v1";
+
+/// What a receipt (and a query's header) records of the consent snapshot a query used: an
+/// HMAC-SHA256 of the snapshot's digest under a key derived from the ledger's signing key. The
+/// snapshot's digest itself is a function of the consented ids alone, so a researcher who
+/// guesses ids could test it ("is subject X in?", "who revoked since?"); the commitment cannot
+/// be tested without the key. The same snapshot gives the same commitment, so the operator (or
+/// an auditor given the snapshot's digest and the key) can still tie a receipt to it.
+pub fn consent_commitment(ledger: &ledger::Ledger, snapshot: &[u8; 32]) -> ledger::ids::Digest {
+    use hmac::{KeyInit as _, Mac as _};
+    let key = ledger.derived_key(CONSENT_COMMITMENT_CONTEXT);
+    let mut mac =
+        hmac::Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes a key of any length");
+    mac.update(snapshot);
+    ledger::ids::Digest::from_bytes(mac.finalize().into_bytes().into())
+}
+
 /// The study secrets of one data directory.
 pub struct Secrets {
     dir: PathBuf,

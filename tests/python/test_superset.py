@@ -110,7 +110,7 @@ def test_superset_charts_a_dp_query_in_chromium(demo, tmp_path):
     ).stdout)
     mine = [r for r in receipts if r["sql"] == sql]
     assert [r["outcome"] for r in mine] == ["released"] * len(mine) and mine, receipts[-5:]
-    assert sorted(r["epsilon"] for r in mine)[-1] == pytest.approx(EPSILON), mine
+    assert sorted(r["epsilon"] for r in mine)[-1] == pytest.approx(EPSILON), (len(receipts), [(r["index"], r["epsilon"], r["time"], r.get("reason")) for r in mine], [(r["index"], r["sql"][:60]) for r in receipts[:3]])
     assert sum(r["epsilon"] for r in mine) == pytest.approx(EPSILON), mine
     assert all(r["mode"] == "dp" for r in mine), mine
 

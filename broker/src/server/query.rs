@@ -320,6 +320,8 @@ impl QueryService {
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_owned();
+        // Receipts and headers commit to the consent snapshot; they never carry its digest.
+        let consent = crate::secrets::consent_commitment(&self.0.ledger, &r.consent_digest);
         let receipt = QueryReceipt {
             study: q.study.clone(),
             researcher: PrincipalId::new(&caller.id)
@@ -333,7 +335,7 @@ impl QueryService {
             epsilon: r.epsilon,
             delta: r.delta,
             rho: r.rho,
-            consent_digest: Some(Digest::from_bytes(r.consent_digest)),
+            consent_digest: Some(consent.clone()),
             result_digest: Some(Digest::from_bytes(r.result_digest)),
             outcome: Outcome::Released,
             reason: None,
@@ -380,7 +382,7 @@ impl QueryService {
             repeated: r.repeated,
             normalized_sql: r.sql,
             result_digest: Digest::from_bytes(r.result_digest).to_string(),
-            consent_digest: Digest::from_bytes(r.consent_digest).to_string(),
+            consent_digest: consent.to_string(),
             dataset_version: auth.reg.version,
             dataset_digest: auth.reg.digest.to_string(),
             rows_suppressed: r.rows_suppressed.unwrap_or(0),

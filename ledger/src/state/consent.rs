@@ -127,8 +127,10 @@ impl ConsentFilter {
         self.0.changes.as_ref()
     }
 
-    /// The digest a receipt records for this snapshot: SHA-256 over `"include\n"` or
-    /// `"exclude\n"` followed by each subject id and `"\n"`, in sorted order.
+    /// The snapshot's digest: SHA-256 over `"include\n"` or `"exclude\n"` followed by each
+    /// subject id and `"\n"`, in sorted order. It keys caches and repeats; a receipt records a
+    /// keyed commitment to it (the broker's `consent_commitment`), never the digest itself,
+    /// which anyone who guesses ids could test.
     pub fn digest(&self) -> Digest {
         self.0.digest.clone()
     }

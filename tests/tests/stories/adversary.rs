@@ -569,3 +569,49 @@ async fn malformed_messages_are_the_senders_error_and_change_nothing() {
     }
     assert_eq!(w.ledger.size(), size, "nothing written");
 }
+
+/// What a header and a receipt say of the consent snapshot cannot be tested against guessed
+/// ids: it is neither the snapshot's digest (a function of the consented ids alone) nor the
+/// digest of that set less one subject, yet the same snapshot gives the same value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_consent_snapshot_cannot_be_tested_against_guessed_ids() {
+    let w = World::ready(50.0).await;
+    let alice = key("alice");
+    let sql = "SELECT COUNT(*) AS n FROM visits";
+    let (h, _) = w.run(&alice, World::dp("s1", sql, 0.5)).await.unwrap();
+    // Ground truth: the snapshot the query used, and what a researcher could compute.
+    let filter = w
+        .ledger
+        .state()
+        .consent_filter("visits", "s1", ledger::ids::Timestamp::now())
+        .unwrap();
+    let guesses: Vec<String> = std::iter::once(filter.digest().to_string())
+        .chain(filter.ids().iter().map(|left_out| {
+            let rest: Vec<&ledger::ids::SubjectId> =
+                filter.ids().iter().filter(|i| *i != left_out).collect();
+            let mut text = String::from("include\n");
+            for id in rest {
+                text.push_str(id.as_str());
+                text.push('\n');
+            }
+            ledger::ids::Digest::of(text.as_bytes()).to_string()
+        }))
+        .collect();
+    assert_eq!(filter.ids().len() as i64, CONSENTED);
+    assert_eq!(filter.basis(), ledger::state::Basis::Include);
+    assert!(
+        !guesses.contains(&h.consent_digest),
+        "the header's value is testable"
+    );
+    let r = w.receipt(h.receipt_index);
+    assert_eq!(r.consent_digest.unwrap().to_string(), h.consent_digest);
+    // The same snapshot, another query: the same value (a receipt still ties to its snapshot).
+    let (h2, _) = w
+        .run(
+            &alice,
+            World::dp("s1", "SELECT COUNT(*) AS m FROM visits", 0.5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(h2.consent_digest, h.consent_digest);
+}
