@@ -416,6 +416,33 @@ impl QueryService {
             ));
             return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
         }
+        // A repeat of the study's extract reads what the first one read, or nothing: with the
+        // consents (or the dataset version) of another day its rows would differ by exactly
+        // the patients who granted, revoked or expired since, which the difference of the two
+        // would single out. The refusal says only that something changed.
+        let first = self
+            .0
+            .ledger
+            .state()
+            .first_extract(&q.study, &q.dataset)
+            .cloned();
+        if let Some(first) = first {
+            let snapshot =
+                crate::secrets::consent_commitment(&self.0.ledger, filter.digest().bytes());
+            if first.version != Some(auth.reg.version)
+                || first.consent_digest.as_ref() != Some(&snapshot)
+            {
+                let d = deny(Error::precondition(format!(
+                    "the consents or the dataset version changed since study {} took its \
+                     extract of dataset {}: an extract is one snapshot, repeated only while \
+                     nothing changes (a repeat with other consents would single out the \
+                     patients who changed); use the copy you took, or run DP aggregates",
+                    q.study,
+                    super::shown(&q.dataset)
+                )));
+                return Err(self.denied(caller, q, sql.to_owned(), mode, d).await);
+            }
+        }
         let secrets = self.0.secrets.clone();
         let study = q.study.clone();
         let secret = match tokio::task::spawn_blocking(move || secrets.get(&study)).await {

@@ -166,10 +166,21 @@ pub struct State {
     /// Registration, key rotations and revocation of each principal (entry indexes).
     principal_events: HashMap<PrincipalId, Vec<u64>>,
     released: Vec<ReceiptRef>,
-    /// The SQL of each study's first released extract of a dataset: the study's only extract
-    /// of it (two different extracts of one cohort could be differenced row by row).
-    extracts: HashMap<(StudyId, DatasetId), String>,
+    /// Each study's first released extract of a dataset: the study's only extract of it (two
+    /// different extracts of one cohort could be differenced row by row).
+    extracts: HashMap<(StudyId, DatasetId), FirstExtract>,
     filter_cache: Mutex<HashMap<(DatasetId, StudyId), CachedFilter>>,
+}
+
+/// What the receipt of a study's first extract of a dataset recorded.
+#[derive(Debug, Clone)]
+pub struct FirstExtract {
+    /// Its normalized SQL.
+    pub sql: String,
+    /// The dataset version it read.
+    pub version: Option<u32>,
+    /// What it recorded of the consent snapshot.
+    pub consent_digest: Option<crate::ids::Digest>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -259,8 +270,13 @@ impl State {
     /// The SQL of the extract that `study` took of `dataset`, if it took one: any later
     /// extract of the dataset in the study must be that SQL again.
     pub fn extract_of(&self, study: &str, dataset: &str) -> Option<&str> {
+        self.first_extract(study, dataset).map(|x| x.sql.as_str())
+    }
+
+    /// The receipt of the extract that `study` took of `dataset`, if it took one.
+    pub fn first_extract(&self, study: &str, dataset: &str) -> Option<&FirstExtract> {
         let key = (StudyId::new(study).ok()?, DatasetId::new(dataset).ok()?);
-        self.extracts.get(&key).map(String::as_str)
+        self.extracts.get(&key)
     }
 
     /// Entry indexes of every receipt (released or denied) naming `study`.

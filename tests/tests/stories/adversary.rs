@@ -326,6 +326,41 @@ async fn two_extracts_cannot_be_differenced_or_joined_on_their_pseudonyms() {
     assert_eq!(pseudonyms(&a), pseudonyms(&again));
     let rows = |bs: &[arrow::array::RecordBatch]| bs.iter().map(|b| b.num_rows()).sum::<usize>();
     assert_eq!(rows(&a), rows(&again));
+    // A consent granted since: the repeat would hold the new patient's rows too, and the
+    // difference of the two copies would be those rows. Refused, receipted, nothing released;
+    // then, with that consent revoked (the snapshot of the first extract again), repeated.
+    let hospital = key("hospital");
+    let mut c = w.consent(&hospital);
+    let grant = crate::world::body(
+        "consent_granted",
+        serde_json::json!({
+            "consent_id": "late", "subject": "1190", "scope": {"custodian": "hospital"},
+            "purposes": ["GRU"], "valid_from": "2020-01-01T00:00:00Z", "grantor": "hospital",
+        }),
+    );
+    c.grant(broker::client::sign(&hospital, grant).unwrap())
+        .await
+        .unwrap();
+    let before = w.ledger.state().receipts_of_study("x1").len();
+    let e = w
+        .run(&alice, World::extract("x1", first))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("one snapshot"), "{e:?}");
+    assert_eq!(w.ledger.state().receipts_of_study("x1").len(), before + 1);
+    let denied = w.receipt(World::receipt_of(&e));
+    assert_eq!(denied.outcome, Outcome::Denied);
+    assert!(denied.result_digest.is_none(), "nothing released");
+    let revoke = crate::world::body(
+        "consent_revoked",
+        serde_json::json!({"subject": "1190", "consent_id": "late", "grantor": "hospital"}),
+    );
+    c.revoke(broker::client::sign(&hospital, revoke).unwrap())
+        .await
+        .unwrap();
+    let (_, third) = w.run(&alice, World::extract("x1", first)).await.unwrap();
+    assert_eq!(pseudonyms(&a), pseudonyms(&third));
     // Another study's extract shares no pseudonym with the first.
     let (_, b) = w
         .run(

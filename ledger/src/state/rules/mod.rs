@@ -7,7 +7,7 @@
 use foldhash::HashSet;
 
 use super::consent::{Grant, Objection};
-use super::{Principal, ReceiptRef, State, Study, StudyStatus, invalid, not_found};
+use super::{FirstExtract, Principal, ReceiptRef, State, Study, StudyStatus, invalid, not_found};
 use crate::budget::Spend;
 use crate::duo::Modifier;
 use crate::entry::{

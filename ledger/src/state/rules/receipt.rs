@@ -19,7 +19,11 @@ impl State {
             if b.mode == QueryMode::Extract && b.outcome == Outcome::Released {
                 self.extracts
                     .entry(key.clone())
-                    .or_insert_with(|| b.sql.clone());
+                    .or_insert_with(|| FirstExtract {
+                        sql: b.sql.clone(),
+                        version: b.version,
+                        consent_digest: b.consent_digest.clone(),
+                    });
             }
             let spent = self.spent.entry(key.clone()).or_default();
             *spent = spent.plus(&cost);
@@ -125,7 +129,7 @@ impl State {
                 if b.mode == QueryMode::Extract
                     && b.outcome == Outcome::Released
                     && let Some(first) = self.extracts.get(&(st.reg.study.clone(), dataset.clone()))
-                    && *first != b.sql
+                    && first.sql != b.sql
                 {
                     return Err(Error::Forbidden(format!(
                         "study {} already took a different extract of dataset {dataset}; a study \
