@@ -31,6 +31,7 @@ pub mod inspect;
 pub mod mechanisms;
 pub mod plan;
 pub mod policy;
+pub mod probe;
 pub mod pseudonym;
 pub mod quantile;
 pub mod release;

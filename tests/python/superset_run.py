@@ -2,10 +2,10 @@
 
 Runs inside Superset's own virtualenv (tests/python/superset_requirements.txt; test_superset.py
 builds it and runs this script). From an empty work directory it sets Superset up headless
-(SQLite metadata database, `superset db upgrade`, an admin, `superset init`), registers the
-broker as a database (`datafusion://HOST:PORT?insecure=true&token=...&x-consentry-study=...`,
-the flightsql-dbapi dialect), serves Superset on a free port, and through the REST API creates
-the dataset `public.patients` and a bar chart of COUNT(*) by sex. It asks the chart data API for
+(SQLite metadata database, `superset db upgrade`, an admin, `superset init`), serves Superset
+on a free port, and through the REST API tests and adds the broker as a database
+(`datafusion://HOST:PORT?insecure=true&token=...&x-consentry-study=...`, the flightsql-dbapi
+dialect; Superset pings it with `SELECT 1`), creates the dataset `public.patients` and a bar chart of COUNT(*) by sex. It asks the chart data API for
 the chart's data, then logs in through the login page in Chromium (Playwright), opens the chart,
 waits for it to draw and takes a screenshot, which it measures: the bars' heights in pixels.
 
@@ -135,17 +135,14 @@ def main() -> int:
     with Step("superset init"):
         superset_cli(env, log, "init")
 
-    # The broker as a database. Superset's "Connect a database" (POST /api/v1/database/, and
-    # /test_connection/) first pings it with SQLAlchemy's `SELECT 1`, which the broker refuses
-    # ("a query that reads no table is not allowed"), so the database is registered with
-    # Superset's own CLI, which does not ping. The dialect is flightsql-dbapi's entry point
-    # `datafusion`: `datafusion+flightsql://` only resolves once `flightsql.sqlalchemy` has been
-    # imported, which Superset never does.
+    # The broker as a database, through Superset's own "Connect a database" (below, once the
+    # server runs: it tests the connection with SQLAlchemy's `SELECT 1`, which the broker
+    # answers without spending). The dialect is flightsql-dbapi's entry point `datafusion`
+    # (`datafusion+flightsql://` only resolves once `flightsql.sqlalchemy` is imported, which
+    # Superset never does).
     host_port = flight_url.removeprefix("grpc://")
     uri = (f"datafusion://{host_port}?insecure=true&token={token}"
            f"&x-consentry-study={study}&x-consentry-epsilon={epsilon}")
-    with Step("superset set-database-uri"):
-        superset_cli(env, log, "set-database-uri", "--database_name", "consentry", "--uri", uri)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -170,7 +167,7 @@ def main() -> int:
                     raise RuntimeError("superset run not healthy in 120 s")
                 time.sleep(0.5)
 
-        result = run_api_and_browser(base, chromium, work)
+        result = run_api_and_browser(base, chromium, work, uri)
         result["timings"] = timings
         (work / "result.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(timings), file=sys.stderr)
@@ -189,14 +186,15 @@ def main() -> int:
                 server.wait()
 
 
-def run_api_and_browser(base: str, chromium: str, work: Path) -> dict:
+def run_api_and_browser(base: str, chromium: str, work: Path, uri: str) -> dict:
     s = requests.Session()
     with Step("REST: login, dataset, chart, chart data"):
         login = api(s, "POST", f"{base}/api/v1/security/login", json={
             "username": ADMIN[0], "password": ADMIN[1], "provider": "db", "refresh": True})
         s.headers["Authorization"] = "Bearer " + login["access_token"]
-        dbs = api(s, "GET", f"{base}/api/v1/database/")["result"]
-        db_id = next(d["id"] for d in dbs if d["database_name"] == "consentry")
+        connection = {"database_name": "consentry", "sqlalchemy_uri": uri}
+        tested = api(s, "POST", f"{base}/api/v1/database/test_connection/", json=connection)
+        db_id = api(s, "POST", f"{base}/api/v1/database/", json=connection)["id"]
         schemas = api(s, "GET", f"{base}/api/v1/database/{db_id}/schemas/")["result"]
         tables = api(s, "GET", f"{base}/api/v1/database/{db_id}/tables/",
                      params={"q": "(schema_name:public)"})["result"]
@@ -253,6 +251,7 @@ def run_api_and_browser(base: str, chromium: str, work: Path) -> dict:
 
     img = Image.open(work / "chart.png").convert("RGB")
     return {
+        "connection_test": tested,
         "schemas": schemas,
         "tables": sorted(t["value"] for t in tables),
         "dataset_columns": [c["column_name"] for c in dataset["data"]["columns"]],

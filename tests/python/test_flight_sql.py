@@ -170,15 +170,15 @@ def test_adbc_budget_exhaustion_is_named_and_spends_nothing(demo):
 
 
 def test_sqlalchemy_dialect_browses_the_catalog_and_queries(demo):
-    """SQLAlchemy's Flight SQL dialect (`flightsql-dbapi`, what Superset connects with): the
-    headers ride in the URL's query, identifiers quote as the server's SQL info says."""
+    """SQLAlchemy's Flight SQL dialect (`flightsql-dbapi`, what Superset connects with; its
+    entry point is `datafusion://`): the headers ride in the URL's query, identifiers quote as
+    the server's SQL info says."""
     from sqlalchemy import create_engine, inspect, text
-    import flightsql.sqlalchemy  # noqa: F401  (registers datafusion+flightsql://)
 
     study = demo.info["study"]["id"]
     host_port = demo.info["flight_url"].removeprefix("grpc://")
     url = (
-        f"datafusion+flightsql://{host_port}?insecure=true&token={demo.token('alice')}"
+        f"datafusion://{host_port}?insecure=true&token={demo.token('alice')}"
         f"&x-consentry-study={study}&x-consentry-epsilon=0.2"
     )
     engine = create_engine(url)

@@ -73,6 +73,9 @@ def test_superset_charts_a_dp_query_in_chromium(demo, tmp_path):
     if os.environ.get("CONSENTRY_SUPERSET_SCREENSHOT"):
         shutil.copy(work / "chart.png", os.environ["CONSENTRY_SUPERSET_SCREENSHOT"])
 
+    # Superset's "Connect a database" tested the connection (its `SELECT 1` probe, answered
+    # without spending) before adding it.
+    assert result["connection_test"] == {"message": "OK"}, result["connection_test"]
     # Superset browsed the broker's catalog: one schema, the dataset's tables, no identifiers.
     assert result["schemas"] == ["public"]
     assert result["tables"] == ["conditions", "encounters", "observations", "patients"]

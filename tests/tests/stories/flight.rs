@@ -467,3 +467,44 @@ async fn a_dry_run_over_flight_previews_accuracy_and_spends_nothing() {
     let e = bad.statement(sql).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 }
+
+/// `SELECT 1` and its kin, what BI tools and connection pools send to test a connection, are
+/// answered as they are: no table is read, nothing spent or receipted, with or without a
+/// study. A statement that reads a table is no probe, however it starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_probes_are_answered_without_the_query_path() {
+    let w = World::ready(5.0).await;
+    let size = w.ledger.size();
+    for headers in [vec![("x-consentry-study", "s1")], vec![]] {
+        let mut alice = Researcher::new(&w, "alice", &headers);
+        for sql in ["SELECT 1", "select 'ok' AS status"] {
+            let info = alice.statement(sql).await.unwrap();
+            let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+            assert_eq!(meta["probe"], true);
+            let table = alice.fetch(&ticket(&info)).await.unwrap();
+            assert_eq!(table[0].num_rows(), 1, "{sql}");
+        }
+    }
+    assert_eq!(w.ledger.size(), size, "nothing appended");
+    assert_eq!(w.ledger.state().spent("s1", "visits").epsilon, 0.0);
+    // Not probes: they go the whole way (a refusal with its receipt).
+    let mut alice = Researcher::new(&w, "alice", &[("x-consentry-study", "s1")]);
+    for sql in [
+        "SELECT 1 FROM visits",
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM visits WHERE zip = '10001')",
+    ] {
+        let e = alice.statement(sql).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{sql}: {e:?}");
+    }
+    assert_eq!(w.ledger.size(), size + 2, "each refusal receipted");
+    // Without a token, no answer at all.
+    let cmd = CommandStatementQuery {
+        query: "SELECT 1".into(),
+        transaction_id: None,
+    };
+    let e = FlightServiceClient::new(w.channel())
+        .get_flight_info(FlightDescriptor::new_cmd(cmd.as_any().encode_to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+}
