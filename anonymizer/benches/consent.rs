@@ -50,7 +50,7 @@ fn engine() -> Engine {
     .unwrap();
     let policy = Policy::from_toml(POLICY).unwrap();
     let ds = Dataset::from_batches(policy, vec![("patients".into(), vec![batch])]).unwrap();
-    Engine::new(ds).unwrap()
+    Engine::with_limits(ds, anonymizer::Limits::unscheduled()).unwrap()
 }
 
 fn sid(p: i64) -> SubjectId {

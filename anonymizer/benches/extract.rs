@@ -98,7 +98,7 @@ fn bench(c: &mut Criterion) {
     let policy = Policy::from_toml(POLICY).unwrap();
     let ds = Dataset::from_batches(policy, vec![("visits".into(), table())]).unwrap();
     let rows = ds.rows();
-    let engine = Engine::new(ds).unwrap();
+    let engine = Engine::with_limits(ds, anonymizer::Limits::unscheduled()).unwrap();
     let secret = StudySecret::from_bytes(&[7; 32]).unwrap();
     let reference = chrono::NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
     let half: Vec<ledger::ids::SubjectId> = (0..PATIENTS)

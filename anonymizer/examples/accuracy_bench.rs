@@ -257,7 +257,7 @@ async fn visits(path: &Path, runs: usize) -> anyhow::Result<()> {
     let policy = Policy::from_toml(&visits_kit::policy())?;
     let dataset = Dataset::from_batches(policy, vec![("visits".into(), batches)])?;
     let b = Bench {
-        engine: Engine::new(dataset)?,
+        engine: Engine::with_limits(dataset, anonymizer::Limits::unscheduled())?,
         exact,
         dataset: "visits",
         runs,
@@ -330,7 +330,10 @@ async fn ehr(dir: &Path, runs: usize) -> anyhow::Result<()> {
         });
     }
     let b = Bench {
-        engine: Engine::new(Dataset::load(policy, &sources).await?)?,
+        engine: Engine::with_limits(
+            Dataset::load(policy, &sources).await?,
+            anonymizer::Limits::unscheduled(),
+        )?,
         exact,
         dataset: "ehr",
         runs,

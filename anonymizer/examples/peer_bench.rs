@@ -109,7 +109,13 @@ async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
     } else {
         let policy = Policy::from_toml(&visits_kit::policy())?;
         let dataset = Dataset::from_batches(policy, vec![("visits".to_owned(), batches)])?;
-        (Some(Engine::new(dataset)?), None)
+        (
+            Some(Engine::with_limits(
+                dataset,
+                anonymizer::Limits::unscheduled(),
+            )?),
+            None,
+        )
     };
     emit(serde_json::json!({"phase": "load", "s": t.elapsed().as_secs_f64()}));
 

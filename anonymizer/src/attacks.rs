@@ -169,7 +169,8 @@ async fn a_failure_after_the_checks_is_charged_and_says_nothing() {
         }
         other => panic!("{other:?}"),
     }
-    // The deadline too.
+    // The deadline too (without the release schedule, which would refuse the query when
+    // planned: its worst case exceeds so short a deadline).
     let ds = Dataset::from_batches(
         Policy::from_toml(crate::tests::POLICY).unwrap(),
         vec![("visits".into(), vec![visits(3000)])],
@@ -179,7 +180,7 @@ async fn a_failure_after_the_checks_is_charged_and_says_nothing() {
         ds,
         Limits {
             deadline: std::time::Duration::from_micros(1),
-            ..Limits::default()
+            ..Limits::unscheduled()
         },
     )
     .unwrap();
@@ -644,4 +645,111 @@ async fn selected_groups_are_released_in_key_order_not_the_datas() {
     // The order of the data would have shown: the test has a first patient whose zip3 is not
     // the smallest key.
     assert!(first_is_not_smallest);
+}
+
+/// A draw's outcome leaves on the release schedule: no earlier than its worst case (computed
+/// before the draw from public figures) and then at a step, so draws that take 3 ms and 20 ms
+/// (the rows of one patient more or less) hand on their outcome at the same step.
+#[tokio::test]
+async fn a_draws_timing_shows_only_its_step() {
+    use crate::schedule::{on_schedule, release_at};
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    let ladder = ms(25);
+    for (worst, cost, step) in [
+        (0, 0, 25),
+        (0, 3, 25),
+        (0, 20, 25),
+        (0, 30, 50),
+        (40, 3, 50),
+        (40, 20, 50),
+        (40, 49, 50),
+        (40, 51, 100),
+        (700, 3, 800),
+    ] {
+        assert_eq!(
+            release_at(ladder, ms(worst), ms(cost)),
+            ms(step),
+            "{worst} {cost}"
+        );
+    }
+    // Without a schedule (benchmarks only), at once; a schedule past any time, at once.
+    assert_eq!(release_at(Duration::ZERO, ms(40), ms(7)), ms(7));
+    assert_eq!(release_at(Duration::MAX, ms(0), ms(7)), Duration::MAX);
+    for cost in [3, 20] {
+        let began = std::time::Instant::now();
+        on_schedule(ladder, ms(40), tokio::time::sleep(ms(cost))).await;
+        assert!(began.elapsed() >= ms(50), "a draw of {cost} ms left early");
+    }
+}
+
+/// The worst case a draw waits for comes from public figures only: the same whoever
+/// consented, with the same query.
+#[tokio::test]
+async fn the_worst_case_is_the_same_whatever_the_data() {
+    let ds = Dataset::from_batches(
+        Policy::from_toml(crate::tests::POLICY).unwrap(),
+        vec![
+            ("visits".into(), vec![visits(300)]),
+            ("patients".into(), vec![patients_table(300)]),
+        ],
+    )
+    .unwrap();
+    let e = Engine::with_limits(ds, Limits::default()).unwrap();
+    let sql = "SELECT v.sex, COUNT(*) AS n FROM visits v JOIN patients p \
+               ON v.patient_id = p.patient_id WHERE upper(v.diagnosis) = 'E11' GROUP BY v.sex";
+    let nobody = crate::tests::include::<&str>(&[]);
+    let some = crate::tests::include(&["1000", "1001"]);
+    let mut seen = Vec::new();
+    for filter in [ConsentFilter::everyone(), nobody, some] {
+        let p = e
+            .prepare(&req(sql, &filter), sql.to_string())
+            .await
+            .unwrap();
+        assert!(p.worst > std::time::Duration::ZERO);
+        seen.push(p.worst);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    let costs = crate::schedule::costs().await;
+    assert!(costs.per_row > 0.0 && costs.per_call >= 0.0, "{costs:?}");
+}
+
+/// The timing oracle: an expensive expression evaluated only on a target's rows (a CASE on
+/// their birth date, amplified by self-joins) made a query seconds slower exactly when the
+/// target's rows held what was asked. A query buys at most [`crate::plan::MAX_CALLS`] cheap
+/// calls per row: more is refused when planned, whoever consented.
+#[tokio::test]
+async fn a_query_cannot_buy_expensive_work_per_row() {
+    let e = engine(200);
+    let nested = |depth: usize| {
+        let mut x = "diagnosis".to_string();
+        for k in 0..depth {
+            x = format!("{}({x})", ["upper", "lower", "reverse", "initcap"][k % 4]);
+        }
+        x
+    };
+    let sql = |depth: usize| {
+        format!(
+            "SELECT COUNT(*) AS n FROM visits WHERE CASE WHEN zip3 = '103' AND sex = 'F' \
+             THEN character_length({}) > 0 ELSE false END",
+            nested(depth)
+        )
+    };
+    let nobody = crate::tests::include::<&str>(&[]);
+    for filter in [ConsentFilter::everyone(), nobody] {
+        // 31 nested calls and the length: 32, answered.
+        e.run(&req(&sql(31), &filter)).await.unwrap();
+        // One more: refused before a row is read, the same refusal whatever the data.
+        match e.run(&req(&sql(32), &filter)).await {
+            Err(Error::Refused { construct, .. }) => assert_eq!(construct, "33 function calls"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Text concatenations count too.
+    let chain = vec!["diagnosis"; 40].join(" || ");
+    let concat = format!("SELECT COUNT(*) AS n FROM visits WHERE character_length({chain}) > 0");
+    assert!(matches!(
+        e.run(&req(&concat, &ConsentFilter::everyone())).await,
+        Err(Error::Refused { .. })
+    ));
 }

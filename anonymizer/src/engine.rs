@@ -125,6 +125,22 @@ pub struct Limits {
     /// Bytes of released answers kept in memory for identical repeats (the least recently
     /// used beyond it are looked up in the [`KeptRepeats`] store, if any).
     pub repeat_memory: usize,
+    /// The first step of the release schedule ([`crate::schedule`]): a draw's outcome (an
+    /// answer or a failure) leaves at the first step `ladder · 2^k` past the draw's worst case
+    /// (computed from public figures before it runs) and its own time. Zero hands it on at
+    /// once and computes no worst case (for benchmarks of the engine's own speed).
+    pub ladder: Duration,
+}
+
+impl Limits {
+    /// The default limits without the release schedule: for measuring the engine's own
+    /// speed (benchmarks), never for serving researchers.
+    pub fn unscheduled() -> Limits {
+        Limits {
+            ladder: Duration::ZERO,
+            ..Limits::default()
+        }
+    }
 }
 
 impl Default for Limits {
@@ -134,6 +150,7 @@ impl Default for Limits {
             deadline: Duration::from_secs(60),
             join_rows: 5_000_000,
             repeat_memory: 64 << 20,
+            ladder: Duration::from_millis(25),
         }
     }
 }
@@ -168,6 +185,8 @@ pub struct Prepared {
     pub spending: Spending,
     /// What it is charged (the budget asked; the draws may spend a little less).
     pub cost: Spend,
+    /// The draw's worst case: its outcome leaves no earlier ([`crate::schedule`]).
+    pub worst: Duration,
 }
 
 /// A dry run's answer ([`Engine::preview`]).
@@ -889,7 +908,12 @@ impl Engine {
             })
         };
         let bounded = tokio::time::timeout(self.limits.deadline, run);
-        match std::panic::AssertUnwindSafe(bounded).catch_unwind().await {
+        let drawn = crate::schedule::on_schedule(
+            self.limits.ladder,
+            p.worst,
+            std::panic::AssertUnwindSafe(bounded).catch_unwind(),
+        );
+        match drawn.await {
             Ok(Ok(Ok(release))) => Ok((release, flight)),
             Ok(Ok(Err(e))) => {
                 tracing::warn!(kind = e.kind(), "a query failed while running");
@@ -961,7 +985,15 @@ impl Engine {
         }
         let plan = self.analyzed(&sql).await?;
         let checked = plan::check(plan, &self.dataset.policy)?;
-        self.check_join_size(&checked)?;
+        let joined_rows = self.check_join_size(&checked)?;
+        let rows_read = checked
+            .tables
+            .iter()
+            .map(|t| self.dataset.table_rows(t))
+            .fold(joined_rows, u64::saturating_add);
+        let worst = self
+            .worst_case(rows_read, plan::calls(&checked.plan)?)
+            .await?;
         // Delta is spent only by partition selection.
         let delta = if checked.keys == plan::Keys::Selected {
             if req.delta <= 0.0 {
@@ -1053,15 +1085,40 @@ impl Engine {
             checked,
             spending,
             cost,
+            worst,
         })
+    }
+
+    /// The draw's worst case ([`crate::schedule`]) reading `rows` rows with `calls` function
+    /// calls each; a query whose worst case exceeds the deadline is refused. Zero without a
+    /// release schedule.
+    pub(crate) async fn worst_case(&self, rows: u64, calls: usize) -> Result<Duration> {
+        if self.limits.ladder.is_zero() {
+            return Ok(Duration::ZERO);
+        }
+        let worst = crate::schedule::costs().await.worst(rows, calls);
+        if worst > self.limits.deadline {
+            return Err(Error::Refused {
+                construct: format!("a query over {rows} rows with {calls} function calls per row"),
+                advice: format!(
+                    "its answer leaves after its worst case (every row through every call, so \
+                     that its timing tells nothing of the data), which would exceed the \
+                     broker's deadline of {} s; read fewer or smaller tables, join fewer, or \
+                     call fewer functions",
+                    self.limits.deadline.as_secs()
+                ),
+            });
+        }
+        Ok(worst)
     }
 
     /// Refuses a join whose output could exceed [`Limits::join_rows`]: each unit has at most
     /// `k_t` rows in table t, so the join of tables t1..tn has at most
     /// `min_i(rows(ti) · prod_(j != i) k_tj)` rows, whatever the consents and the data's values.
-    fn check_join_size(&self, checked: &Checked) -> Result<()> {
+    /// Returns that bound (0 without a join).
+    fn check_join_size(&self, checked: &Checked) -> Result<u64> {
         if !checked.joined {
-            return Ok(());
+            return Ok(0);
         }
         let policy = &self.dataset.policy;
         let n = checked.tables.len();
@@ -1084,7 +1141,7 @@ impl Engine {
                 ),
             });
         }
-        Ok(())
+        Ok(worst as u64)
     }
 
     /// Stage 2: the aggregate over consented, bounded, clamped rows, then the noise.

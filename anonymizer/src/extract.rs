@@ -377,6 +377,16 @@ impl Engine {
         let checked = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(planned))
             .await
             .unwrap_or_else(|_| Err(crate::engine::unplannable()))?;
+        // Its worst case, as if every table's rows went through every call.
+        let rows = self
+            .dataset()
+            .tables
+            .iter()
+            .map(|t| self.dataset().table_rows(&t.name))
+            .fold(0, u64::saturating_add);
+        let worst = self
+            .worst_case(rows, crate::plan::calls(&checked.plan)?)
+            .await?;
         let run = async {
             let plan = rewrite(&self.guarded(checked.plan.clone(), prepared.set.as_ref())?)?;
             let out_schema = plan.schema().inner().clone();
@@ -417,7 +427,12 @@ impl Engine {
             })
         };
         let bounded = tokio::time::timeout(self.limits().deadline, run);
-        match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(bounded)).await {
+        let drawn = crate::schedule::on_schedule(
+            self.limits().ladder,
+            worst,
+            futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(bounded)),
+        );
+        match drawn.await {
             Ok(Ok(Ok(x))) => Ok(x),
             Ok(Ok(Err(e))) => {
                 tracing::warn!(kind = e.kind(), "an extract failed while running");

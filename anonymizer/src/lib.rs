@@ -38,6 +38,7 @@ pub mod release;
 pub mod repeats;
 pub mod safe_harbor;
 pub mod scan;
+pub mod schedule;
 pub mod total;
 
 mod threads;

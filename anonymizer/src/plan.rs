@@ -148,8 +148,49 @@ fn resolve<'a>(
         .ok_or_else(|| Error::InvalidQuery(format!("unknown column {}", c.name)))
 }
 
+/// Most function calls (and text concatenations) one query may make on a row, over all its
+/// expressions. What a row costs to evaluate is what the rows that reach an expression make a
+/// query cost (a CASE evaluates its branch only on the rows it selects, a filter runs the
+/// expressions above it only on the rows it keeps): a bounded number of cheap, bounded calls
+/// bounds the worst case the release schedule ([`crate::schedule`]) waits for.
+pub const MAX_CALLS: usize = 32;
+
+/// The function calls and text concatenations of `plan`'s expressions.
+pub fn calls(plan: &LogicalPlan) -> Result<usize> {
+    use datafusion::common::tree_node::TreeNodeRecursion::Continue;
+    let mut n = 0usize;
+    plan.apply(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if matches!(
+                    x,
+                    Expr::ScalarFunction(_)
+                        | Expr::BinaryExpr(datafusion::logical_expr::BinaryExpr {
+                            op: datafusion::logical_expr::Operator::StringConcat,
+                            ..
+                        })
+                ) {
+                    n += 1;
+                }
+                Ok(Continue)
+            })
+        })
+    })?;
+    Ok(n)
+}
+
 /// Makes every expression of `plan` total ([`crate::total`]), keeping output names.
 pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let n = calls(&plan)?;
+    if n > MAX_CALLS {
+        return Err(Error::Refused {
+            construct: format!("{n} function calls"),
+            advice: format!(
+                "a query makes at most {MAX_CALLS} function calls and text concatenations in \
+                 all (what a row costs must not tell one patient's rows from another's)"
+            ),
+        });
+    }
     let mut failure: Option<Error> = None;
     let out = plan
         .transform_up(|node| {

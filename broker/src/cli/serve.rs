@@ -78,6 +78,12 @@ pub struct QueryLimits {
     /// version, e.g. `64MiB` (older ones are read back from the data directory when repeated).
     #[arg(long, env = "CONSENTRY_REPEAT_MEMORY", default_value = "64MiB", value_parser = parse_bytes)]
     pub repeat_memory: u64,
+    /// The release schedule's first step, in milliseconds: a query's answer (or its failure)
+    /// leaves at the first of 1, 2, 4, 8... times this after its draw began that the draw has
+    /// reached, so how long the rows took to read shows only as a step. 0 turns it off
+    /// (answers leave as soon as drawn, and their timing can tell what the rows cost).
+    #[arg(long, env = "CONSENTRY_RELEASE_LADDER_MS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub release_ladder_ms: u64,
 }
 
 impl Default for QueryLimits {
@@ -88,6 +94,7 @@ impl Default for QueryLimits {
             query_deadline: d.deadline,
             query_join_rows: d.join_rows,
             repeat_memory: d.repeat_memory as u64,
+            release_ladder_ms: u64::try_from(d.ladder.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -100,6 +107,7 @@ impl QueryLimits {
             deadline: self.query_deadline,
             join_rows: self.query_join_rows,
             repeat_memory: usize::try_from(self.repeat_memory).unwrap_or(usize::MAX),
+            ladder: Duration::from_millis(self.release_ladder_ms),
         }
     }
 }
