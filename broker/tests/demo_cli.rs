@@ -872,5 +872,47 @@ fn a_custodian_imports_thousands_of_consents_in_one_call() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["appended"], 50, "{r}");
+
+    // A FHIR Bulk Data export folder: its Consent files in name order, the other resource
+    // types passed over; a refusal names its file and line (a blank line is counted).
+    let export = d.path().join("bulk-export");
+    std::fs::create_dir(&export).unwrap();
+    let part = |from: usize, to: usize| -> String {
+        (from..to)
+            .map(|i| resource(&format!("bulk-fhir-{i}"), &format!("g-{i}")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    std::fs::write(export.join("Consent.000.ndjson"), part(0, 30)).unwrap();
+    // The second file: a blank line, then 19 consents and one that reuses an id.
+    let mut second = format!("\n{}", part(30, 49));
+    second.push('\n');
+    second.push_str(&resource("bulk-fhir-3", "g-99"));
+    std::fs::write(export.join("Consent.001.ndjson"), second).unwrap();
+    std::fs::write(
+        export.join("Patient.000.ndjson"),
+        "{\"resourceType\": \"Patient\", \"id\": \"g-1\"}\n",
+    )
+    .unwrap();
+    let out = import(&export);
+    assert!(!out.status.success(), "one was refused");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["appended"].as_u64(), r["refused"].as_u64()),
+        (Some(49), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["refusals"][0]["file"], "Consent.001.ndjson", "{r}");
+    assert_eq!(r["refusals"][0]["line"], 21, "{r}");
+    assert!(
+        text(&out.stderr).contains("Patient.000.ndjson: not Consent resources, passed over"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A folder without Consent files sends nothing.
+    let empty = d.path().join("no-consents");
+    std::fs::create_dir(&empty).unwrap();
+    let out = import(&empty);
+    assert!(!out.status.success() && out.stdout.is_empty());
     drop(served);
 }

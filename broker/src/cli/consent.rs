@@ -115,9 +115,11 @@ pub enum ConsentCommand {
     /// `purposes` (DUO codes separated by `;`), and optionally `consent_id` (made up
     /// without), `modifiers` (`;`-separated), `datasets` (`;`-separated; without, every dataset
     /// of --custodian), `valid_from` and `valid_until` (RFC 3339). Or NDJSON (`.ndjson`,
-    /// `.jsonl`): one FHIR R4 Consent resource per line, converted as `import-fhir` does.
+    /// `.jsonl`): one FHIR R4 Consent resource per line, converted as `import-fhir` does. Or a
+    /// FHIR Bulk Data export folder: its `Consent*.ndjson` files, in name order (the other
+    /// resource types are passed over).
     Import {
-        /// The file.
+        /// The file, or the export folder.
         #[arg(long, env = "CONSENTRY_CONSENT_FILE")]
         file: PathBuf,
         /// The custodian whose datasets a CSV consent without `datasets` covers (the caller
@@ -291,7 +293,8 @@ pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
             }
             ConsentCommand::Import { file, custodian } => {
                 let custodian = custodian.unwrap_or_else(|| me.clone());
-                let bodies = bulk_bodies(&file, &me, &custodian)?;
+                let (bodies, origins): (Vec<Body>, Vec<Origin>) =
+                    bulk_bodies(&file, &me, &custodian)?.into_iter().unzip();
                 let total = bodies.len();
                 let pb = indicatif::ProgressBar::new(total as u64);
                 pb.set_message("signing");
@@ -314,13 +317,22 @@ pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
                     r.appended as f64 / took.max(1e-9),
                     r.refused
                 );
-                // Positions in the stream are the file's records: line numbers (after a CSV
-                // header).
-                let first_line = if is_csv(&file) { 2 } else { 1 };
+                // Positions in the stream are the records in order: each names its file and line.
                 let refusals: Vec<serde_json::Value> = r
                     .refusals
                     .iter()
-                    .map(|x| serde_json::json!({"line": x.position + first_line, "reason": x.reason}))
+                    .map(|x| {
+                        let o = usize::try_from(x.position)
+                            .ok()
+                            .and_then(|p| origins.get(p));
+                        match o {
+                            Some(o) if file.is_dir() => serde_json::json!({
+                                "file": o.file, "line": o.line, "reason": x.reason,
+                            }),
+                            Some(o) => serde_json::json!({"line": o.line, "reason": x.reason}),
+                            None => serde_json::json!({"position": x.position, "reason": x.reason}),
+                        }
+                    })
                     .collect();
                 conn::print_json(&serde_json::json!({
                     "appended": r.appended, "refused": r.refused,
@@ -348,42 +360,107 @@ pub fn run(conn: &Conn, args: ConsentArgs) -> anyhow::Result<()> {
     })
 }
 
-fn is_csv(file: &std::path::Path) -> bool {
-    file.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+/// Where a bulk record came from: its file's name and line.
+struct Origin {
+    file: String,
+    line: usize,
 }
 
-/// The consent entries of a bulk file (see `consent import`), authored by `me`. A record that
-/// cannot be read is refused naming its line and column, never its values.
-fn bulk_bodies(file: &std::path::Path, me: &str, custodian: &str) -> anyhow::Result<Vec<Body>> {
+/// The consent entries of a bulk file (see `consent import`) or of a FHIR Bulk Data export
+/// folder (its `Consent*.ndjson` files, in name order; the other resource types are passed
+/// over), authored by `me`, each with its origin. A record that cannot be read is refused
+/// naming its file and line (and column), never its values.
+fn bulk_bodies(
+    file: &std::path::Path,
+    me: &str,
+    custodian: &str,
+) -> anyhow::Result<Vec<(Body, Origin)>> {
+    if file.is_dir() {
+        let mut consents = Vec::new();
+        for entry in std::fs::read_dir(file)
+            .with_context(|| format!("reading the directory {}", file.display()))?
+        {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if !name.ends_with(".ndjson") {
+                continue;
+            }
+            if name.starts_with("Consent") {
+                consents.push(path);
+            } else {
+                eprintln!("{name}: not Consent resources, passed over");
+            }
+        }
+        consents.sort();
+        anyhow::ensure!(
+            !consents.is_empty(),
+            "{}: no Consent*.ndjson file (a FHIR Bulk Data export writes one per resource type)",
+            file.display()
+        );
+        let mut out = Vec::new();
+        for f in &consents {
+            out.extend(ndjson_bodies(f, me)?);
+        }
+        return Ok(out);
+    }
     let ext = file
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("csv") => csv_bodies(file, me, custodian),
-        Some("ndjson" | "jsonl") => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let author = ledger::ids::PrincipalId::new(me)?;
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| {
-                    ledger::fhir::import(l, &author).with_context(|| {
-                        format!("line {}: not a FHIR Consent this broker takes", i + 1)
-                    })
-                })
-                .collect()
-        }
+        Some("ndjson" | "jsonl") => ndjson_bodies(file, me),
         _ => anyhow::bail!(
-            "{}: give a .csv file, or .ndjson / .jsonl of FHIR Consent resources",
+            "{}: give a .csv file, .ndjson / .jsonl of FHIR Consent resources, or a FHIR Bulk \
+             Data export folder",
             file.display()
         ),
     }
 }
 
-fn csv_bodies(file: &std::path::Path, me: &str, custodian: &str) -> anyhow::Result<Vec<Body>> {
+/// One FHIR Consent resource per line, converted as `import-fhir` does.
+fn ndjson_bodies(file: &std::path::Path, me: &str) -> anyhow::Result<Vec<(Body, Origin)>> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let author = ledger::ids::PrincipalId::new(me)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let body = ledger::fhir::import(l, &author).with_context(|| {
+                format!(
+                    "{name} line {}: not a FHIR Consent this broker takes",
+                    i + 1
+                )
+            })?;
+            Ok((
+                body,
+                Origin {
+                    file: name.clone(),
+                    line: i + 1,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn csv_bodies(
+    file: &std::path::Path,
+    me: &str,
+    custodian: &str,
+) -> anyhow::Result<Vec<(Body, Origin)>> {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_path(file)
@@ -453,11 +530,15 @@ fn csv_bodies(file: &std::path::Path, me: &str, custodian: &str) -> anyhow::Resu
         if !get("valid_until").is_empty() {
             json["valid_until"] = get("valid_until").into();
         }
-        out.push(
+        out.push((
             Body::from_json("consent_granted", &json.to_string()).with_context(|| {
                 format!("line {line}: not a consent (check its purposes, dates and ids)")
             })?,
-        );
+            Origin {
+                file: name.clone(),
+                line,
+            },
+        ));
     }
     Ok(out)
 }
