@@ -104,6 +104,33 @@ fn show_lifetime(d: Duration) -> String {
 }
 
 /// Extracts the token from an `authorization` metadata value.
+/// The token of an `authorization` value and the principal it must name, if the value says:
+/// `Bearer <JWT>`, or `Basic base64(<principal id>:<JWT>)` (for clients that only know a user
+/// name and a password, such as the Flight SQL JDBC driver and the BI tools over it: the
+/// password is a token from `broker token`, never a key; the user name must be the token's
+/// principal).
+pub fn credentials(value: Option<&str>) -> Result<(String, Option<String>), AuthError> {
+    let v = value.ok_or(AuthError::Missing)?;
+    let (scheme, rest) = v.split_once(' ').ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return bearer(Some(v)).map(|t| (t.to_owned(), None));
+    }
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()
+        .filter(|d| d.len() <= 8192)
+        .and_then(|d| String::from_utf8(d).ok())
+        .ok_or_else(|| AuthError::Malformed("Basic credentials are not base64 text".into()))?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| AuthError::Malformed("Basic credentials are user:password".into()))?;
+    if password.trim().is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok((password.trim().to_owned(), Some(user.to_owned())))
+}
+
 pub fn bearer(value: Option<&str>) -> Result<&str, AuthError> {
     let v = value.ok_or(AuthError::Missing)?;
     let (scheme, token) = v.split_once(' ').ok_or(AuthError::Missing)?;
@@ -383,5 +410,30 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), Err(AuthError::Missing));
         assert_eq!(bearer(Some("Bearer ")), Err(AuthError::Missing));
         assert_eq!(bearer(None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn basic_credentials_carry_a_token_and_its_principal() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(
+            credentials(Some("Bearer abc")),
+            Ok(("abc".to_owned(), None))
+        );
+        assert_eq!(
+            credentials(Some(&format!("Basic {}", b64("alice:abc.def")))),
+            Ok(("abc.def".to_owned(), Some("alice".to_owned())))
+        );
+        for bad in ["Basic !!!".to_owned(), format!("Basic {}", b64("no-colon"))] {
+            assert!(matches!(
+                credentials(Some(&bad)),
+                Err(AuthError::Malformed(_))
+            ));
+        }
+        assert_eq!(
+            credentials(Some(&format!("Basic {}", b64("alice:")))),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(credentials(None), Err(AuthError::Missing));
     }
 }

@@ -216,3 +216,21 @@ def test_polars_reads_through_an_adbc_connection(demo):
         )
     assert frame.columns == ["code", "patients", "patients_ci95"]
     assert frame.height > 0 and frame["patients_ci95"].min() > 0
+
+
+def test_basic_auth_handshake_returns_the_bearer_token(demo):
+    """The Flight SQL JDBC driver (and the BI tools over it) log in with a user name and a
+    password through the Flight handshake: the password is a token from `broker token`, the
+    user name its principal; the bearer token comes back for the calls that follow."""
+    client = fl.FlightClient(demo.info["flight_url"])
+    token = demo.token("alice")
+    name, value = client.authenticate_basic_token("alice", token)
+    assert name.lower() == b"authorization" and value == f"Bearer {token}".encode()
+    options = fl.FlightCallOptions(headers=[
+        (name, value), (b"x-consentry-study", demo.info["study"]["id"].encode())])
+    info = client.get_flight_info(fl.FlightDescriptor.for_command(statement("SELECT 1")), options)
+    assert json.loads(info.app_metadata)["probe"] is True
+    # Another principal's name with alice's token, or a password that is no token: refused.
+    for user, password in [("bob", token), ("alice", "hunter2")]:
+        with pytest.raises(fl.FlightUnauthenticatedError):
+            fl.FlightClient(demo.info["flight_url"]).authenticate_basic_token(user, password)

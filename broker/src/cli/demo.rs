@@ -81,6 +81,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.serve.limits.engine(),
             args.serve.max_token_lifetime,
         )?;
+        args.serve.limits.measure_schedule().await;
         let tls = args.serve.tls_cert.clone().zip(args.serve.tls_key.clone());
         let running = server::serve(
             broker,

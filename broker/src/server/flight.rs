@@ -613,6 +613,40 @@ fn one_batch(
 impl FlightSqlService for FlightSql {
     type FlightService = FlightSql;
 
+    /// The handshake of clients that log in with a user name and a password (the Flight SQL
+    /// JDBC driver and the BI tools over it): Basic credentials whose password is a token from
+    /// `broker token` (checked, as on every call, by the authentication in front of this
+    /// service) come back as that bearer token, in the `authorization` header and the payload.
+    async fn do_handshake(
+        &self,
+        request: Request<tonic::Streaming<arrow_flight::HandshakeRequest>>,
+    ) -> Result<
+        Response<
+            Pin<Box<dyn Stream<Item = Result<arrow_flight::HandshakeResponse, Status>> + Send>>,
+        >,
+        Status,
+    > {
+        caller(&request)?;
+        let value = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let (token, _) =
+            crate::auth::credentials(value).map_err(|e| Error::unauthenticated(e.to_string()))?;
+        let bearer = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::unauthenticated("the token is not header text"))?;
+        let reply = arrow_flight::HandshakeResponse {
+            protocol_version: 0,
+            payload: token.into_bytes().into(),
+        };
+        let stream: Pin<
+            Box<dyn Stream<Item = Result<arrow_flight::HandshakeResponse, Status>> + Send>,
+        > = Box::pin(futures::stream::iter([Ok(reply)]));
+        let mut response = Response::new(stream);
+        response.metadata_mut().insert("authorization", bearer);
+        Ok(response)
+    }
+
     async fn get_flight_info_statement(
         &self,
         cmd: CommandStatementQuery,

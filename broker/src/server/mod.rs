@@ -102,20 +102,27 @@ pub(crate) fn caller<T>(req: &Request<T>) -> Result<Caller, Error> {
         .ok_or_else(|| Error::unauthenticated("no authenticated caller"))
 }
 
-/// Checks the bearer token of a request against the ledger's current state.
+/// Checks the bearer token (or Basic credentials carrying one, [`auth::credentials`]) of a
+/// request against the ledger's current state.
 pub fn authenticate(broker: &Broker, mut req: Request<()>) -> Result<Request<()>, Status> {
     let value = req
         .metadata()
         .get("authorization")
         .map(|v| v.to_str().unwrap_or(""));
-    let caller = auth::bearer(value)
-        .and_then(|t| {
-            auth::verify(
-                t,
+    let caller = auth::credentials(value)
+        .and_then(|(t, user)| {
+            let caller = auth::verify(
+                &t,
                 &broker.ledger.state(),
                 Timestamp::now().unix(),
                 broker.max_token_lifetime,
-            )
+            )?;
+            match user {
+                Some(u) if u != caller.id => Err(auth::AuthError::Invalid(
+                    "the user name is not the token's principal".into(),
+                )),
+                _ => Ok(caller),
+            }
         })
         .map_err(|e| {
             tracing::info!(error = %e, "call refused: unauthenticated");
