@@ -873,6 +873,108 @@ impl FlightSqlService for FlightSql {
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
+/// The Flight service as served: Flight SQL's ([`FlightSql`]), with each command and ticket
+/// envelope read first. arrow-flight's dispatch answers a message that names a Flight SQL
+/// command but does not decode as it with `INTERNAL`; it is the sender's error, so it is
+/// `INVALID_ARGUMENT` here, before the dispatch sees it. Every call is otherwise Flight SQL's.
+pub struct Envelopes(pub FlightSql);
+
+/// Refuses `bytes` unless they are an `Any` whose value decodes as the Flight SQL message its
+/// type names (or names none: the dispatch says so itself).
+fn check_envelope(bytes: &[u8], what: &str) -> Result<(), Status> {
+    let refuse = || {
+        Status::from(Error::invalid(format!(
+            "the {what} is not a Flight SQL message this broker reads"
+        )))
+    };
+    let any = Any::decode(bytes).map_err(|_| refuse())?;
+    arrow_flight::sql::Command::try_from(any).map_err(|_| refuse())?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl FlightService for Envelopes {
+    type HandshakeStream = <FlightSql as FlightService>::HandshakeStream;
+    type ListFlightsStream = <FlightSql as FlightService>::ListFlightsStream;
+    type DoGetStream = <FlightSql as FlightService>::DoGetStream;
+    type DoPutStream = <FlightSql as FlightService>::DoPutStream;
+    type DoExchangeStream = <FlightSql as FlightService>::DoExchangeStream;
+    type DoActionStream = <FlightSql as FlightService>::DoActionStream;
+    type ListActionsStream = <FlightSql as FlightService>::ListActionsStream;
+
+    async fn handshake(
+        &self,
+        request: Request<tonic::Streaming<arrow_flight::HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        FlightService::handshake(&self.0, request).await
+    }
+
+    async fn list_flights(
+        &self,
+        request: Request<arrow_flight::Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        FlightService::list_flights(&self.0, request).await
+    }
+
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        check_envelope(&request.get_ref().cmd, "command")?;
+        FlightService::get_flight_info(&self.0, request).await
+    }
+
+    async fn poll_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<arrow_flight::PollInfo>, Status> {
+        FlightService::poll_flight_info(&self.0, request).await
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<arrow_flight::SchemaResult>, Status> {
+        FlightService::get_schema(&self.0, request).await
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        check_envelope(&request.get_ref().ticket, "ticket")?;
+        FlightService::do_get(&self.0, request).await
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<tonic::Streaming<arrow_flight::FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        FlightService::do_put(&self.0, request).await
+    }
+
+    async fn do_exchange(
+        &self,
+        request: Request<tonic::Streaming<arrow_flight::FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        FlightService::do_exchange(&self.0, request).await
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        FlightService::do_action(&self.0, request).await
+    }
+
+    async fn list_actions(
+        &self,
+        request: Request<arrow_flight::Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        FlightService::list_actions(&self.0, request).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

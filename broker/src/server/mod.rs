@@ -305,8 +305,8 @@ pub async fn serve(broker: Arc<Broker>, opts: ServeOptions) -> Result<Running, E
             ledger_svc::LedgerService(broker.clone())
         ))
         .add_service(svc!(
-            arrow_flight::flight_service_server::FlightServiceServer<flight::FlightSql>,
-            flight::FlightSql::new(broker.clone())?
+            arrow_flight::flight_service_server::FlightServiceServer<flight::Envelopes>,
+            flight::Envelopes(flight::FlightSql::new(broker.clone())?)
         ));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Small responses (a header, then the result) must not wait for delayed ACKs: without

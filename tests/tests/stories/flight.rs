@@ -508,3 +508,33 @@ async fn health_probes_are_answered_without_the_query_path() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 }
+
+/// A command or ticket that names a Flight SQL message but does not decode as it is the
+/// sender's error (INVALID_ARGUMENT, as on gRPC), never INTERNAL, and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_command_or_ticket_is_the_senders_error() {
+    let w = World::ready(5.0).await;
+    let size = w.ledger.size();
+    let mut alice = Researcher::new(&w, "alice", &[("x-consentry-study", "s1")]);
+    let named = |type_name: &str, value: &[u8]| {
+        arrow_flight::sql::Any {
+            type_url: format!("type.googleapis.com/arrow.flight.protocol.sql.{type_name}"),
+            value: value.to_vec().into(),
+        }
+        .encode_to_vec()
+    };
+    // A length that runs past the message; invalid UTF-8 in the SQL.
+    for value in [&[0x0a, 0x40, 0x01][..], &[0x0a, 0x02, 0xc3, 0x28][..]] {
+        let e = alice
+            .info(named("CommandStatementQuery", value))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let ticket = Ticket {
+            ticket: named("TicketStatementQuery", value).into(),
+        };
+        let e = alice.fetch(&ticket).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    assert_eq!(w.ledger.size(), size, "nothing appended");
+}
