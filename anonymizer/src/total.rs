@@ -21,8 +21,11 @@
 //! - scalar functions come from [`ALLOWED`], each cheap and bounded per value, and each is
 //!   wrapped in [`Total`]: a row on which the function fails gives NULL (found by halving
 //!   the batch, so a failing row costs about the function's own work again, not a pass per
-//!   row), and a text result longer than [`MAX_TEXT`] bytes is NULL, so no call can grow
-//!   memory without bound;
+//!   row), and a text argument or result longer than [`MAX_TEXT`] bytes is NULL, so no call
+//!   can grow memory without bound or cost more than a call on that much text (what the
+//!   release schedule measured); text literals hold at most [`MAX_LITERAL`] bytes, a trim's
+//!   character set at most [`MAX_TRIM_SET`] characters, and `||` is refused (`concat` is
+//!   capped);
 //! - `LIKE` patterns are literals checked when the query is planned;
 //! - subqueries, window functions, regular expressions, placeholders, grouping sets and
 //!   anything not listed are refused, naming the construct;
@@ -106,8 +109,15 @@ pub const ALLOWED: &[&str] = &[
 /// before running (so they are not wrapped).
 const UNWRAPPED: &[&str] = &["coalesce", "nullif", "nvl", "nvl2", "current_date", "now"];
 
-/// Largest text value a function may return; a longer one is NULL.
+/// Largest text value a function may take or return; a longer one is NULL (so that no call
+/// costs more than what the release schedule measured, a call on text of this length).
 pub const MAX_TEXT: usize = 1024;
+
+/// Longest text literal a query may hold, in bytes.
+pub const MAX_LITERAL: usize = 256;
+
+/// Most characters a trim function's set may hold.
+pub const MAX_TRIM_SET: usize = 16;
 
 /// Largest number of nodes in one expression.
 pub const MAX_NODES: usize = 4096;
@@ -240,6 +250,20 @@ fn small_step(e: &Expr) -> bool {
 
 fn rewrite(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     Ok(match e {
+        Expr::Literal(
+            ScalarValue::Utf8(Some(ref t))
+            | ScalarValue::LargeUtf8(Some(ref t))
+            | ScalarValue::Utf8View(Some(ref t)),
+            _,
+        ) if t.len() > MAX_LITERAL => {
+            return Err(refuse(
+                format!("a text literal of {} bytes", t.len()),
+                format!(
+                    "keep each text literal within {MAX_LITERAL} bytes (what a call costs \
+                     must stay within what the release schedule waits for)"
+                ),
+            ));
+        }
         Expr::Column(_)
         | Expr::Literal(..)
         | Expr::Alias(_)
@@ -294,7 +318,21 @@ fn rewrite(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         }
         Expr::BinaryExpr(b) => binary(b, schema)?,
         Expr::Like(l) => {
-            let Expr::Literal(ScalarValue::Utf8(Some(p)), _) = l.pattern.as_ref() else {
+            // The pattern as written, whatever text type coercion gave it (Parquet text is
+            // read as views, so the literal may be one, or be cast to one).
+            let mut pattern = l.pattern.as_ref();
+            while let Expr::Cast(datafusion::logical_expr::expr::Cast { expr, .. })
+            | Expr::TryCast(TryCast { expr, .. }) = pattern
+            {
+                pattern = expr.as_ref();
+            }
+            let Expr::Literal(
+                ScalarValue::Utf8(Some(p))
+                | ScalarValue::Utf8View(Some(p))
+                | ScalarValue::LargeUtf8(Some(p)),
+                _,
+            ) = pattern
+            else {
                 return Err(refuse(
                     "LIKE with a pattern that is not a literal",
                     "write the pattern as a string literal",
@@ -362,10 +400,15 @@ fn binary(b: BinaryExpr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     use Operator::*;
     let BinaryExpr { left, op, right } = b;
     match op {
-        Eq | NotEq | Lt | LtEq | Gt | GtEq | And | Or | IsDistinctFrom | IsNotDistinctFrom
-        | StringConcat | BitwiseAnd | BitwiseOr | BitwiseXor => Ok(Transformed::no(
-            Expr::BinaryExpr(BinaryExpr::new(left, op, right)),
+        StringConcat => Err(refuse(
+            "the || operator",
+            "use concat(a, b): its text, like every function's, is capped at 1,024 bytes (it \
+             reads a NULL as empty text)",
         )),
+        Eq | NotEq | Lt | LtEq | Gt | GtEq | And | Or | IsDistinctFrom | IsNotDistinctFrom
+        | BitwiseAnd | BitwiseOr | BitwiseXor => Ok(Transformed::no(Expr::BinaryExpr(
+            BinaryExpr::new(left, op, right),
+        ))),
         LikeMatch | ILikeMatch | NotLikeMatch | NotILikeMatch => {
             Err(refuse("this LIKE form", "write column LIKE 'pattern'"))
         }
@@ -480,6 +523,24 @@ fn function(f: ScalarFunction, schema: &DFSchema) -> Result<Transformed<Expr>> {
     }
     if UNWRAPPED.contains(&name.as_str()) {
         return Ok(Transformed::no(Expr::ScalarFunction(f)));
+    }
+    // Trimming a set of characters costs the text's length times the set's: the set is a
+    // literal of a few characters.
+    if matches!(name.as_str(), "btrim" | "ltrim" | "rtrim" | "trim")
+        && let Some(set) = f.args.get(1)
+    {
+        let short = match set {
+            Expr::Literal(ScalarValue::Utf8(Some(t)) | ScalarValue::Utf8View(Some(t)), _) => {
+                t.chars().count() <= MAX_TRIM_SET
+            }
+            _ => false,
+        };
+        if !short {
+            return Err(refuse(
+                format!("{} with this character set", name.to_uppercase()),
+                format!("trim a literal set of at most {MAX_TRIM_SET} characters"),
+            ));
+        }
     }
     // Functions rewritten into forms that cannot fail on any value, so that no value makes
     // them fail (the wrapper below is the last resort, not the rule).
@@ -733,8 +794,15 @@ impl ScalarUDFImpl for Total {
     fn coerce_types(&self, arg_types: &[DataType]) -> DfResult<Vec<DataType>> {
         self.inner.coerce_types(arg_types)
     }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+    fn invoke_with_args(&self, mut args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let n = args.number_rows;
+        // Text longer than MAX_TEXT reaches no function: NULL instead (what a call costs is
+        // bounded by the text it takes, whatever a row holds).
+        for a in &mut args.args {
+            if let ColumnarValue::Array(x) = a {
+                *x = cap_text(x.clone())?;
+            }
+        }
         let out = self.invoke_range(&args, 0, n)?;
         Ok(ColumnarValue::Array(cap_text(out)?))
     }

@@ -787,3 +787,38 @@ async fn partition_selection_says_its_threshold_and_why_nothing_came_back() {
         .unwrap();
     assert_eq!(h.note, "");
 }
+
+/// LIKE with a literal pattern over Parquet text (read as string views, so the pattern is
+/// coerced to one) is answered; a pattern that is not a literal is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn like_with_a_literal_pattern_is_answered_over_parquet() {
+    let w = World::ready(5.0).await;
+    let alice = key("alice");
+    let (h, _) = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                "SELECT COUNT(*) AS n FROM visits WHERE zip LIKE '1%'",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.receipt(h.receipt_index).outcome,
+        ledger::entry::Outcome::Released
+    );
+    let e = w
+        .run(
+            &alice,
+            World::dp(
+                "s1",
+                "SELECT COUNT(*) AS n FROM visits WHERE zip LIKE sex",
+                0.5,
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
