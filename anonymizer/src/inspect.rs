@@ -707,6 +707,27 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
         }
         shapes.push(shape);
     }
+    // An entity-attribute-value table: numeric columns get bounds per code where the codes'
+    // ranges differ (HbA1c in [4, 14], glucose in [40, 400]: one bound for both would be
+    // ten times too wide for HbA1c).
+    if let Some(k) = key_column(&findings, &shapes) {
+        let key = findings[k].column.clone();
+        for i in 0..findings.len() {
+            if shapes[i].bounds.is_none() {
+                continue;
+            }
+            if let Some(per) = bounds_by_key(batches, i, k)? {
+                findings[i].reasons.push(format!(
+                    "its values' ranges differ by {key} ({} values): proposed bounds per {key}, \
+                     each value's 1st and 99th percentiles rounded outward (sums and means over \
+                     a value without bounds are refused)",
+                    per.len()
+                ));
+                shapes[i].bounds = None;
+                shapes[i].key_bounds = Some((key.clone(), per));
+            }
+        }
+    }
     let rows = batches.iter().map(RecordBatch::num_rows).sum();
     let per_unit = match &privacy_unit {
         Some(u) => rows_per_unit(
@@ -842,7 +863,12 @@ const MAX_DOMAIN: usize = 24;
 struct Shape {
     domain: Option<Domain>,
     bounds: Option<[f64; 2]>,
+    /// Bounds per value of a key column (an entity-attribute-value table's code).
+    key_bounds: Option<(String, KeyBounds)>,
 }
+
+/// Bounds per value of a key column, in the key's order.
+type KeyBounds = Vec<(String, [f64; 2])>;
 
 /// Reads every row of column `i`: text and integer columns with at most [`MAX_DOMAIN`]
 /// distinct values propose them as the domain; other numeric columns propose bounds.
@@ -878,6 +904,7 @@ fn value_shape(batches: &[RecordBatch], i: usize) -> Result<Shape> {
             return Ok(Shape {
                 domain: Some(domain),
                 bounds: None,
+                key_bounds: None,
             });
         }
     }
@@ -897,13 +924,68 @@ fn value_shape(batches: &[RecordBatch], i: usize) -> Result<Shape> {
     if values.is_empty() {
         return Ok(Shape::default());
     }
+    Ok(Shape {
+        domain: None,
+        bounds: percentile_bounds(values),
+        key_bounds: None,
+    })
+}
+
+/// The 1st and 99th percentiles of `values`, rounded outward to two significant digits.
+fn percentile_bounds(mut values: Vec<f64>) -> Option<[f64; 2]> {
+    if values.is_empty() {
+        return None;
+    }
     values.sort_unstable_by(f64::total_cmp);
     let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
     let (lo, hi) = (outward(at(0.01), false), outward(at(0.99), true));
-    Ok(Shape {
-        domain: None,
-        bounds: (lo < hi).then_some([lo, hi]),
+    (lo < hi).then_some([lo, hi])
+}
+
+/// A table's code column, if it reads as one and has a proposed text domain of at least two
+/// values: `code`, `*_code`, `*_concept_id` (an entity-attribute-value table such as OMOP's
+/// `measurement` or labs by LOINC code).
+fn key_column(findings: &[Finding], shapes: &[Shape]) -> Option<usize> {
+    findings.iter().zip(shapes).position(|(f, sh)| {
+        let w = words(&f.column);
+        let named = w == "code" || w.ends_with("_code") || w.ends_with("concept_id");
+        named && sh.domain.as_ref().is_some_and(|d| d.len() >= 2)
     })
+}
+
+/// Bounds of numeric column `i` per value of key column `k` (each value's 1st and 99th
+/// percentiles, rounded outward), when the values' ranges differ enough that one bound for
+/// all would be at least twice as wide as some value's own.
+fn bounds_by_key(batches: &[RecordBatch], i: usize, k: usize) -> Result<Option<KeyBounds>> {
+    let err = |e: arrow::error::ArrowError| Error::Dataset(e.to_string());
+    let mut by: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for b in batches {
+        let keys = arrow::compute::cast(b.column(k), &DataType::Utf8).map_err(err)?;
+        let values = arrow::compute::cast(b.column(i), &DataType::Float64).map_err(err)?;
+        let values = values.as_primitive::<arrow::datatypes::Float64Type>();
+        for (key, v) in keys.as_string::<i32>().iter().zip(values.iter()) {
+            if let (Some(key), Some(v)) = (key, v)
+                && v.is_finite()
+            {
+                by.entry(key.to_owned()).or_default().push(v);
+            }
+        }
+    }
+    let per: KeyBounds = by
+        .into_iter()
+        .filter_map(|(key, v)| percentile_bounds(v).map(|b| (key, b)))
+        .collect();
+    let (Some(lo), Some(hi)) = (
+        per.iter().map(|p| p.1[0]).reduce(f64::min),
+        per.iter().map(|p| p.1[1]).reduce(f64::max),
+    ) else {
+        return Ok(None);
+    };
+    let narrowest = per
+        .iter()
+        .map(|p| p.1[1] - p.1[0])
+        .fold(f64::INFINITY, f64::min);
+    Ok((per.len() >= 2 && hi - lo >= 2.0 * narrowest).then_some(per))
 }
 
 /// `x` rounded away from the inside of the bounds to two significant digits (up for an upper
@@ -1019,6 +1101,20 @@ fn to_toml(
         }
         if let Some([lo, hi]) = shape.bounds {
             let _ = write!(value, ", bounds = [{lo:?}, {hi:?}]");
+        }
+        if let Some((key, per)) = &shape.key_bounds {
+            let each: Vec<String> = per
+                .iter()
+                .map(|(k, [lo, hi])| {
+                    format!("{} = [{lo:?}, {hi:?}]", toml::Value::String(k.clone()))
+                })
+                .collect();
+            let _ = write!(
+                value,
+                ", bounds_by = {}, key_bounds = {{ {} }}",
+                toml::Value::String(key.clone()),
+                each.join(", ")
+            );
         }
         let _ = writeln!(s, "{} = {{ {value} }}", toml_key(&f.column));
     }

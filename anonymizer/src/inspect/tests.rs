@@ -525,3 +525,50 @@ fn omop_names_are_read_row_ids_and_birth_months_are_identifiers() {
         "{report}"
     );
 }
+
+#[test]
+fn a_code_column_proposes_bounds_per_code() {
+    // Labs by LOINC code: HbA1c in [4, 14], glucose in [40, 400]; one bound for both would be
+    // ten times too wide for HbA1c.
+    let n = 1200usize;
+    let code: Vec<&str> = (0..n).map(|i| ["4548-4", "2345-7"][i % 2]).collect();
+    let value: Vec<f64> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                4.0 + (i % 100) as f64 / 10.0
+            } else {
+                40.0 + (i % 360) as f64
+            }
+        })
+        .collect();
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Int64, false),
+            Field::new("code", DataType::Utf8, false),
+            Field::new("value", DataType::Float64, false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| i / 3))),
+            Arc::new(StringArray::from(code)),
+            Arc::new(Float64Array::from(value)),
+        ],
+    )
+    .unwrap();
+    let p = inspect_batches("labs", std::slice::from_ref(&batch), &Options::default()).unwrap();
+    let policy = Policy::from_toml(&p.policy_toml).unwrap();
+    let value = policy.column("labs", "value").unwrap();
+    assert_eq!(
+        value.bounds_by.as_deref(),
+        Some("code"),
+        "{}",
+        p.policy_toml
+    );
+    let per = value.key_bounds.as_ref().unwrap();
+    let hba1c = per["4548-4"];
+    let glucose = per["2345-7"];
+    assert!(hba1c[0] >= 4.0 && hba1c[1] <= 14.0, "{hba1c:?}");
+    assert!(glucose[0] >= 40.0 && glucose[1] <= 400.0, "{glucose:?}");
+    assert!(value.bounds.is_none());
+    // The proposal registers.
+    crate::Dataset::from_batches(policy, vec![("labs".into(), vec![batch])]).unwrap();
+}
