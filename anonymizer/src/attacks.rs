@@ -111,7 +111,7 @@ async fn failing_expressions_are_not_an_oracle() {
         ));
         probes.push(format!(
             "SELECT COUNT(*) FROM visits WHERE CASE WHEN CAST(hba1c * 10 AS BIGINT) = {t} \
-             THEN CAST(zip3 || 'x' AS INT) ELSE 1 END = 1"
+             THEN CAST(concat(zip3, 'x') AS INT) ELSE 1 END = 1"
         ));
         probes.push(format!(
             "SELECT COUNT(*) FROM visits WHERE (CASE WHEN CAST(hba1c * 10 AS BIGINT) = {t} \
