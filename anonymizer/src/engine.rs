@@ -991,9 +991,7 @@ impl Engine {
             .iter()
             .map(|t| self.dataset.table_rows(t))
             .fold(joined_rows, u64::saturating_add);
-        let worst = self
-            .worst_case(rows_read, plan::calls(&checked.plan)?)
-            .await?;
+        let worst = self.worst_case(rows_read, checked.calls).await?;
         // Delta is spent only by partition selection.
         let delta = if checked.keys == plan::Keys::Selected {
             if req.delta <= 0.0 {

@@ -371,12 +371,13 @@ impl Engine {
         let consent = prepared.digest;
         // Planning reads no row: a panic in it is a refusal of the query.
         let planned = async {
-            let plan = crate::plan::make_total(self.analyzed(&sql).await?)?;
-            check(&plan, self.dataset())
+            let (plan, calls) = crate::plan::make_total(self.analyzed(&sql).await?)?;
+            Ok::<_, Error>((check(&plan, self.dataset())?, calls))
         };
-        let checked = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(planned))
-            .await
-            .unwrap_or_else(|_| Err(crate::engine::unplannable()))?;
+        let (checked, calls) =
+            futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(planned))
+                .await
+                .unwrap_or_else(|_| Err(crate::engine::unplannable()))?;
         // Its worst case, as if every table's rows went through every call.
         let rows = self
             .dataset()
@@ -384,9 +385,7 @@ impl Engine {
             .iter()
             .map(|t| self.dataset().table_rows(&t.name))
             .fold(0, u64::saturating_add);
-        let worst = self
-            .worst_case(rows, crate::plan::calls(&checked.plan)?)
-            .await?;
+        let worst = self.worst_case(rows, calls).await?;
         let run = async {
             let plan = rewrite(&self.guarded(checked.plan.clone(), prepared.set.as_ref())?)?;
             let out_schema = plan.schema().inner().clone();

@@ -90,6 +90,8 @@ pub struct Checked {
     pub tables: Vec<String>,
     /// What one unit may contribute to this query (from the policy of the tables it reads).
     pub bounds: Bounds,
+    /// Its function calls and text concatenations (see [`MAX_CALLS`]).
+    pub calls: usize,
 }
 
 fn refuse(construct: impl Into<String>, advice: impl Into<String>) -> Error {
@@ -156,7 +158,7 @@ fn resolve<'a>(
 pub const MAX_CALLS: usize = 32;
 
 /// The function calls and text concatenations of `plan`'s expressions.
-pub fn calls(plan: &LogicalPlan) -> Result<usize> {
+fn calls(plan: &LogicalPlan) -> Result<usize> {
     use datafusion::common::tree_node::TreeNodeRecursion::Continue;
     let mut n = 0usize;
     plan.apply(|node| {
@@ -179,8 +181,10 @@ pub fn calls(plan: &LogicalPlan) -> Result<usize> {
     Ok(n)
 }
 
-/// Makes every expression of `plan` total ([`crate::total`]), keeping output names.
-pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
+/// Makes every expression of `plan` total ([`crate::total`]), keeping output names; returns
+/// it with its number of function calls and text concatenations (at most [`MAX_CALLS`]), what
+/// the release schedule prices.
+pub fn make_total(plan: LogicalPlan) -> Result<(LogicalPlan, usize)> {
     let n = calls(&plan)?;
     if n > MAX_CALLS {
         return Err(Error::Refused {
@@ -229,13 +233,13 @@ pub fn make_total(plan: LogicalPlan) -> Result<LogicalPlan> {
         .map_err(Error::from)?;
     match failure {
         Some(e) => Err(e),
-        None => Ok(out.data),
+        None => Ok((out.data, n)),
     }
 }
 
 /// Checks `plan` (analyzed by DataFusion) against `policy`; returns it made total.
 pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
-    let plan = make_total(plan)?;
+    let (plan, calls) = make_total(plan)?;
     let aggregate = find_aggregate(&plan)?.clone();
     let mut input = Input {
         tables: Vec::new(),
@@ -308,6 +312,7 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
     };
     Ok(Checked {
         joined: input.joins > 0,
+        calls,
         bounds,
         tables: input.tables,
         plan,

@@ -887,7 +887,7 @@ mod tests {
             ctx.state().config_options(),
             |_, _| {},
         )?;
-        let plan = crate::plan::make_total(plan)?;
+        let (plan, _) = crate::plan::make_total(plan)?;
         Ok(ctx.execute_logical_plan(plan).await?.collect().await?)
     }
 

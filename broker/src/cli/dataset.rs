@@ -265,29 +265,28 @@ fn converted(
     for (name, files) in tables {
         let mut kept = Vec::with_capacity(files.len());
         for (rel, f) in files {
-            if !anonymizer::files::is_csv(&f) {
-                if !kept.contains(&(rel.clone(), f.clone())) {
-                    kept.push((rel, f));
-                }
-                continue;
-            }
-            let (schema, batches) = anonymizer::files::read_batches(&f)?;
-            policy
-                .check_schema(&name, &schema)
-                .with_context(|| format!("{} (table {name})", f.display()))?;
-            let parquet = crate::manifest::parquet_beside(&f, schema, &batches)?;
-            eprintln!(
-                "{} converted to {} (the file registered and stored)",
-                f.display(),
-                parquet.display()
-            );
-            let rel = std::path::Path::new(&rel)
-                .with_extension("parquet")
-                .to_string_lossy()
-                .into_owned();
-            // A directory holding both files names the conversion twice: once is enough.
-            if !kept.contains(&(rel.clone(), parquet.clone())) {
-                kept.push((rel, parquet));
+            let file = if anonymizer::files::is_csv(&f) {
+                let (schema, batches) = anonymizer::files::read_batches(&f)?;
+                policy
+                    .check_schema(&name, &schema)
+                    .with_context(|| format!("{} (table {name})", f.display()))?;
+                let parquet = crate::manifest::parquet_beside(&f, schema, &batches)?;
+                eprintln!(
+                    "{} converted to {} (the file registered and stored)",
+                    f.display(),
+                    parquet.display()
+                );
+                let rel = std::path::Path::new(&rel)
+                    .with_extension("parquet")
+                    .to_string_lossy()
+                    .into_owned();
+                (rel, parquet)
+            } else {
+                (rel, f)
+            };
+            // A directory holding a CSV file and its conversion names that file twice.
+            if !kept.contains(&file) {
+                kept.push(file);
             }
         }
         out.push((name, kept));
