@@ -273,10 +273,11 @@ pub struct Filter {
     /// Only released or only denied queries.
     #[arg(long, env = "CONSENTRY_OUTCOME", value_enum)]
     pub outcome: Option<OutcomeArg>,
-    /// Only receipts after this ledger index (the last one of the previous page).
+    /// Only receipts after this ledger index.
     #[arg(long, env = "CONSENTRY_AFTER_INDEX")]
     pub after_index: Option<u64>,
-    /// At most this many receipts (a page).
+    /// At most this many receipts (all when not given; `receipts` fetches them a page of at
+    /// most 1,000 at a time).
     #[arg(long, env = "CONSENTRY_LIMIT")]
     pub limit: Option<u32>,
 }
@@ -345,13 +346,27 @@ pub fn audit(conn: &Conn, args: AuditArgs) -> anyhow::Result<()> {
             .max_decoding_message_size(crate::server::MAX_MESSAGE);
         match args.command {
             AuditCommand::Receipts { filter } => {
-                let r = a
-                    .receipts(filter.request())
-                    .await
-                    .map_err(conn::status)?
-                    .into_inner();
-                let out: Vec<serde_json::Value> = r
-                    .receipts
+                // Page by page (the broker answers at most a page a call), up to `--limit`.
+                let mut req = filter.request();
+                let wanted = match req.limit {
+                    0 => usize::MAX,
+                    l => l as usize,
+                };
+                let mut receipts = Vec::new();
+                loop {
+                    req.limit = u32::try_from(wanted - receipts.len()).unwrap_or(0);
+                    let page = a
+                        .receipts(req.clone())
+                        .await
+                        .map_err(conn::status)?
+                        .into_inner();
+                    receipts.extend(page.receipts);
+                    if page.next_after_index == 0 || receipts.len() >= wanted {
+                        break;
+                    }
+                    req.after_index = page.next_after_index;
+                }
+                let out: Vec<serde_json::Value> = receipts
                     .iter()
                     .map(|r| {
                         serde_json::json!({

@@ -42,8 +42,29 @@ fn parse_time(s: &str, what: &str) -> Result<Option<Timestamp>, Error> {
         .map_err(|e| Error::invalid(format!("{what}: {e}")))
 }
 
-/// The receipts matching a filter that the caller may review, oldest first.
-fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1::Receipt>, Error> {
+/// Receipts one `Receipts` call returns at most: a page.
+pub const PAGE: usize = 1_000;
+/// Receipts of the reviewed studies that one `Receipts` call looks at, whether they match the
+/// filter or not: with the page, what bounds one call's work and memory whatever the log's
+/// length.
+const SCAN: usize = 20_000;
+
+/// A page of the usage log.
+struct Page {
+    receipts: Vec<v1::Receipt>,
+    /// The `after_index` of the next page; 0 at the end of the log.
+    next_after_index: u64,
+}
+
+/// The receipts matching a filter that the caller may review, oldest first: at most `page`
+/// of them, out of at most `scan` receipts looked at.
+fn receipts(
+    b: &Broker,
+    caller: &Caller,
+    f: &v1::AuditRequest,
+    page: usize,
+    scan: usize,
+) -> Result<Page, Error> {
     let from = parse_time(&f.from, "from")?;
     let until = parse_time(&f.until, "until")?;
     let outcome = match f.outcome.as_str() {
@@ -97,16 +118,20 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
         ix
     };
     let mut out = Vec::new();
-    let limit = if f.limit == 0 {
-        usize::MAX
-    } else {
-        f.limit as usize
+    let limit = match f.limit as usize {
+        0 => page,
+        l => l.min(page),
     };
     // Index 0 is the ledger's genesis entry, never a receipt: after_index 0 is "from the start".
-    for i in indexes.into_iter().filter(|&i| i > f.after_index) {
-        if out.len() >= limit {
-            break;
-        }
+    let mut rest = indexes
+        .into_iter()
+        .filter(|&i| i > f.after_index)
+        .peekable();
+    let mut scanned = 0;
+    let mut last = f.after_index;
+    while let Some(i) = rest.next_if(|_| out.len() < limit && scanned < scan) {
+        scanned += 1;
+        last = i;
         let e = b.ledger.entry(i).map_err(Error::from)?;
         let Body::QueryReceipt(r) = e.entry.body else {
             continue;
@@ -152,7 +177,10 @@ fn receipts(b: &Broker, caller: &Caller, f: &v1::AuditRequest) -> Result<Vec<v1:
             rows_suppressed: r.rows_suppressed.unwrap_or(0),
         });
     }
-    Ok(out)
+    Ok(Page {
+        receipts: out,
+        next_after_index: if rest.peek().is_some() { last } else { 0 },
+    })
 }
 
 /// What a receipt's query asked to spend: recorded by a denial (`requested` in its
@@ -271,10 +299,13 @@ impl Audit for AuditService {
         let caller = caller(&req)?;
         let b = self.0.clone();
         let f = req.into_inner();
-        let receipts = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
+        let page = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f, PAGE, SCAN))
             .await
             .map_err(|e| Error::internal("an audit task failed", e))??;
-        Ok(Response::new(v1::AuditResponse { receipts }))
+        Ok(Response::new(v1::AuditResponse {
+            receipts: page.receipts,
+            next_after_index: page.next_after_index,
+        }))
     }
 
     async fn budget_usage(
@@ -300,9 +331,12 @@ impl Audit for AuditService {
             ..Default::default()
         };
         let b = self.0.clone();
-        let rs = tokio::task::spawn_blocking(move || receipts(&b, &caller, &f))
-            .await
-            .map_err(|e| Error::internal("an audit task failed", e))??;
+        // The whole curve: as long as the study's log.
+        let rs = tokio::task::spawn_blocking(move || {
+            receipts(&b, &caller, &f, usize::MAX, usize::MAX).map(|p| p.receipts)
+        })
+        .await
+        .map_err(|e| Error::internal("an audit task failed", e))??;
         let mut cum: std::collections::HashMap<String, Spend> = Default::default();
         let points = rs
             .into_iter()
@@ -341,7 +375,8 @@ impl Audit for AuditService {
         let f = r.filter.unwrap_or_default();
         let b = self.0.clone();
         let bytes = tokio::task::spawn_blocking(move || {
-            let rs = receipts(&b, &caller, &f)?;
+            // The whole file at once (a file of the log asked for; pages are for reading).
+            let rs = receipts(&b, &caller, &f, usize::MAX, usize::MAX)?.receipts;
             let batch = receipts_batch(&rs).map_err(|e| Error::internal("an export", e))?;
             export_bytes(&batch, &r.format)
         })

@@ -167,16 +167,23 @@ async fn the_irb_reviews_released_and_denied_queries() {
             .await
             .unwrap()
             .into_inner()
-            .receipts
         }
     };
     let first = page(0).await;
-    assert_eq!(first.len(), 2);
-    let second = page(first[1].index).await;
-    assert_eq!(second.len(), 1);
-    let paged: Vec<u64> = first.iter().chain(&second).map(|r| r.index).collect();
+    assert_eq!(first.receipts.len(), 2);
+    assert_eq!(first.next_after_index, first.receipts[1].index);
+    let second = page(first.next_after_index).await;
+    assert_eq!(second.receipts.len(), 1);
+    assert_eq!(second.next_after_index, 0, "the last page says so");
+    let paged: Vec<u64> = first
+        .receipts
+        .iter()
+        .chain(&second.receipts)
+        .map(|r| r.index)
+        .collect();
     assert_eq!(paged, all.iter().map(|r| r.index).collect::<Vec<_>>());
-    assert!(page(second[0].index).await.is_empty());
+    let past = page(second.receipts[0].index).await;
+    assert!(past.receipts.is_empty() && past.next_after_index == 0);
 
     // An identical repeat is released again for free, and marked as a repeat.
     w.run(
@@ -259,4 +266,55 @@ async fn a_suspended_study_cannot_query() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+}
+
+/// However long the log, one call answers at most a page of 1,000 receipts, and the pages
+/// chained by `next_after_index` give the whole log once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_log_is_read_in_pages_of_at_most_a_thousand() {
+    use futures::StreamExt;
+    let w = World::ready(1.0).await;
+    let alice = key("alice");
+    // 1,003 refusals, each receipted (refused when planned: quick, and nothing spent).
+    let mut refused: Vec<u64> = futures::stream::iter(0..1_003)
+        .map(|_| async {
+            let e = w
+                .run(&alice, World::dp("s1", "SELECT * FROM visits", 0.1))
+                .await
+                .unwrap_err();
+            World::receipt_of(&e)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    refused.sort_unstable();
+    let mut irb = w.audit(&key("irb"));
+    let (mut pages, mut read) = (Vec::new(), Vec::new());
+    let mut after_index = 0;
+    loop {
+        let page = irb
+            .receipts(proto::v1::AuditRequest {
+                study: "s1".into(),
+                after_index,
+                // More than a page asked for: a page given.
+                limit: 5_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(page.receipts.len());
+        read.extend(page.receipts.iter().map(|r| r.index));
+        if page.next_after_index == 0 {
+            break;
+        }
+        assert_eq!(
+            Some(page.next_after_index),
+            read.last().copied(),
+            "a full page goes on after its last receipt"
+        );
+        after_index = page.next_after_index;
+    }
+    assert_eq!(pages, vec![1_000, 3]);
+    assert_eq!(read, refused, "every receipt once, in the log's order");
 }
