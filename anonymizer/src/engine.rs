@@ -51,7 +51,7 @@ use crate::error::{Error, Result};
 use crate::mechanisms::Mechanism;
 use crate::plan::{self, Checked, Statistic};
 use crate::release::{self, Noised, Spending};
-use crate::repeats::{KeptRepeats, RepeatCache};
+use crate::repeats::{Compact, KeptRepeats, RepeatCache};
 use crate::scan::{GuardedTable, catalog_table};
 use ledger::budget::{Account, Spend};
 
@@ -795,7 +795,8 @@ impl Engine {
     /// The release remembered under `key`: in memory, else in the kept store (read on a
     /// blocking thread, and put back in memory).
     async fn remembered(&self, key: [u8; 32]) -> Option<Release> {
-        if let Some(r) = self.repeats().get(&key) {
+        let in_memory = self.repeats().get(&key);
+        if let Some(r) = in_memory.and_then(|c| c.release()) {
             return Some(r);
         }
         let kept = self.kept.clone()?;
@@ -803,7 +804,9 @@ impl Engine {
             .await
             .ok()
             .flatten()?;
-        self.repeats().insert(key, found.clone());
+        if let Some(c) = Compact::of(&found) {
+            self.repeats().insert(key, c);
+        }
         Some(found)
     }
 
@@ -822,7 +825,9 @@ impl Engine {
             return;
         }
         let key = Self::cache_key(req, &release.sql, &release.consent_digest);
-        self.repeats().insert(key, release.clone());
+        if let Some(c) = Compact::of(release) {
+            self.repeats().insert(key, c);
+        }
     }
 
     /// Waits for an identical query in flight, then holds the key until the returned

@@ -2,6 +2,12 @@
 
 use clap::Parser as _;
 
+/// jemalloc: a long-running broker's freed memory goes back to the system within seconds
+/// (glibc's per-thread arenas held on to it; see the workspace's Cargo.toml).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     quiet_on_closed_pipe();
     let cli = broker::cli::Cli::parse();

@@ -120,17 +120,20 @@ impl Served {
         self.child.wait().unwrap();
     }
 
-    /// The broker's resident memory (kB) and open file descriptors.
-    fn usage(&self) -> (u64, usize) {
+    /// The broker's resident memory (kB), the anonymous part of it (kB: what the process
+    /// allocated, without its code pages), and its open file descriptors.
+    fn usage(&self) -> (u64, u64, usize) {
         let pid = self.child.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        let kb = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-        (rss, fds)
+        (kb("VmRSS:"), kb("RssAnon:"), fds)
     }
 }
 
@@ -179,6 +182,7 @@ async fn client(
     let mut audit = v1::audit_client::AuditClient::new(channel(&url, key(&dir, "irb")));
     let hospital = key(&dir, "hospital");
     let mut n = 0u64;
+    let mut last_receipt = 0u64;
     while Instant::now() < stop {
         n += 1;
         let started = Instant::now();
@@ -196,6 +200,7 @@ async fn client(
                 match query.run(req).await {
                     Ok(stream) => match client::collect_query(stream.into_inner()).await {
                         Ok((header, _)) => {
+                            last_receipt = last_receipt.max(header.receipt_index);
                             log.lock()
                                 .unwrap()
                                 .answered
@@ -230,9 +235,11 @@ async fn client(
                     Err(s) => Err(s),
                 }
             }
+            // The IRB reads the log where it is being written (a page: at most 1,000).
             _ => match audit
                 .receipts(v1::AuditRequest {
                     study: STUDY.into(),
+                    after_index: last_receipt.saturating_sub(2_000),
                     ..Default::default()
                 })
                 .await
@@ -415,7 +422,7 @@ fn soak() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let served = Served::start(&binary, &dir);
-    let (rss0, fds0) = served.usage();
+    let (rss0, anon0, fds0) = served.usage();
     let url = served.url.clone();
     let mut rounds = Vec::new();
     // Ten rounds, so that memory and descriptors are seen over time.
@@ -424,14 +431,16 @@ fn soak() {
     for r in 0..10 {
         let started = Instant::now();
         let log = rt_block(|rt| rt.block_on(load(&url, &dir, clients, r, round)));
-        let (rss, fds) = served.usage();
+        let (rss, anon, fds) = served.usage();
         let calls = log.latencies.len();
         eprintln!(
-            "round {r}: {calls} calls in {:?}; broker RSS {} MiB, {fds} descriptors",
+            "round {r}: {calls} calls in {:?}; broker RSS {} MiB (anonymous {} MiB), {fds} \
+             descriptors",
             started.elapsed(),
-            rss / 1024
+            rss / 1024,
+            anon / 1024
         );
-        rounds.push((rss, fds));
+        rounds.push((rss, anon, fds));
         all.latencies.extend(log.latencies);
         all.errors.extend(log.errors);
         all.answered.extend(log.answered);
@@ -443,7 +452,8 @@ fn soak() {
     let total = round * 10;
     eprintln!(
         "soak: {clients} clients, {:?}; {} calls ({:.0}/s): {} answers, {} consents, {} audits; \
-         p50 {:?}, p99 {:?}, max {:?}; RSS {} -> {} MiB, descriptors {fds0} -> {}; {} errors",
+         p50 {:?}, p99 {:?}, max {:?}; RSS {} -> {} MiB (anonymous {} -> {} MiB), \
+         descriptors {fds0} -> {}; {} errors",
         total,
         lat.len(),
         lat.len() as f64 / total.as_secs_f64(),
@@ -455,7 +465,9 @@ fn soak() {
         lat.last().copied().unwrap_or_default(),
         rss0 / 1024,
         rounds.last().map_or(0, |r| r.0) / 1024,
-        rounds.last().map_or(0, |r| r.1),
+        anon0 / 1024,
+        rounds.last().map_or(0, |r| r.1) / 1024,
+        rounds.last().map_or(0, |r| r.2),
         all.errors.len()
     );
     assert!(
