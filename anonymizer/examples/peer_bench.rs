@@ -6,7 +6,10 @@
 //! `--plain` runs the same SQL on plain DataFusion over the same in-memory table, without
 //! privacy: the baseline that the DP overhead is measured against.
 //!
-//! usage: peer_bench [--plain] VISITS.parquet
+//! `--repeat N` runs each query N times and reports the median time (and every time): at 1M
+//! rows a query takes milliseconds, and one run's time is mostly the machine's noise.
+//!
+//! usage: peer_bench [--plain] [--repeat N] VISITS.parquet
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
@@ -88,7 +91,7 @@ fn result_json(batches: &[RecordBatch]) -> anyhow::Result<serde_json::Value> {
     Ok(map.into())
 }
 
-async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
+async fn run(plain: bool, repeat: usize, path: &str) -> anyhow::Result<()> {
     let t = Instant::now();
     let batches = read_parquet(path)?;
     let arrow_bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
@@ -121,30 +124,43 @@ async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
 
     let everyone = ConsentFilter::everyone();
     for (q, sql) in QUERIES {
-        let t = Instant::now();
-        let result = match (&engine, &ctx) {
-            (Some(engine), _) => {
-                let release = engine
-                    .run(&Request {
-                        scope: "peers",
-                        sql,
-                        epsilon: 1.0,
-                        delta: 0.0,
-                        // The kit's workload is pure DP, as its peers run it.
-                        mechanism: Some(anonymizer::Mechanism::Laplace),
-                        accuracy: None,
-                        filter: &everyone,
-                        budget: anonymizer::Account::new(f64::MAX, 1.0),
-                        min_cell_size: None,
-                    })
-                    .await?;
-                result_json(&release.batches)?
-            }
-            (None, Some(ctx)) => result_json(&ctx.sql(sql).await?.collect().await?)?,
-            (None, None) => unreachable!("one of the two is set"),
-        };
-        let s = t.elapsed().as_secs_f64();
-        emit(serde_json::json!({"phase": q, "s": s, "result": result}));
+        let mut times = Vec::with_capacity(repeat);
+        let mut result = serde_json::Value::Null;
+        for k in 0..repeat {
+            let t = Instant::now();
+            result = match (&engine, &ctx) {
+                (Some(engine), _) => {
+                    let release = engine
+                        .run(&Request {
+                            scope: "peers",
+                            sql,
+                            // Each run its own query (not a free identical repeat), at the
+                        // same epsilon to within 1e-9.
+                        epsilon: 1.0 + k as f64 * 1e-12,
+                            delta: 0.0,
+                            // The kit's workload is pure DP, as its peers run it.
+                            mechanism: Some(anonymizer::Mechanism::Laplace),
+                            accuracy: None,
+                            filter: &everyone,
+                            budget: anonymizer::Account::new(f64::MAX, 1.0),
+                            min_cell_size: None,
+                        })
+                        .await?;
+                    result_json(&release.batches)?
+                }
+                (None, Some(ctx)) => result_json(&ctx.sql(sql).await?.collect().await?)?,
+                (None, None) => unreachable!("one of the two is set"),
+            };
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let s = sorted[sorted.len() / 2];
+        if repeat == 1 {
+            emit(serde_json::json!({"phase": q, "s": s, "result": result}));
+        } else {
+            emit(serde_json::json!({"phase": q, "s": s, "runs": times, "result": result}));
+        }
     }
     let notes = if plain {
         "non-private baseline: the same SQL on DataFusion over the same in-memory table"
@@ -168,11 +184,19 @@ async fn run(plain: bool, path: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plain = args.iter().any(|a| a == "--plain");
+    let repeat = match args.iter().position(|a| a == "--repeat") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow::anyhow!("--repeat takes a number of runs, 1 or more"))?,
+        None => 1,
+    };
     let Some(path) = args.last().filter(|p| p.ends_with(".parquet")) else {
-        anyhow::bail!("usage: peer_bench [--plain] VISITS.parquet");
+        anyhow::bail!("usage: peer_bench [--plain] [--repeat N] VISITS.parquet");
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(plain, path))
+        .block_on(run(plain, repeat, path))
 }
