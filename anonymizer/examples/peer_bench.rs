@@ -135,8 +135,8 @@ async fn run(plain: bool, repeat: usize, path: &str) -> anyhow::Result<()> {
                             scope: "peers",
                             sql,
                             // Each run its own query (not a free identical repeat), at the
-                        // same epsilon to within 1e-9.
-                        epsilon: 1.0 + k as f64 * 1e-12,
+                            // same epsilon to within 1e-9.
+                            epsilon: 1.0 + k as f64 * 1e-12,
                             delta: 0.0,
                             // The kit's workload is pure DP, as its peers run it.
                             mechanism: Some(anonymizer::Mechanism::Laplace),
