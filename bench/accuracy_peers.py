@@ -27,8 +27,6 @@ hours. The released measurement is the same either way. The 95% half-width is Op
 `summarize(alpha=0.05)`; for the mean OpenDP reports the noisy sum's and count's, not the
 mean's, so it is left empty.
 """
-import json
-import statistics
 import sys
 import warnings
 
@@ -36,14 +34,12 @@ import opendp.prelude as dp
 import polars as pl
 from opendp.accuracy import summarize_polars_measurement
 
+import accuracy_common as common
+from accuracy_common import DIAGNOSES, errors
+
 warnings.filterwarnings("ignore")
 dp.enable_features("contrib")
 
-DIAGNOSES = (
-    "E11 I10 E78 J44 I25 N18 E66 F32 J45 K21 M54 I48 E03 G47 F41 M17 I50 N39 K57 M81 "
-    "G43 L40 D50 R73 E55 J18 I63 C50 C61 C34 F17 K70 B18 M06 G20 G30 F20 H40 H25 N40 "
-    "I70 I21 E10 J30 K29 L20 M10 R10 R07 Z00"
-).split()
 BIG = 20_000_000
 UNIT = dp.unit_of(contributions=1, identifier="patient_id")
 
@@ -66,25 +62,13 @@ def context(lf, by, **loss):
     )
 
 
-def errors(truth, got, abs_e, rel_e):
-    for k, t in truth.items():
-        e = abs(got.get(k, 0.0) - t)
-        abs_e.append(e)
-        rel_e.append(e / max(abs(t), 1.0))
-
-
 def cells(df, keys, value):
     return {"|".join(str(r[k]) for k in keys): float(r[value]) for r in df.iter_rows(named=True)
             if r[value] is not None}
 
 
-def emit(name, extra, abs_e, rel_e, widths, runs, n):
-    print(json.dumps({
-        "dataset": "visits", "query": name, "contender": "opendp-polars", **extra,
-        "cells": n, "runs": runs,
-        "median_abs_error": statistics.median(abs_e), "median_rel_error": statistics.median(rel_e),
-        "median_ci95": statistics.median(widths) if widths else None,
-    }), flush=True)
+def emit(*args):
+    common.emit('opendp-polars', *args)
 
 
 def total_rho(epsilon=1.0, delta=1e-6):

@@ -20,10 +20,8 @@ dp-accounting package) when it imports, else NaiveBudgetAccountant (an even spli
 (0.01, 1e-8) per count). Half-widths come from the noise standard deviation PipelineDP reports
 (`output_noise_stddev`): Laplace b ln 20 with b = sd / sqrt 2, Gaussian 1.96 sd; MEAN reports none.
 """
-import json
 import math
 import os
-import statistics
 import sys
 import time
 from importlib.metadata import version
@@ -31,19 +29,15 @@ from importlib.metadata import version
 import pipeline_dp as pdp
 import pyarrow.parquet as pq
 
+import accuracy_common as common
+from accuracy_common import BANDS, DIAGNOSES, SEXES, errors
+
 try:
     import dp_accounting  # noqa: F401  (PLDBudgetAccountant needs it imported)
     HAVE_PLD = True
 except ImportError:
     HAVE_PLD = False
 
-DIAGNOSES = (
-    "E11 I10 E78 J44 I25 N18 E66 F32 J45 K21 M54 I48 E03 G47 F41 M17 I50 N39 K57 M81 "
-    "G43 L40 D50 R73 E55 J18 I63 C50 C61 C34 F17 K70 B18 M06 G20 G30 F20 H40 H25 N40 "
-    "I70 I21 E10 J30 K29 L20 M10 R10 R07 Z00"
-).split()
-SEXES = ["F", "M"]
-BANDS = ["18-44", "45-64", "65+"]
 PID, DX, SEX, BAND, HBA1C = range(5)
 Z975 = 1.959963984540054
 
@@ -52,21 +46,8 @@ def band(year):
     return "18-44" if year >= 1981 else "45-64" if year >= 1961 else "65+"
 
 
-def errors(truth, got, abs_e, rel_e):
-    for k, t in truth.items():
-        e = abs(got.get(k, 0.0) - t)
-        abs_e.append(e)
-        rel_e.append(e / max(abs(t), 1.0))
-
-
-def emit(name, extra, abs_e, rel_e, widths, runs, n, wall):
-    print(json.dumps({
-        "dataset": "visits", "query": name, "contender": "pipelinedp", **extra,
-        "cells": n, "runs": runs,
-        "median_abs_error": statistics.median(abs_e), "median_rel_error": statistics.median(rel_e),
-        "median_ci95": statistics.median(widths) if widths else None,
-        "wall_s": round(wall, 1),
-    }), flush=True)
+def emit(*args):
+    common.emit('pipelinedp', *args)
 
 
 def half_width(noise, sd):

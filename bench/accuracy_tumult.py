@@ -24,10 +24,8 @@ added to the Spark DataFrame before the Session, as accuracy_peers.py adds it in
 half-width is Tumult's own inverse CDF of the noise (`Session._noise_info`, at 0.975); for the
 mean Tumult reports the sum's and count's noise, not the mean's, so it is left empty.
 """
-import json
 import math
 import os
-import statistics
 import sys
 import time
 from importlib.metadata import version
@@ -39,30 +37,13 @@ from tmlt.analytics import (AddRowsWithID, KeySet, MaxGroupsPerID, MaxRowsPerID,
 from tmlt.analytics._noise_info import _inverse_cdf
 from tmlt.analytics.utils import cleanup
 
-DIAGNOSES = (
-    "E11 I10 E78 J44 I25 N18 E66 F32 J45 K21 M54 I48 E03 G47 F41 M17 I50 N39 K57 M81 "
-    "G43 L40 D50 R73 E55 J18 I63 C50 C61 C34 F17 K70 B18 M06 G20 G30 F20 H40 H25 N40 "
-    "I70 I21 E10 J30 K29 L20 M10 R10 R07 Z00"
-).split()
-SEXES = ["F", "M"]
-BANDS = ["18-44", "45-64", "65+"]
+import accuracy_common as common
+from accuracy_common import BANDS, DIAGNOSES, SEXES, errors
 
 
-def errors(truth, got, abs_e, rel_e):
-    for k, t in truth.items():
-        e = abs(got.get(k, 0.0) - t)
-        abs_e.append(e)
-        rel_e.append(e / max(abs(t), 1.0))
 
-
-def emit(name, extra, abs_e, rel_e, widths, runs, n, wall):
-    print(json.dumps({
-        "dataset": "visits", "query": name, "contender": "tumult", **extra,
-        "cells": n, "runs": runs,
-        "median_abs_error": statistics.median(abs_e), "median_rel_error": statistics.median(rel_e),
-        "median_ci95": statistics.median(widths) if widths else None,
-        "wall_s": round(wall, 1),
-    }), flush=True)
+def emit(*args):
+    common.emit('tumult', *args)
 
 
 def cells(rows, keys, value="n"):
