@@ -1667,6 +1667,13 @@ async fn repeats_stay_free_and_identical_while_memory_stays_bounded() {
         assert!(again.repeated, "{sql}");
         assert_eq!((again.epsilon, again.delta), (0.0, 0.0));
         assert_eq!(again.result_digest, was.result_digest, "{sql}");
+        // The very rows, not only their recorded digest (memory keeps them encoded).
+        assert_eq!(again.batches, was.batches, "{sql}");
+        assert_eq!(
+            crate::release::digest(&again.schema, &again.batches).unwrap(),
+            was.result_digest,
+            "{sql}"
+        );
     }
     assert!(
         store.1.load(std::sync::atomic::Ordering::Relaxed) > 0,
