@@ -91,6 +91,39 @@ fn result_json(batches: &[RecordBatch]) -> anyhow::Result<serde_json::Value> {
     Ok(map.into())
 }
 
+/// The `k`th run of one query: through the engine (DP), else on plain DataFusion.
+async fn run_once(
+    engine: Option<&Engine>,
+    ctx: Option<&SessionContext>,
+    everyone: &ConsentFilter,
+    sql: &str,
+    k: usize,
+) -> anyhow::Result<serde_json::Value> {
+    match (engine, ctx) {
+        (Some(engine), _) => {
+            let release = engine
+                .run(&Request {
+                    scope: "peers",
+                    sql,
+                    // Each run its own query (not a free identical repeat), at the same
+                    // epsilon to within 1e-9.
+                    epsilon: 1.0 + k as f64 * 1e-12,
+                    delta: 0.0,
+                    // The kit's workload is pure DP, as its peers run it.
+                    mechanism: Some(anonymizer::Mechanism::Laplace),
+                    accuracy: None,
+                    filter: everyone,
+                    budget: anonymizer::Account::new(f64::MAX, 1.0),
+                    min_cell_size: None,
+                })
+                .await?;
+            result_json(&release.batches)
+        }
+        (None, Some(ctx)) => result_json(&ctx.sql(sql).await?.collect().await?),
+        (None, None) => unreachable!("one of the two is set"),
+    }
+}
+
 async fn run(plain: bool, repeat: usize, path: &str) -> anyhow::Result<()> {
     let t = Instant::now();
     let batches = read_parquet(path)?;
@@ -128,39 +161,17 @@ async fn run(plain: bool, repeat: usize, path: &str) -> anyhow::Result<()> {
         let mut result = serde_json::Value::Null;
         for k in 0..repeat {
             let t = Instant::now();
-            result = match (&engine, &ctx) {
-                (Some(engine), _) => {
-                    let release = engine
-                        .run(&Request {
-                            scope: "peers",
-                            sql,
-                            // Each run its own query (not a free identical repeat), at the
-                            // same epsilon to within 1e-9.
-                            epsilon: 1.0 + k as f64 * 1e-12,
-                            delta: 0.0,
-                            // The kit's workload is pure DP, as its peers run it.
-                            mechanism: Some(anonymizer::Mechanism::Laplace),
-                            accuracy: None,
-                            filter: &everyone,
-                            budget: anonymizer::Account::new(f64::MAX, 1.0),
-                            min_cell_size: None,
-                        })
-                        .await?;
-                    result_json(&release.batches)?
-                }
-                (None, Some(ctx)) => result_json(&ctx.sql(sql).await?.collect().await?)?,
-                (None, None) => unreachable!("one of the two is set"),
-            };
+            result = run_once(engine.as_ref(), ctx.as_ref(), &everyone, sql, k).await?;
             times.push(t.elapsed().as_secs_f64());
         }
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
-        let s = sorted[sorted.len() / 2];
-        if repeat == 1 {
-            emit(serde_json::json!({"phase": q, "s": s, "result": result}));
-        } else {
-            emit(serde_json::json!({"phase": q, "s": s, "runs": times, "result": result}));
+        let mut line =
+            serde_json::json!({"phase": q, "s": sorted[sorted.len() / 2], "result": result});
+        if repeat > 1 {
+            line["runs"] = times.into();
         }
+        emit(line);
     }
     let notes = if plain {
         "non-private baseline: the same SQL on DataFusion over the same in-memory table"

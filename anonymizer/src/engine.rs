@@ -804,10 +804,15 @@ impl Engine {
             .await
             .ok()
             .flatten()?;
-        if let Some(c) = Compact::of(&found) {
+        self.keep(key, &found);
+        Some(found)
+    }
+
+    /// Keeps `release` in memory under `key` (encoded before the lock is taken).
+    fn keep(&self, key: [u8; 32], release: &Release) {
+        if let Some(c) = Compact::of(release) {
             self.repeats().insert(key, c);
         }
-        Some(found)
     }
 
     /// Runs a query and releases its noisy result, remembering it for identical repeats.
@@ -825,9 +830,7 @@ impl Engine {
             return;
         }
         let key = Self::cache_key(req, &release.sql, &release.consent_digest);
-        if let Some(c) = Compact::of(release) {
-            self.repeats().insert(key, c);
-        }
+        self.keep(key, release);
     }
 
     /// Waits for an identical query in flight, then holds the key until the returned
