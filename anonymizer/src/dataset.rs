@@ -130,6 +130,45 @@ impl Table {
     }
 }
 
+impl Table {
+    /// For each of its columns declared `per_unit`, how many units hold more than one value
+    /// in it (NULL is a value): a registration refuses them, since every query would drop
+    /// such a unit's rows past its first group (the count only, never the values). Rows past
+    /// a unit's bound are in no answer and not looked at.
+    pub fn varying_per_unit(&self, policy: &Policy) -> Result<Vec<(String, u64)>> {
+        let (table, batches) = (&self.name, &self.batches);
+        let Some(tp) = policy.tables.get(table) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (column, _) in tp.columns.iter().filter(|(_, cp)| cp.per_unit) {
+            // Each unit's first value, and whether another was seen.
+            let mut first: HashMap<u32, (Option<String>, bool)> = HashMap::new();
+            for b in batches {
+                let (Some(c), Some(u)) = (b.column_by_name(column), b.column_by_name(UNIT_COLUMN))
+                else {
+                    continue;
+                };
+                let text = arrow::compute::cast(c, &DataType::Utf8)
+                    .map_err(|e| Error::Dataset(format!("table {table}, column {column}: {e}")))?;
+                let text = text.as_string::<i32>();
+                let units = u.as_primitive::<arrow::datatypes::UInt32Type>();
+                for (unit, v) in units.values().iter().zip(text.iter()) {
+                    match first.get_mut(unit) {
+                        Some((seen, varies)) => *varies |= seen.as_deref() != v,
+                        None => {
+                            first.insert(*unit, (v.map(str::to_owned), false));
+                        }
+                    }
+                }
+            }
+            let varying = first.values().filter(|(_, varies)| *varies).count() as u64;
+            out.push((column.clone(), varying));
+        }
+        Ok(out)
+    }
+}
+
 /// One table of a dataset, in memory.
 #[derive(Debug)]
 pub struct Table {

@@ -738,6 +738,34 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
         )?,
         None => None,
     };
+    // Columns with one value per patient (sex, birth year) in a table with several rows per
+    // patient: a GROUP BY over them puts each patient in one group.
+    if let (Some(u), Some((_, _, most))) = (&privacy_unit, per_unit)
+        && most > 1
+    {
+        let u = schema
+            .index_of(u)
+            .map_err(|e| Error::Dataset(e.to_string()))?;
+        let units = unit_numbers(batches, u)?;
+        for (i, f) in findings.iter_mut().enumerate() {
+            if matches!(
+                f.class,
+                ColumnClass::PrivacyUnit | ColumnClass::DirectIdentifier
+            ) {
+                continue;
+            }
+            if one_value_per_unit(batches, i, &units)? {
+                shapes[i].per_unit = true;
+                f.reasons.push(
+                    "one value per patient on every row (every row read): proposed per_unit \
+                     (a GROUP BY over it puts a patient in one group, so patient counts by it \
+                     get the noise of one group; registration refuses it if a patient has two \
+                     values)"
+                        .into(),
+                );
+            }
+        }
+    }
     let policy_toml = to_toml(
         table,
         rows,
@@ -839,6 +867,52 @@ fn rows_per_unit(batches: &[RecordBatch], unit: usize) -> Result<Option<(usize, 
     Ok(Some((at(0.5), at(0.99), n[n.len() - 1])))
 }
 
+/// Each row's unit as a dense number (per batch, in row order).
+fn unit_numbers(batches: &[RecordBatch], unit: usize) -> Result<Vec<Vec<u32>>> {
+    let mut numbers: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(batches.len());
+    for b in batches {
+        let text = arrow::compute::cast(b.column(unit), &DataType::Utf8)
+            .map_err(|e| Error::Dataset(e.to_string()))?;
+        let text = text.as_string::<i32>();
+        let mut each = Vec::with_capacity(text.len());
+        for v in text.iter() {
+            let v = v.unwrap_or_default();
+            let next = numbers.len() as u32;
+            each.push(match numbers.get(v) {
+                Some(n) => *n,
+                None => {
+                    numbers.insert(v.to_owned(), next);
+                    next
+                }
+            });
+        }
+        out.push(each);
+    }
+    Ok(out)
+}
+
+/// Whether column `i` holds one value (NULL being one) on all the rows of each unit.
+fn one_value_per_unit(batches: &[RecordBatch], i: usize, units: &[Vec<u32>]) -> Result<bool> {
+    let mut first: Vec<Option<Option<String>>> = Vec::new();
+    for (b, units) in batches.iter().zip(units) {
+        let text = arrow::compute::cast(b.column(i), &DataType::Utf8)
+            .map_err(|e| Error::Dataset(e.to_string()))?;
+        for (v, &u) in text.as_string::<i32>().iter().zip(units) {
+            let u = u as usize;
+            if u >= first.len() {
+                first.resize(u + 1, None);
+            }
+            match &first[u] {
+                Some(seen) if seen.as_deref() != v => return Ok(false),
+                Some(_) => {}
+                None => first[u] = Some(v.map(str::to_owned)),
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// The number of non-null values of column `i` when they are all distinct (and there are
 /// some).
 fn all_distinct(batches: &[RecordBatch], i: usize) -> Result<Option<usize>> {
@@ -865,6 +939,8 @@ struct Shape {
     bounds: Option<[f64; 2]>,
     /// Bounds per value of a key column (an entity-attribute-value table's code).
     key_bounds: Option<(String, KeyBounds)>,
+    /// One value per unit on every row (`per_unit`).
+    per_unit: bool,
 }
 
 /// Bounds per value of a key column, in the key's order.
@@ -903,8 +979,7 @@ fn value_shape(batches: &[RecordBatch], i: usize) -> Result<Shape> {
             };
             return Ok(Shape {
                 domain: Some(domain),
-                bounds: None,
-                key_bounds: None,
+                ..Shape::default()
             });
         }
     }
@@ -925,9 +1000,8 @@ fn value_shape(batches: &[RecordBatch], i: usize) -> Result<Shape> {
         return Ok(Shape::default());
     }
     Ok(Shape {
-        domain: None,
         bounds: percentile_bounds(values),
-        key_bounds: None,
+        ..Shape::default()
     })
 }
 
@@ -1101,6 +1175,9 @@ fn to_toml(
         }
         if let Some([lo, hi]) = shape.bounds {
             let _ = write!(value, ", bounds = [{lo:?}, {hi:?}]");
+        }
+        if shape.per_unit {
+            value.push_str(", per_unit = true");
         }
         if let Some((key, per)) = &shape.key_bounds {
             let each: Vec<String> = per

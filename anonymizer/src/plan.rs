@@ -287,22 +287,6 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
             },
         }
     }
-    // Keys read only from tables with one row per unit (a patient's demographics) are the
-    // same on every row of that unit, joined or not (joins are on the unit): each unit is in
-    // one group. (The engine enforces it on the data like any groups bound.)
-    let mut bounds = policy.query_bounds(&input.tables);
-    if !aggregate.group_expr.is_empty() {
-        let mut one_row_keys = true;
-        for g in &aggregate.group_expr {
-            for c in g.column_refs() {
-                let (table, _) = resolve(c)?;
-                one_row_keys &= policy.table_bounds(table).rows == 1;
-            }
-        }
-        if one_row_keys {
-            bounds.groups = 1;
-        }
-    }
     let keys = if aggregate.group_expr.is_empty() {
         Keys::None
     } else if all_public {
@@ -310,6 +294,34 @@ pub fn check(plan: LogicalPlan, policy: &Policy) -> Result<Checked> {
     } else {
         Keys::Selected
     };
+    // Keys read only from columns with one value per unit (of tables with one row per unit,
+    // a patient's demographics, or declared `per_unit`) are the same on every row of that
+    // unit, joined or not (joins are on the unit): each unit is in one group. The engine
+    // enforces it on the data like any groups bound (a wrong declaration loses rows, not
+    // privacy); it is declared only where one group makes some calibration smaller, since
+    // enforcing it costs a ranking of every row.
+    let mut bounds = policy.query_bounds(&input.tables);
+    if !aggregate.group_expr.is_empty() {
+        let mut one_per_unit = true;
+        for g in &aggregate.group_expr {
+            for c in g.column_refs() {
+                let (table, cp) = resolve(c)?;
+                one_per_unit &= cp.per_unit || policy.table_bounds(table).rows == 1;
+            }
+        }
+        let one = Bounds {
+            groups: 1,
+            ..bounds
+        };
+        let smaller = keys == Keys::Selected
+            || one.rows_l1(true) < bounds.rows_l1(true)
+            || stats
+                .iter()
+                .any(|s| matches!(s, Statistic::CountUnits | Statistic::Quantile { .. }));
+        if one_per_unit && smaller {
+            bounds = one;
+        }
+    }
     Ok(Checked {
         joined: input.joins > 0,
         calls,

@@ -20,6 +20,7 @@
 //! zip         = { class = "quasi_identifier", generalize = "zip3" }
 //! hba1c       = { class = "sensitive", bounds = [4.0, 14.0] }
 //! diagnosis   = { class = "public", domain = ["E11", "I10"] }
+//! sex         = { class = "public", domain = ["F", "M"], per_unit = true }
 //! code        = { class = "public" }
 //! value       = { class = "sensitive", bounds_by = "code", key_bounds = { "4548-4" = [4.0, 14.0] } }
 //! ```
@@ -30,7 +31,9 @@
 //! to them), or bounds that depend on another column of the row (`bounds_by`, for
 //! entity-attribute-value tables: each row's value is clamped to its code's bounds, a row
 //! whose code has none is left out). A `domain` makes a column's GROUP BY keys public: every key is released, empty
-//! ones too, and no partition selection is needed. `generalize` (quasi-identifiers only) says
+//! ones too, and no partition selection is needed. `per_unit` says the column holds one value
+//! per patient: keys over such columns alone put a patient in one group (checked at
+//! registration, enforced by every query). `generalize` (quasi-identifiers only) says
 //! how extracts release the column (see [`crate::safe_harbor::Rule::parse`]). The README has
 //! the full file format.
 
@@ -116,6 +119,13 @@ pub struct ColumnPolicy {
     /// group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub years: Option<[i32; 2]>,
+    /// The column holds one value per unit (a patient's sex or birth year, repeated on each of
+    /// its rows): a GROUP BY over such columns alone puts each patient in one group, so its
+    /// queries are calibrated to one group per patient. Registration checks it on the data;
+    /// the engine enforces it on every query like any groups bound (a patient's rows past its
+    /// first group are dropped), so a wrong declaration loses rows, never privacy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_unit: bool,
 }
 
 impl ColumnPolicy {
@@ -129,6 +139,7 @@ impl ColumnPolicy {
             bounds_by: None,
             key_bounds: None,
             years: None,
+            per_unit: false,
         }
     }
 }
@@ -301,6 +312,17 @@ impl Policy {
                 {
                     return bad(format!(
                         "table {t}, column {c}: only a readable date column has years"
+                    ));
+                }
+                if cp.per_unit
+                    && matches!(
+                        cp.class,
+                        ColumnClass::DirectIdentifier | ColumnClass::PrivacyUnit
+                    )
+                {
+                    return bad(format!(
+                        "table {t}, column {c}: only a readable column is per_unit (the unit \
+                         itself is one group per unit already)"
                     ));
                 }
                 if let Some([lo, hi]) = cp.bounds

@@ -1102,7 +1102,10 @@ fn moved(a: &RecordBatch, b: &RecordBatch, n_keys: usize, col: &str) -> (f64, f6
 /// Policies whose bounds the sensitivity tests try: the default (10 rows per patient), 2
 /// groups per patient, per-table bounds with rows per group, and bounds by diagnosis.
 pub(crate) fn bound_policies() -> Vec<(&'static str, Policy)> {
-    let edit = |from: &str, to: &str| Policy::from_toml(&POLICY.replace(from, to)).unwrap();
+    let edit = |from: &str, to: &str| {
+        assert!(POLICY.contains(from), "{from}");
+        Policy::from_toml(&POLICY.replace(from, to)).unwrap()
+    };
     vec![
         ("default", Policy::from_toml(POLICY).unwrap()),
         (
@@ -1118,6 +1121,19 @@ pub(crate) fn bound_policies() -> Vec<(&'static str, Policy)> {
                 "[tables.visits.columns]",
                 "[tables.visits]\nmax_groups_per_unit = 3\nmax_rows_per_group = 2\n\n\
                  [tables.patients]\nmax_rows_per_unit = 1\n\n[tables.visits.columns]",
+            ),
+        ),
+        // sex is one value per patient; zip3 is declared so but varies within patients (a
+        // wrong declaration: the engine enforces one group per patient all the same).
+        (
+            "per unit",
+            edit(
+                "sex = { class = \"public\", domain = [\"F\", \"M\"] }\n\
+                 diagnosis = { class = \"sensitive\", domain = [\"E11\", \"I10\", \"J45\"] }\n\
+                 zip3 = { class = \"quasi_identifier\" }",
+                "sex = { class = \"public\", domain = [\"F\", \"M\"], per_unit = true }\n\
+                 diagnosis = { class = \"sensitive\", domain = [\"E11\", \"I10\", \"J45\"] }\n\
+                 zip3 = { class = \"quasi_identifier\", per_unit = true }",
             ),
         ),
         (
@@ -1171,6 +1187,15 @@ const SENSITIVITY_QUERIES: &[(&str, usize)] = &[
     ),
     (
         "SELECT sex, diagnosis, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex, diagnosis",
+        2,
+    ),
+    (
+        "SELECT sex, COUNT(DISTINCT patient_id), COUNT(*) FROM visits GROUP BY sex",
+        1,
+    ),
+    (
+        "SELECT sex, substr(zip3, 1, 2), COUNT(DISTINCT patient_id) FROM visits \
+         GROUP BY sex, substr(zip3, 1, 2)",
         2,
     ),
     (
@@ -1351,6 +1376,37 @@ fn calibrations_are_those_the_bounds_give_and_a_smaller_one_is_caught() {
             2.0,
         ),
         ("per table", "SELECT COUNT(*) FROM patients", "__s0_n", 1.0),
+        // Keys over per-unit columns alone: one group per patient, 10 rows in it.
+        (
+            "default",
+            "SELECT sex, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex",
+            "__s0_n",
+            2.0,
+        ),
+        (
+            "per unit",
+            "SELECT sex, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex",
+            "__s0_n",
+            1.0,
+        ),
+        (
+            "per unit",
+            "SELECT sex, COUNT(*) FROM visits GROUP BY sex",
+            "__s0_n",
+            10.0,
+        ),
+        (
+            "per unit",
+            "SELECT zip3, COUNT(DISTINCT patient_id) FROM visits GROUP BY zip3",
+            "__u",
+            1.0,
+        ),
+        (
+            "per unit",
+            "SELECT sex, diagnosis, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex, diagnosis",
+            "__s0_n",
+            6.0,
+        ),
         ("per table", "SELECT COUNT(*) FROM visits", "__s0_n", 2.0),
         (
             "per table",
@@ -1419,6 +1475,11 @@ fn calibrations_are_those_the_bounds_give_and_a_smaller_one_is_caught() {
             1,
         ),
         (
+            "per unit",
+            "SELECT sex, COUNT(DISTINCT patient_id) FROM visits GROUP BY sex",
+            1,
+        ),
+        (
             "2 groups",
             "SELECT zip3, COUNT(DISTINCT patient_id) FROM visits GROUP BY zip3",
             1,
@@ -1440,6 +1501,103 @@ fn calibrations_are_those_the_bounds_give_and_a_smaller_one_is_caught() {
             worst.0 > 1.0,
             "{p}: {sql}: half the calibration was never exceeded ({})",
             worst.1
+        );
+    }
+}
+
+/// Each patient's bounded rows (its first `k` in table order, as loading keeps them), by id.
+fn bounded_rows(raw: &RecordBatch, k: usize) -> std::collections::BTreeMap<i64, Vec<usize>> {
+    let ids = raw
+        .column_by_name("patient_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let mut rows: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+    for (i, id) in ids.values().iter().enumerate() {
+        let r = rows.entry(*id).or_default();
+        if r.len() < k {
+            r.push(i);
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_per_unit_column_is_checked_on_the_data_and_enforced_when_wrong() {
+    let patients = 40;
+    let raw = visits(patients);
+    let policy = bound_policies()
+        .into_iter()
+        .find(|(n, _)| *n == "per unit")
+        .unwrap()
+        .1;
+    // Ground truth from the raw rows: the patients whose bounded rows hold more than one
+    // zip3 (the declaration is wrong for them); sex is one per patient.
+    let zip3 = raw.column_by_name("zip3").unwrap().as_string::<i32>();
+    let rows = bounded_rows(&raw, 10);
+    let varying = rows
+        .values()
+        .filter(|r| {
+            let z: std::collections::BTreeSet<&str> = r.iter().map(|&i| zip3.value(i)).collect();
+            z.len() > 1
+        })
+        .count() as u64;
+    assert!(varying > 0 && varying < patients as u64, "{varying}");
+    let ds =
+        Dataset::from_batches(policy.clone(), vec![("visits".into(), vec![raw.clone()])]).unwrap();
+    let found: std::collections::BTreeMap<_, _> = ds.tables[0]
+        .varying_per_unit(&ds.policy)
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(found.get("zip3"), Some(&varying));
+    assert_eq!(found.get("sex"), Some(&0));
+    assert_eq!(found.len(), 2, "{found:?}");
+
+    // The engine enforces one group per patient all the same: over zip3 (declared per unit,
+    // wrongly), the patient counts of all groups add up to the patients, each counted once;
+    // without the declaration, to more (a patient counted in each of its zip3s).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sql = "SELECT zip3, COUNT(DISTINCT patient_id) FROM visits GROUP BY zip3";
+    let total = |p: Policy| -> f64 {
+        let e = engine_with(p, patients);
+        let raw = rt
+            .block_on(e.raw_for_tests(sql, &ConsentFilter::everyone()))
+            .unwrap();
+        let n = arrow::compute::cast(raw.column_by_name("__s0_n").unwrap(), &DataType::Float64)
+            .unwrap();
+        n.as_primitive::<Float64Type>().values().iter().sum()
+    };
+    let distinct_pairs: usize = rows
+        .values()
+        .map(|r| {
+            r.iter()
+                .map(|&i| zip3.value(i))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        })
+        .sum();
+    assert_eq!(total(policy), patients as f64);
+    assert_eq!(
+        total(Policy::from_toml(POLICY).unwrap()),
+        distinct_pairs as f64
+    );
+    // Only a readable column can be declared per unit.
+    for (from, to) in [
+        (
+            "patient_id = { class = \"privacy_unit\" }\nname",
+            "patient_id = { class = \"privacy_unit\", per_unit = true }\nname",
+        ),
+        (
+            "name = { class = \"direct_identifier\" }",
+            "name = { class = \"direct_identifier\", per_unit = true }",
+        ),
+    ] {
+        assert!(POLICY.contains(from));
+        let err = Policy::from_toml(&POLICY.replace(from, to)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only a readable column is per_unit"),
+            "{err}"
         );
     }
 }

@@ -397,6 +397,23 @@ impl Upload {
                 }
             }
         }
+        // A `per_unit` column holds one value per patient: one that does not would lose the
+        // patient's rows past its first group in every query over it.
+        for t in &dataset.tables {
+            let varying = t
+                .varying_per_unit(&dataset.policy)
+                .map_err(|e| Error::invalid(format!("dataset {}: {e}", reg.dataset)))?;
+            for (column, units) in &varying {
+                if *units > 0 {
+                    return Err(Error::invalid(format!(
+                        "table {}, column {column}: {units} patient(s) hold more than one value \
+                         in it, but the policy declares it per_unit (one value per patient); \
+                         remove per_unit from the column in policy.toml",
+                        t.name
+                    )));
+                }
+            }
+        }
         // Durable before it is referenced: files were synced on close; now the directory and
         // its parent (which names it, for a recovery after a crash).
         sync_dir(&staging).await?;

@@ -8,7 +8,7 @@ pub const DIAGNOSES: &str = "E11 I10 E78 J44 I25 N18 E66 F32 J45 K21 M54 I48 E03
 
 /// The kit's table as a column policy: public key lists, the kit's bounds, at most 10 visits
 /// a patient (so at most 10 diagnoses and 10 rows in any one); sex and birth year are the
-/// patient's.
+/// patient's (`per_unit`: a GROUP BY over them puts a patient in one group).
 pub fn policy() -> String {
     let quoted = |v: Vec<String>| {
         v.iter()
@@ -25,8 +25,8 @@ max_rows_per_unit = 10
 
 [tables.visits.columns]
 patient_id = {{ class = "privacy_unit" }}
-birth_year = {{ class = "quasi_identifier", generalize = "birth_year" }}
-sex = {{ class = "public", domain = ["F", "M"] }}
+birth_year = {{ class = "quasi_identifier", generalize = "birth_year", per_unit = true }}
+sex = {{ class = "public", domain = ["F", "M"], per_unit = true }}
 zip3 = {{ class = "quasi_identifier" }}
 diagnosis = {{ class = "public", domain = [{diagnoses}] }}
 hba1c = {{ class = "sensitive", bounds = [4.0, 14.0] }}

@@ -394,6 +394,60 @@ fn the_proposed_rows_per_patient_come_from_the_data() {
 }
 
 #[test]
+fn columns_with_one_value_per_patient_are_proposed_per_unit() {
+    // 300 patients with 1 to 4 visits: sex and birth year are the patient's (the birth year
+    // NULL for some patients, on all their rows), the site is the visit's, and for the last
+    // patient alone the region changes between visits.
+    let (mut ids, mut sex, mut born, mut site, mut region) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for p in 0..300i64 {
+        for v in 0..=(p % 4) {
+            ids.push(p);
+            sex.push(["F", "M"][p as usize % 2]);
+            born.push((p % 7 != 0).then_some(1940 + p % 60));
+            site.push(["H01", "H02", "H03"][((p + v) % 3) as usize]);
+            region.push(if p == 299 && v > 0 { "west" } else { "east" });
+        }
+    }
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("patient_id", DataType::Int64, false),
+            Field::new("sex", DataType::Utf8, false),
+            Field::new("birth_year", DataType::Int64, true),
+            Field::new("site", DataType::Utf8, false),
+            Field::new("region", DataType::Utf8, false),
+        ])),
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(StringArray::from(sex)),
+            Arc::new(Int64Array::from(born)),
+            Arc::new(StringArray::from(site)),
+            Arc::new(StringArray::from(region)),
+        ],
+    )
+    .unwrap();
+    let p = inspect_batches("visits", std::slice::from_ref(&batch), &Options::default()).unwrap();
+    let policy = Policy::from_toml(&p.policy_toml).unwrap();
+    let per_unit = |c: &str| policy.column("visits", c).unwrap().per_unit;
+    assert!(
+        per_unit("sex") && per_unit("birth_year"),
+        "{}",
+        p.policy_toml
+    );
+    assert!(!per_unit("site") && !per_unit("region") && !per_unit("patient_id"));
+    // What it proposed holds on the data.
+    let ds =
+        crate::Dataset::from_batches(policy, vec![("visits".into(), vec![batch.clone()])]).unwrap();
+    let varying = ds.tables[0].varying_per_unit(&ds.policy).unwrap();
+    assert_eq!(varying.len(), 2, "{varying:?}");
+    assert!(varying.iter().all(|(_, units)| *units == 0));
+    // A table with one row per patient proposes none (its keys are one group already).
+    let one = batch.slice(0, 1);
+    let p = inspect_batches("one", &[one], &Options::default()).unwrap();
+    assert!(!p.policy_toml.contains("per_unit = true"), "{}", p.policy_toml);
+}
+
+#[test]
 fn few_values_propose_a_domain_and_numbers_propose_rounded_percentile_bounds() {
     // 1,000 patients: a site among three, a grade among five, and a lab value in [4, 15.9].
     let n = 1000i64;

@@ -79,6 +79,49 @@ async fn a_custodian_registers_versions_and_bad_uploads_change_nothing() {
         e.message()
     );
 
+    // A column declared per_unit (one value per patient) that varies within patients:
+    // refused, naming the column and the count of such patients (from the data), never a
+    // value. sex, one per patient, may be declared so.
+    let per_unit = |column: &str| {
+        let line = POLICY
+            .lines()
+            .find(|l| l.starts_with(&format!("{column} = ")))
+            .unwrap();
+        POLICY.replace(line, &line.replace(" }", ", per_unit = true }"))
+    };
+    let varying_patients = {
+        let v = visits();
+        let ids = v
+            .column_by_name("patient_id")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .clone();
+        let h = v
+            .column_by_name("hba1c")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>()
+            .clone();
+        let mut seen = std::collections::BTreeMap::<i64, std::collections::BTreeSet<u64>>::new();
+        for (id, x) in ids.values().iter().zip(h.values()) {
+            seen.entry(*id).or_default().insert(x.to_bits());
+        }
+        seen.values().filter(|s| s.len() > 1).count()
+    };
+    assert!(varying_patients > 0);
+    let e = w
+        .upload(&hospital, "visits", 3, &per_unit("hba1c"), &f)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        e.message(),
+        format!(
+            "table visits, column hba1c: {varying_patients} patient(s) hold more than one value \
+             in it, but the policy declares it per_unit (one value per patient); remove \
+             per_unit from the column in policy.toml"
+        )
+    );
+
     // Only custodians register datasets.
     let e = w
         .upload(&key("alice"), "other", 1, POLICY, &f)
@@ -124,6 +167,10 @@ async fn a_custodian_registers_versions_and_bad_uploads_change_nothing() {
     let mut leftovers = leftovers;
     leftovers.sort();
     assert_eq!(leftovers, vec!["1", "2"], "no staging directory is left");
+    // sex holds one value per patient: declared per_unit, the version is registered.
+    w.upload(&hospital, "visits", 3, &per_unit("sex"), &f)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
