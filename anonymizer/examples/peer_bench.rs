@@ -9,7 +9,12 @@
 //! `--repeat N` runs each query N times and reports the median time (and every time): at 1M
 //! rows a query takes milliseconds, and one run's time is mostly the machine's noise.
 //!
-//! usage: peer_bench [--plain] [--repeat N] VISITS.parquet
+//! `--compare` (with `--repeat N`) loads both and runs each query N times through the engine
+//! and N times on plain DataFusion, alternating, then prints per query the two medians and
+//! their ratio: the DP overhead measured side by side in one process, so the machine's other
+//! work weighs on both alike.
+//!
+//! usage: peer_bench [--plain | --compare] [--repeat N] VISITS.parquet
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
@@ -124,6 +129,54 @@ async fn run_once(
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `--compare`: each query alternately through the engine and on plain DataFusion.
+async fn compare(repeat: usize, path: &str) -> anyhow::Result<()> {
+    let batches = read_parquet(path)?;
+    let schema = batches
+        .first()
+        .map(RecordBatch::schema)
+        .ok_or_else(|| anyhow::anyhow!("empty table"))?;
+    let parts = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut partitions = vec![Vec::new(); parts];
+    for (i, b) in batches.iter().enumerate() {
+        partitions[i % parts].push(b.clone());
+    }
+    let ctx = SessionContext::new();
+    ctx.register_table("visits", Arc::new(MemTable::try_new(schema, partitions)?))?;
+    let policy = Policy::from_toml(&visits_kit::policy())?;
+    let dataset = Dataset::from_batches(policy, vec![("visits".to_owned(), batches)])?;
+    let engine = Engine::with_limits(dataset, anonymizer::Limits::unscheduled())?;
+    let everyone = ConsentFilter::everyone();
+    let (mut dp_total, mut plain_total) = (0.0, 0.0);
+    for (q, sql) in QUERIES {
+        let (mut dp, mut plain) = (Vec::new(), Vec::new());
+        for k in 0..repeat {
+            let t = Instant::now();
+            run_once(Some(&engine), None, &everyone, sql, k).await?;
+            dp.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            run_once(None, Some(&ctx), &everyone, sql, k).await?;
+            plain.push(t.elapsed().as_secs_f64());
+        }
+        let (d, p) = (median(dp), median(plain));
+        dp_total += d;
+        plain_total += p;
+        emit(
+            serde_json::json!({"phase": q, "dp_s": d, "plain_s": p, "ratio": d / p, "runs": repeat}),
+        );
+    }
+    emit(serde_json::json!({
+        "phase": "total", "dp_s": dp_total, "plain_s": plain_total,
+        "ratio": dp_total / plain_total, "runs": repeat,
+    }));
+    Ok(())
+}
+
 async fn run(plain: bool, repeat: usize, path: &str) -> anyhow::Result<()> {
     let t = Instant::now();
     let batches = read_parquet(path)?;
@@ -204,10 +257,14 @@ fn main() -> anyhow::Result<()> {
         None => 1,
     };
     let Some(path) = args.last().filter(|p| p.ends_with(".parquet")) else {
-        anyhow::bail!("usage: peer_bench [--plain] [--repeat N] VISITS.parquet");
+        anyhow::bail!("usage: peer_bench [--plain | --compare] [--repeat N] VISITS.parquet");
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(plain, repeat, path))
+        .build()?;
+    if args.iter().any(|a| a == "--compare") {
+        rt.block_on(compare(repeat, path))
+    } else {
+        rt.block_on(run(plain, repeat, path))
+    }
 }

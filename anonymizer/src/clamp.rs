@@ -9,7 +9,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::AsArray;
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::common::{Result as DfResult, exec_err};
 use datafusion::logical_expr::{
@@ -99,12 +99,19 @@ impl ScalarUDFImpl for ClampUdf {
         let out: arrow::array::ArrayRef = match self.clamp {
             Clamp::Float { lo, hi, shift } => {
                 let a = arr.as_primitive::<Float64Type>();
-                if a.values().iter().any(|v| v.is_nan()) {
-                    Arc::new(a.unary_opt::<_, Float64Type>(|v| {
-                        (!v.is_nan()).then(|| v.clamp(lo, hi) - shift)
-                    }))
+                // One vectorized pass (a NaN stays NaN through clamp), then NaNs become NULL.
+                let out = a.unary::<_, Float64Type>(|v| v.clamp(lo, hi) - shift);
+                let values = a.values();
+                if values.iter().any(|v| v.is_nan()) {
+                    let numbers = arrow::buffer::NullBuffer::new(
+                        arrow::buffer::BooleanBuffer::collect_bool(values.len(), |i| {
+                            !values[i].is_nan()
+                        }),
+                    );
+                    let nulls = arrow::buffer::NullBuffer::union(out.nulls(), Some(&numbers));
+                    Arc::new(arrow::array::Float64Array::new(out.values().clone(), nulls))
                 } else {
-                    Arc::new(a.unary::<_, Float64Type>(|v| v.clamp(lo, hi) - shift))
+                    Arc::new(out)
                 }
             }
             Clamp::Int { lo, hi } => Arc::new(
@@ -119,7 +126,7 @@ impl ScalarUDFImpl for ClampUdf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Array, Float64Array, Int64Array};
+    use arrow::array::{Float64Array, Int64Array};
     use datafusion::prelude::SessionContext;
 
     #[tokio::test]

@@ -399,17 +399,25 @@ const GROUP_RANK_COLUMN: &str = "__consentry_group";
 const GROUP_ROW_COLUMN: &str = "__consentry_group_row";
 
 /// The aggregate expressions computing each statistic's raw (pre-noise) values; with
-/// `units`, the patients per group too (`__u`, for partition selection).
-pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr, units: bool) -> Vec<Expr> {
+/// `units`, the patients per group too (`__u`, for partition selection). A statistic whose
+/// raw column is one already computed (`COUNT(*)` is `__n`, `COUNT(DISTINCT patient_id)` is
+/// `__u`) is not computed twice: it is listed as a copy (from, to), made after the aggregate.
+pub(crate) fn stat_exprs(
+    stats: &[Statistic],
+    unit: &Expr,
+    units: bool,
+) -> (Vec<Expr>, Vec<(&'static str, String)>) {
     let mut out = vec![count(lit(1)).alias("__n")];
+    let mut copies = Vec::new();
     if units {
         out.push(count_distinct(unit.clone()).alias("__u"));
     }
     for (i, s) in stats.iter().enumerate() {
         let name = |part: &str| format!("__s{i}_{part}");
         match s {
-            Statistic::CountRows => out.push(count(lit(1)).alias(name("n"))),
+            Statistic::CountRows => copies.push(("__n", name("n"))),
             Statistic::CountValues(a) => out.push(count(a.clone()).alias(name("n"))),
+            Statistic::CountUnits if units => copies.push(("__u", name("n"))),
             Statistic::CountUnits => out.push(count_distinct(unit.clone()).alias(name("n"))),
             Statistic::Sum {
                 arg,
@@ -438,7 +446,7 @@ pub(crate) fn stat_exprs(stats: &[Statistic], unit: &Expr, units: bool) -> Vec<E
             }
         }
     }
-    out
+    (out, copies)
 }
 
 /// For a projection expression that releases an aggregate output as is (possibly under
@@ -1268,12 +1276,20 @@ impl Engine {
         }
         let units =
             checked.keys == plan::Keys::Selected && release::selects_by_units(&checked.stats);
-        Ok(builder
-            .aggregate(
-                checked.aggregate.group_expr.clone(),
-                stat_exprs(&checked.stats, &unit, units),
-            )?
-            .build()?)
+        let (stats, copies) = stat_exprs(&checked.stats, &unit, units);
+        builder = builder.aggregate(checked.aggregate.group_expr.clone(), stats)?;
+        if !copies.is_empty() {
+            let mut columns: Vec<Expr> = builder
+                .schema()
+                .iter()
+                .map(|qf| Expr::Column(Column::from(qf)))
+                .collect();
+            for (from, to) in copies {
+                columns.push(datafusion::prelude::col(from).alias(to));
+            }
+            builder = builder.project(columns)?;
+        }
+        Ok(builder.build()?)
     }
 
     /// Stage 3: the operators above the aggregate, over the noisy values only.
