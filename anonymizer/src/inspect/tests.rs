@@ -444,7 +444,11 @@ fn columns_with_one_value_per_patient_are_proposed_per_unit() {
     // A table with one row per patient proposes none (its keys are one group already).
     let one = batch.slice(0, 1);
     let p = inspect_batches("one", &[one], &Options::default()).unwrap();
-    assert!(!p.policy_toml.contains("per_unit = true"), "{}", p.policy_toml);
+    assert!(
+        !p.policy_toml.contains("per_unit = true"),
+        "{}",
+        p.policy_toml
+    );
 }
 
 #[test]
