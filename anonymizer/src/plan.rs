@@ -910,6 +910,7 @@ fn statistic<'a>(
     let arg0 = p.args.first();
     let is_unit = |a: &Expr| matches!(strip_alias(a), Expr::Column(c) if resolve(c).is_ok_and(|(_, cp)| cp.class == ColumnClass::PrivacyUnit));
     let literal = |a: &Expr| matches!(strip_alias(a), Expr::Literal(..));
+    let null_literal = |a: &Expr| matches!(strip_alias(a), Expr::Literal(v, _) if v.is_null());
     // The integer path only for integer columns with integral bounds: a float column's sum is
     // never truncated.
     let integer_arg = |a: &Expr| -> bool {
@@ -929,7 +930,9 @@ fn statistic<'a>(
     let stat = match name.as_str() {
         "count" => match (p.distinct, arg0) {
             (false, None) => Ok(Statistic::CountRows),
-            (false, Some(a)) if literal(a) => Ok(Statistic::CountRows),
+            // COUNT(NULL) counts no row: the values of a NULL literal, 0 in every group.
+            (false, Some(a)) if literal(a) && !null_literal(a) => Ok(Statistic::CountRows),
+            (false, Some(a)) if literal(a) => Ok(Statistic::CountValues(a.clone())),
             (true, Some(a)) if is_unit(a) => Ok(Statistic::CountUnits),
             (true, _) => Err(refuse(
                 "COUNT(DISTINCT) of a column other than the privacy unit",

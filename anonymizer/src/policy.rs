@@ -508,11 +508,38 @@ impl Policy {
                     safe: false,
                     ..Default::default()
                 };
-                if let Err(e) = arrow::compute::cast_with_options(&keys, f.data_type(), &strict) {
-                    return Err(Error::Policy(format!(
-                        "table {table}: column {c} is {}, and its domain does not fit it ({e})",
-                        f.data_type()
-                    )));
+                let cast = arrow::compute::cast_with_options(&keys, f.data_type(), &strict)
+                    .map_err(|e| {
+                        Error::Policy(format!(
+                            "table {table}: column {c} is {}, and its domain does not fit it ({e})",
+                            f.data_type()
+                        ))
+                    })?;
+                // A released key is found by its value as the engine prints it: a domain value
+                // must be written so (`1.5`, not `1.50`), and a number must be finite (NaNs of
+                // either sign print alike but group apart).
+                for (i, text) in domain.as_text().iter().enumerate() {
+                    let v = datafusion::scalar::ScalarValue::try_from_array(&cast, i)
+                        .map_err(|e| Error::Policy(format!("table {table}, column {c}: {e}")))?;
+                    let finite = match &v {
+                        datafusion::scalar::ScalarValue::Float64(Some(x)) => x.is_finite(),
+                        datafusion::scalar::ScalarValue::Float32(Some(x)) => x.is_finite(),
+                        datafusion::scalar::ScalarValue::Float16(Some(x)) => x.is_finite(),
+                        _ => true,
+                    };
+                    if !finite {
+                        return Err(Error::Policy(format!(
+                            "table {table}, column {c}: the domain lists {text:?}, which is not a \
+                             finite number; list finite values only"
+                        )));
+                    }
+                    let printed = v.to_string();
+                    if printed != *text {
+                        return Err(Error::Policy(format!(
+                            "table {table}, column {c}: the domain lists {text:?}, which the \
+                             column's type reads as {printed:?}; write it so"
+                        )));
+                    }
                 }
             }
             if cp.years.is_some()

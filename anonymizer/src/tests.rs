@@ -2123,3 +2123,24 @@ fn rows_outside_a_domain_are_counted_and_a_domain_must_fit_its_column() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn count_of_a_null_literal_counts_no_row() {
+    let e = engine(50);
+    let all = ConsentFilter::everyone();
+    for (sql, rows) in [
+        ("SELECT COUNT(NULL) AS n FROM visits", false),
+        ("SELECT COUNT(1) AS n FROM visits", true),
+    ] {
+        let mut r = req(sql, "c", &all);
+        r.epsilon = 1e4;
+        r.budget = Account::new(1e5, 1e-6);
+        let n = column_f64(&e.run(&r).await.unwrap().batches, "n")[0];
+        let truth = if rows {
+            column_f64(&exact(&e, "SELECT COUNT(*) AS n FROM visits").await, "n")[0]
+        } else {
+            0.0
+        };
+        assert!((n - truth).abs() <= 1.0, "{sql}: {n}, truth {truth}");
+    }
+}

@@ -144,8 +144,15 @@ struct Groups {
 fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result<Groups> {
     let key_cols: Vec<ArrayRef> = raw.columns()[..n_keys].to_vec();
     let mut index = HashMap::with_capacity(raw.num_rows());
+    // Groups printing alike (NaNs of either sign) are marked: a public key must not read one
+    // of them. Domains list finite values written as the engine prints them (see
+    // `Policy::check_schema`), so no public key can; if one did, it fails closed.
+    let mut alike = std::collections::HashSet::new();
     for r in 0..raw.num_rows() {
-        index.insert(key_string(&key_cols, r)?, r);
+        let key = key_string(&key_cols, r)?;
+        if index.insert(key.clone(), r).is_some() {
+            alike.insert(key);
+        }
     }
     let mut combos: Vec<Vec<String>> = vec![Vec::new()];
     for d in domains {
@@ -164,6 +171,9 @@ fn public_groups(raw: &RecordBatch, n_keys: usize, domains: &[Domain]) -> Result
         let mut key = String::new();
         for v in c {
             push_key(&mut key, Some(v));
+        }
+        if alike.contains(&key) {
+            return Err(eng("two groups read one public key"));
         }
         let row = index.get(&key).copied();
         // Each group is released at most once (the encoding is injective; fail closed if not).
