@@ -380,38 +380,30 @@ impl Upload {
             }
         }
         let dataset = load(&staging, reg).await?;
-        // A domain is the whole set of a column's values: rows outside it would silently
-        // drop out of every GROUP BY over it.
+        // Two declarations registration checks on the data (counts only, never values): a
+        // domain is the whole set of a column's values (rows outside it would silently drop
+        // out of every GROUP BY over it); a `per_unit` column holds one value per patient (a
+        // patient with two would lose its rows past its first group in every query over it).
         for t in &dataset.tables {
-            let outside = t
-                .outside_domains(&dataset.policy)
-                .map_err(|e| Error::invalid(format!("dataset {}: {e}", reg.dataset)))?;
-            for (column, rows) in &outside {
-                if *rows > 0 {
-                    return Err(Error::invalid(format!(
-                        "table {}, column {column}: {rows} row(s) hold a value outside the \
-                         column's domain; add the value(s) to the domain in policy.toml, or \
-                         remove the domain to have keys chosen by partition selection",
-                        t.name
-                    )));
-                }
+            let fails =
+                |e: anonymizer::Error| Error::invalid(format!("dataset {}: {e}", reg.dataset));
+            let outside = t.outside_domains(&dataset.policy).map_err(fails)?;
+            if let Some((column, rows)) = outside.iter().find(|(_, rows)| *rows > 0) {
+                return Err(Error::invalid(format!(
+                    "table {}, column {column}: {rows} row(s) hold a value outside the column's \
+                     domain; add the value(s) to the domain in policy.toml, or remove the \
+                     domain to have keys chosen by partition selection",
+                    t.name
+                )));
             }
-        }
-        // A `per_unit` column holds one value per patient: one that does not would lose the
-        // patient's rows past its first group in every query over it.
-        for t in &dataset.tables {
-            let varying = t
-                .varying_per_unit(&dataset.policy)
-                .map_err(|e| Error::invalid(format!("dataset {}: {e}", reg.dataset)))?;
-            for (column, units) in &varying {
-                if *units > 0 {
-                    return Err(Error::invalid(format!(
-                        "table {}, column {column}: {units} patient(s) hold more than one value \
-                         in it, but the policy declares it per_unit (one value per patient); \
-                         remove per_unit from the column in policy.toml",
-                        t.name
-                    )));
-                }
+            let varying = t.varying_per_unit(&dataset.policy).map_err(fails)?;
+            if let Some((column, units)) = varying.iter().find(|(_, units)| *units > 0) {
+                return Err(Error::invalid(format!(
+                    "table {}, column {column}: {units} patient(s) hold more than one value in \
+                     it, but the policy declares it per_unit (one value per patient); remove \
+                     per_unit from the column in policy.toml",
+                    t.name
+                )));
             }
         }
         // Durable before it is referenced: files were synced on close; now the directory and
