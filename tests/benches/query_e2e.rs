@@ -294,7 +294,7 @@ async fn run() -> anyhow::Result<()> {
         // Alternate the datasets so both see the same machine load.
         for round in 0..2 {
             for d in ["optin", "optout"] {
-                let per = (queries / clients).max(1) / 2;
+                let per = (queries / clients / 2).max(1);
                 let (mut lat, wall) = measure(&url, &alice, d, clients, per, &counter).await?;
                 lat.sort();
                 let n = lat.len();
