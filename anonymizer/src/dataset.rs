@@ -128,9 +128,7 @@ impl Table {
         }
         Ok(out)
     }
-}
 
-impl Table {
     /// For each of its columns declared `per_unit`, how many units hold more than one value
     /// in it (NULL is a value): a registration refuses them, since every query would drop
     /// such a unit's rows past its first group (the count only, never the values). Rows past
@@ -142,31 +140,40 @@ impl Table {
         };
         let mut out = Vec::new();
         for (column, _) in tp.columns.iter().filter(|(_, cp)| cp.per_unit) {
-            // Each unit's first value, and whether another was seen.
-            let mut first: HashMap<u32, (Option<String>, bool)> = HashMap::new();
-            for b in batches {
-                let (Some(c), Some(u)) = (b.column_by_name(column), b.column_by_name(UNIT_COLUMN))
-                else {
-                    continue;
-                };
-                let text = arrow::compute::cast(c, &DataType::Utf8)
-                    .map_err(|e| Error::Dataset(format!("table {table}, column {column}: {e}")))?;
-                let text = text.as_string::<i32>();
-                let units = u.as_primitive::<arrow::datatypes::UInt32Type>();
-                for (unit, v) in units.values().iter().zip(text.iter()) {
-                    match first.get_mut(unit) {
-                        Some((seen, varies)) => *varies |= seen.as_deref() != v,
-                        None => {
-                            first.insert(*unit, (v.map(str::to_owned), false));
-                        }
-                    }
-                }
-            }
-            let varying = first.values().filter(|(_, varies)| *varies).count() as u64;
+            let parts = batches.iter().filter_map(|b| {
+                let units = b.column_by_name(UNIT_COLUMN)?;
+                let units = units.as_primitive::<arrow::datatypes::UInt32Type>();
+                Some((b.column_by_name(column)?, units.values().as_ref()))
+            });
+            let varying = units_with_several_values(parts)
+                .map_err(|e| Error::Dataset(format!("table {table}, column {column}: {e}")))?;
             out.push((column.clone(), varying));
         }
         Ok(out)
     }
+}
+
+/// How many units hold more than one value (NULL being one) in a column given in parts, each
+/// with its rows' dense unit numbers.
+pub(crate) fn units_with_several_values<'a>(
+    parts: impl IntoIterator<Item = (&'a ArrayRef, &'a [u32])>,
+) -> std::result::Result<u64, arrow::error::ArrowError> {
+    // Each unit's first value, and whether another was seen.
+    let mut first: Vec<Option<(Option<String>, bool)>> = Vec::new();
+    for (column, units) in parts {
+        let text = arrow::compute::cast(column, &DataType::Utf8)?;
+        for (v, &u) in text.as_string::<i32>().iter().zip(units) {
+            let u = u as usize;
+            if u >= first.len() {
+                first.resize(u + 1, None);
+            }
+            match &mut first[u] {
+                Some((seen, varies)) => *varies |= seen.as_deref() != v,
+                slot @ None => *slot = Some((v.map(str::to_owned), false)),
+            }
+        }
+    }
+    Ok(first.iter().flatten().filter(|(_, varies)| *varies).count() as u64)
 }
 
 /// One table of a dataset, in memory.

@@ -754,7 +754,13 @@ pub fn inspect_batches(table: &str, batches: &[RecordBatch], opts: &Options) -> 
             ) {
                 continue;
             }
-            if one_value_per_unit(batches, i, &units)? {
+            let parts = batches
+                .iter()
+                .map(|b| b.column(i))
+                .zip(units.iter().map(Vec::as_slice));
+            let varying = crate::dataset::units_with_several_values(parts)
+                .map_err(|e| Error::Dataset(e.to_string()))?;
+            if varying == 0 {
                 shapes[i].per_unit = true;
                 f.reasons.push(
                     "one value per patient on every row (every row read): proposed per_unit \
@@ -890,27 +896,6 @@ fn unit_numbers(batches: &[RecordBatch], unit: usize) -> Result<Vec<Vec<u32>>> {
         out.push(each);
     }
     Ok(out)
-}
-
-/// Whether column `i` holds one value (NULL being one) on all the rows of each unit.
-fn one_value_per_unit(batches: &[RecordBatch], i: usize, units: &[Vec<u32>]) -> Result<bool> {
-    let mut first: Vec<Option<Option<String>>> = Vec::new();
-    for (b, units) in batches.iter().zip(units) {
-        let text = arrow::compute::cast(b.column(i), &DataType::Utf8)
-            .map_err(|e| Error::Dataset(e.to_string()))?;
-        for (v, &u) in text.as_string::<i32>().iter().zip(units) {
-            let u = u as usize;
-            if u >= first.len() {
-                first.resize(u + 1, None);
-            }
-            match &first[u] {
-                Some(seen) if seen.as_deref() != v => return Ok(false),
-                Some(_) => {}
-                None => first[u] = Some(v.map(str::to_owned)),
-            }
-        }
-    }
-    Ok(true)
 }
 
 /// The number of non-null values of column `i` when they are all distinct (and there are
